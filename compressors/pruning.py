@@ -1,0 +1,220 @@
+"""Dependency-aware structured channel pruning on top of Torch-Pruning.
+
+Channels that must be removed together (residual adds, depthwise convs, concatenations,
+flatten -> linear) form a *channel group* (Torch-Pruning's dependency graph finds them).
+A group is named after its *root*: the first conv/linear whose output channels it holds.
+The group's prune ratio is the ``prune_ratio`` of an explicit FQN entry of any member in
+the policy (first member in group order) or else the root's ``for_layer`` value, and the
+number of channels kept is :func:`kept_channels` — the exact rule the size model uses.
+
+Example:
+    >>> from evaluators.models import build_model
+    >>> m = build_model("resnet20", in_channels=1, num_classes=10)
+    >>> g = channel_groups(m, (1, 28, 28))
+    >>> g.out_segments["layer1.0.conv2"] == g.out_segments["layer1.1.conv2"]   # coupled by adds
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .policy import Policy
+from .registry import Registry
+
+Segment = tuple[str | None, int, int]  # (group id or None if never pruned, channels, group size)
+
+
+@dataclass
+class ChannelGroups:
+    """For every conv/linear: which channel groups its output and input channels belong to.
+
+    ``out_segments[fqn]`` / ``in_segments[fqn]`` are lists of ``(group, n, group_size)``: ``n``
+    of this layer's channels (features) belong to ``group`` (``None`` = never pruned), whose
+    own channel count is ``group_size`` (``n`` differs from it after a flatten).
+    """
+
+    out_segments: dict[str, list[Segment]] = field(default_factory=dict)
+    in_segments: dict[str, list[Segment]] = field(default_factory=dict)
+    members: dict[str, list[str]] = field(default_factory=dict)  # group id -> out-channel member FQNs
+    sizes: dict[str, int] = field(default_factory=dict)          # group id -> channels
+
+    def group_ratio(self, group: str, policy: Policy) -> float:
+        for m in self.members[group]:
+            if m in policy.layers:
+                return policy.layers[m].prune_ratio
+        return policy.for_layer(group).prune_ratio
+
+    def kept(self, segments: Sequence[Segment], policy: Policy, round_to: int | None = None) -> int:
+        total = 0
+        for g, n, size in segments:
+            if g is None:
+                total += n
+            else:
+                k = kept_channels(size, self.group_ratio(g, policy), round_to or policy.pruning.round_to)
+                total += n * k // size
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_segments": self.out_segments, "in_segments": self.in_segments,
+                "members": self.members, "sizes": self.sizes}
+
+
+def kept_channels(channels: int, ratio: float, round_to: int | None = None) -> int:
+    """Channels kept when pruning ``ratio`` of ``channels``: ``floor(C * (1 - r))``, at least 1.
+
+    With ``round_to``, the kept count is rounded up to a multiple of it (never above ``C``).
+    """
+    if ratio <= 0:
+        return channels
+    k = max(1, int(math.floor(channels * (1.0 - ratio) + 1e-9)))
+    if round_to and round_to > 1:
+        k = min(channels, int(math.ceil(k / round_to) * round_to))
+    return k
+
+
+def _example(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    return torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu")
+
+
+def build_graph(model: nn.Module, input_shape: Sequence[int]):
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model, input_shape))
+    finally:
+        model.train(was_training)
+    return dg
+
+
+def _ignored(model: nn.Module, ignored: Iterable[str] | None) -> list[nn.Module]:
+    from evaluators.models import classifier_name  # local: evaluators is a sibling, no cycle at import
+
+    names = set(ignored or ())
+    last = classifier_name(model)
+    if last is not None:
+        names.add(last)
+    mods = dict(model.named_modules())
+    return [mods[n] for n in names if n in mods]
+
+
+def channel_groups(model: nn.Module, input_shape: Sequence[int], *,
+                   ignored: Iterable[str] | None = None, graph: Any = None) -> ChannelGroups:
+    """Find the channel groups of ``model`` (see :class:`ChannelGroups`)."""
+    dg = graph if graph is not None else build_graph(model, input_shape)
+    names = {m: n for n, m in model.named_modules()}
+    cg = ChannelGroups()
+    compressible = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored),
+                                   root_module_types=(nn.Conv2d, nn.Linear)):
+        root = group[0].dep.target.module
+        gid = names[root]
+        size = len(group[0].idxs)
+        cg.sizes[gid] = size
+        cg.members[gid] = []
+        for item in group:
+            mod = item.dep.target.module
+            if not isinstance(mod, (nn.Conv2d, nn.Linear)) or mod not in names:
+                continue
+            fqn = names[mod]
+            is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
+            is_dw = isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels
+            if is_out:
+                cg.out_segments.setdefault(fqn, []).append((gid, len(item.idxs), size))
+                cg.members[gid].append(fqn)
+                if is_dw:  # a depthwise conv's inputs are its outputs' channels
+                    cg.in_segments.setdefault(fqn, []).append((gid, len(item.idxs), size))
+            else:
+                if is_dw and fqn in cg.in_segments:
+                    continue
+                cg.in_segments.setdefault(fqn, []).append((gid, len(item.idxs), size))
+    for fqn, m in compressible.items():
+        n_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        n_in = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+        for segs, n in ((cg.out_segments.setdefault(fqn, []), n_out), (cg.in_segments.setdefault(fqn, []), n_in)):
+            rest = n - sum(s[1] for s in segs)
+            if rest > 0:
+                segs.append((None, rest, rest))
+    return cg
+
+
+# --- importance criteria -----------------------------------------------------------------
+
+@dataclass
+class PruneContext:
+    """What a criterion may use: the model, a few batches of training data and the loss."""
+
+    model: nn.Module
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    batches: int = 8
+    config: Any = None
+
+
+#: Importance criteria: ``factory(ctx) -> callable(group) -> 1-D scores`` (higher = keep).
+PRUNING_CRITERIA: Registry[Callable[[PruneContext], Callable[[Any], torch.Tensor]]] = Registry("pruning criterion")
+
+
+@PRUNING_CRITERIA.register("l1", summary="L1 norm of the coupled weights (Li et al. 2017)")
+def _l1(ctx: PruneContext):
+    import torch_pruning as tp
+    return tp.importance.GroupMagnitudeImportance(p=1)
+
+
+@PRUNING_CRITERIA.register("l2", summary="L2 norm of the coupled weights")
+def _l2(ctx: PruneContext):
+    import torch_pruning as tp
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+@PRUNING_CRITERIA.register("random", summary="random channels (a baseline)")
+def _random(ctx: PruneContext):
+    import torch_pruning as tp
+    return tp.importance.RandomImportance()
+
+
+def prune_(model: nn.Module, policy: Policy, input_shape: Sequence[int], *,
+           data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+           ignored: Iterable[str] | None = None) -> dict[str, int]:
+    """Remove channels in place as ``policy`` says; returns ``{group id: channels kept}``.
+
+    Groups are pruned with the policy's criterion (``policy.pruning.criterion``); the count kept
+    per group is :func:`kept_channels` of the group ratio, so the size model can predict it.
+    """
+    cg = channel_groups(model, input_shape, ignored=ignored)
+    targets = {g: cg.group_ratio(g, policy) for g in cg.sizes}
+    if not any(r > 0 for r in targets.values()):
+        return {g: cg.sizes[g] for g in cg.sizes}
+    ctx = PruneContext(model=model, data=data, config=policy.pruning)
+    importance = PRUNING_CRITERIA.get(policy.pruning.criterion)(ctx)
+    prepare = getattr(importance, "prepare", None)
+    if prepare is not None:  # criteria that need gradients/activations gather them first
+        prepare(ctx)
+    dg = build_graph(model, input_shape)
+    mods = dict(model.named_modules())
+    kept: dict[str, int] = {}
+    for gid, size in cg.sizes.items():
+        ratio = targets[gid]
+        k = kept_channels(size, ratio, policy.pruning.round_to)
+        kept[gid] = k
+        if k >= size:
+            continue
+        root = mods[gid]
+        handler = dg.get_pruner_of_module(root).prune_out_channels
+        group = dg.get_pruning_group(root, handler, idxs=list(range(size)))
+        with torch.no_grad():
+            scores = importance(group)
+        if scores is None:  # e.g. BN-scale criterion on a group without BN: fall back to L1
+            scores = PRUNING_CRITERIA.get("l1")(ctx)(group)
+        scores = torch.nan_to_num(scores.detach().float().cpu(), nan=0.0)
+        drop = torch.argsort(scores)[: size - k].tolist()
+        group.prune(idxs=sorted(drop))
+    return kept

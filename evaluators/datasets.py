@@ -1,0 +1,274 @@
+"""Datasets as in-memory tensors with a train / validation / test split.
+
+``load_dataset(name, root=None)`` returns a :class:`DataSplits` whose ``val`` is carved from
+the training set (the search never sees ``test``). Names: ``fashion-mnist`` (default),
+``mnist``, ``cifar10``, ``digits`` (scikit-learn's 8x8 digits, always offline) and
+``imagefolder:PATH``. Files are looked for in ``root``, ``$SQUEEZER_DATA``,
+``~/.cache/squeezer``, torchvision's layout under those, and Debian's
+``/usr/share/datasets/<name>/``; they are downloaded through torchvision only when online.
+
+Example:
+    >>> d = load_dataset("digits")
+    >>> d.input_shape, d.num_classes, len(d.test) > 0
+    ((1, 8, 8), 10, True)
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from compressors.registry import did_you_mean
+
+KNOWN = ("fashion-mnist", "mnist", "cifar10", "digits", "imagefolder:PATH")
+
+
+class DatasetNotFound(FileNotFoundError):
+    """The data is not on this machine and cannot be downloaded; the message says how to get it."""
+
+
+@dataclass
+class TensorData:
+    x: torch.Tensor  # float32, normalised, [N, C, H, W]
+    y: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, n: int | None, seed: int = 0) -> "TensorData":
+        if n is None or n >= len(self):
+            return self
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self), generator=g)[:n]
+        return TensorData(self.x[idx], self.y[idx])
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            xb = self.x[idx]
+            if augment:
+                xb = _augment(xb, seed + i)
+            yield xb, self.y[idx]
+
+
+def _augment(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random shifts of up to 2 px (pad + crop) and horizontal flips (cheap, tensor-only)."""
+    g = torch.Generator().manual_seed(seed)
+    n, _, h, w = x.shape
+    pad = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
+    out = pad[:, :, dy:dy + h, dx:dx + w]
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out.contiguous()
+
+
+@dataclass
+class DataSplits:
+    name: str
+    train: TensorData
+    val: TensorData
+    test: TensorData
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...] = ()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+
+def _search_dirs(root: str | os.PathLike | None, debian_name: str) -> list[Path]:
+    dirs = []
+    if root:
+        dirs.append(Path(root))
+    if os.environ.get("SQUEEZER_DATA"):
+        dirs.append(Path(os.environ["SQUEEZER_DATA"]))
+    dirs.append(Path.home() / ".cache" / "squeezer")
+    dirs.append(Path("/usr/share/datasets") / debian_name)
+    return dirs
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(dirs: list[Path], torchvision_folder: str) -> dict[str, Path] | None:
+    stems = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+    for d in dirs:
+        for base in (d, d / torchvision_folder / "raw", d / torchvision_folder):
+            found = {}
+            for key, stem in stems.items():
+                for cand in (base / stem, base / (stem + ".gz")):
+                    if cand.is_file():
+                        found[key] = cand
+                        break
+            if len(found) == 4:
+                return found
+    return None
+
+
+def _mnist_like(name: str, root, debian: str, tv_folder: str, tv_cls: str, mean: float, std: float,
+                val_size: int, seed: int, download: bool) -> DataSplits:
+    dirs = _search_dirs(root, debian)
+    files = _find_idx(dirs, tv_folder)
+    if files is None and download:
+        files = _download_torchvision(tv_cls, dirs[0] if root else Path.home() / ".cache" / "squeezer",
+                                      tv_folder, name, debian)
+    if files is None:
+        raise DatasetNotFound(
+            f"{name} not found in {', '.join(str(d) for d in dirs)}; install it with "
+            f"'apt-get install dataset-{debian}' (Debian), put the IDX files in --data-root, "
+            f"or run once while online to download it")
+    arrays = {k: _read_idx(p) for k, p in files.items()}
+    def to_x(a: np.ndarray) -> torch.Tensor:
+        return ((torch.from_numpy(a.astype(np.float32) / 255.0) - mean) / std).unsqueeze(1)
+    train = TensorData(to_x(arrays["train_x"]), torch.from_numpy(arrays["train_y"].astype(np.int64)))
+    test = TensorData(to_x(arrays["test_x"]), torch.from_numpy(arrays["test_y"].astype(np.int64)))
+    train, val = _split(train, val_size, seed)
+    return DataSplits(name, train, val, test, 10, (mean,), (std,))
+
+
+def _download_torchvision(tv_cls: str, root: Path, tv_folder: str, name: str, debian: str) -> dict[str, Path] | None:
+    try:
+        import torchvision.datasets as tvd
+
+        getattr(tvd, tv_cls)(str(root), train=True, download=True)
+        getattr(tvd, tv_cls)(str(root), train=False, download=True)
+    except Exception:  # noqa: BLE001 - offline: fall through to the helpful message
+        return None
+    return _find_idx([root], tv_folder)
+
+
+def _split(train: TensorData, val_size: int, seed: int) -> tuple[TensorData, TensorData]:
+    n = len(train)
+    val_size = min(val_size, n // 5)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    vi, ti = perm[:val_size], perm[val_size:]
+    return TensorData(train.x[ti], train.y[ti]), TensorData(train.x[vi], train.y[vi])
+
+
+def _digits(val_size: int, seed: int) -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    mean, std = float(x.mean()), float(x.std())
+    x = ((x - mean) / std).unsqueeze(1)
+    g = torch.Generator().manual_seed(1234)  # fixed test split, independent of the search seed
+    perm = torch.randperm(len(y), generator=g)
+    n_test = len(y) // 5
+    test = TensorData(x[perm[:n_test]], y[perm[:n_test]])
+    train = TensorData(x[perm[n_test:]], y[perm[n_test:]])
+    train, val = _split(train, min(val_size, len(train) // 5), seed)
+    return DataSplits("digits", train, val, test, 10, (mean,), (std,))
+
+
+def _cifar10(root, val_size: int, seed: int, download: bool) -> DataSplits:
+    import torchvision.datasets as tvd
+
+    dirs = _search_dirs(root, "cifar10")
+    last: Exception | None = None
+    for d in dirs:
+        for dl in ((False, True) if download else (False,)):
+            try:
+                tr = tvd.CIFAR10(str(d), train=True, download=dl)
+                te = tvd.CIFAR10(str(d), train=False, download=dl)
+                break
+            except Exception as e:  # noqa: BLE001
+                last = e
+                continue
+        else:
+            continue
+        break
+    else:
+        raise DatasetNotFound(f"cifar10 not found in {', '.join(map(str, dirs))} and cannot be downloaded "
+                              f"({type(last).__name__}); put 'cifar-10-batches-py' in --data-root") from None
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+    def conv(ds) -> TensorData:
+        x = torch.from_numpy(ds.data.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        return TensorData(x.contiguous(), torch.tensor(ds.targets, dtype=torch.int64))
+    train, val = _split(conv(tr), val_size, seed)
+    return DataSplits("cifar10", train, val, conv(te), 10, mean, std, tuple(tr.classes))
+
+
+def _imagefolder(path: str, val_size: int, seed: int, image_size: int | None) -> DataSplits:
+    """``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (or ``PATH/<class>/*``, 20% held out)."""
+    import torchvision.datasets as tvd
+    import torchvision.transforms as T
+
+    p = Path(path)
+    if not p.is_dir():
+        raise DatasetNotFound(f"image folder {p} does not exist")
+    size = image_size or 32
+    tf = T.Compose([T.Resize((size, size)), T.ToTensor()])
+
+    def load(d: Path) -> tuple[TensorData, list[str]]:
+        ds = tvd.ImageFolder(str(d), transform=tf)
+        if len(ds) == 0:
+            raise DatasetNotFound(f"no images found under {d}")
+        xs, ys = zip(*[ds[i] for i in range(len(ds))])
+        return TensorData(torch.stack(xs), torch.tensor(ys, dtype=torch.int64)), ds.classes
+
+    if (p / "train").is_dir() and (p / "test").is_dir():
+        train, classes = load(p / "train")
+        test, _ = load(p / "test")
+    else:
+        full, classes = load(p)
+        g = torch.Generator().manual_seed(1234)
+        perm = torch.randperm(len(full), generator=g)
+        n_test = max(1, len(full) // 5)
+        test = TensorData(full.x[perm[:n_test]], full.y[perm[:n_test]])
+        train = TensorData(full.x[perm[n_test:]], full.y[perm[n_test:]])
+    mean = tuple(train.x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(train.x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist())
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    train, test = TensorData((train.x - m) / s, train.y), TensorData((test.x - m) / s, test.y)
+    train, val = _split(train, min(val_size, max(1, len(train) // 5)), seed)
+    return DataSplits(f"imagefolder:{path}", train, val, test, len(classes), mean, std, tuple(classes))
+
+
+def load_dataset(name: str = "fashion-mnist", root: str | os.PathLike | None = None, *,
+                 val_size: int = 5000, seed: int = 0, download: bool = True,
+                 image_size: int | None = None) -> DataSplits:
+    """Load ``name`` into memory with a validation split carved from the training set.
+
+    Raises:
+        ValueError: unknown dataset name (with a did-you-mean hint).
+        DatasetNotFound: the files are missing and cannot be downloaded.
+    """
+    if name == "fashion-mnist":
+        return _mnist_like(name, root, "fashion-mnist", "FashionMNIST", "FashionMNIST", 0.2860, 0.3530,
+                           val_size, seed, download)
+    if name == "mnist":
+        return _mnist_like(name, root, "mnist", "MNIST", "MNIST", 0.1307, 0.3081, val_size, seed, download)
+    if name == "digits":
+        return _digits(val_size, seed)
+    if name == "cifar10":
+        return _cifar10(root, val_size, seed, download)
+    if name.startswith("imagefolder:"):
+        return _imagefolder(name.partition(":")[2], val_size, seed, image_size)
+    raise ValueError(did_you_mean(name, [k for k in KNOWN], "dataset"))

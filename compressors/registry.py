@@ -15,10 +15,13 @@ class UnknownNameError(KeyError, ValueError):
         return str(self.args[0])
 
 
-def did_you_mean(name: str, known: list[str] | tuple[str, ...], kind: str) -> str:
+def did_you_mean(name: str, known: list[str] | tuple[str, ...], kind: str, *,
+                 shown: list[str] | tuple[str, ...] | None = None, more: str = "") -> str:
+    """``unknown target 'arm-a27'; did you mean 'arm-a72'? known: ...`` (``shown`` limits the list)."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {name!r}{hint} known: {', '.join(sorted(known))}"
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    listed = ", ".join(sorted(set(shown if shown is not None else known)))
+    return f"unknown {kind} {name!r}{hint} known: {listed}{more}"
 
 
 class Registry(Generic[T]):

@@ -170,7 +170,7 @@ def _adapt_torchvision(m: nn.Module, in_channels: int, num_classes: int) -> nn.M
 
 
 def known_models() -> list[str]:
-    return ZOO.names() + _torchvision_names()
+    return ZOO.names() + [n for n in _torchvision_names() if n not in ZOO]
 
 
 def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
@@ -196,7 +196,8 @@ def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10) -> nn
     if name in tv:
         from torchvision import models
         return _adapt_torchvision(models.get_model(name, weights=None), in_channels, num_classes)
-    raise ValueError(did_you_mean(name, known_models(), "model"))
+    raise ValueError(did_you_mean(name, known_models(), "model", shown=ZOO.names(),
+                                  more=", any torchvision classification model, or package.module:factory"))
 
 
 def classifier_name(model: nn.Module) -> str | None:

@@ -1,0 +1,322 @@
+"""The ``squeezer`` command line (the only place that parses arguments or prints for people).
+
+Subcommands here: ``search``, ``resume``, ``report``, ``cost``, ``targets``, ``calibrate``.
+More are discovered in ``search/commands/*.py``: each module's ``register(subparsers)`` adds
+one and sets ``func=handler`` (``handler(args) -> int``).
+
+Bad input raises :class:`~search.errors.UserError`; ``main`` prints it as one line on
+stderr and exits 2 (set ``SQUEEZER_DEBUG=1`` for tracebacks of unexpected errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import pkgutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_search_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to compress")
+    g.add_argument("--model", help="zoo name (lenet5, resnet20, vgg_small, mobilenet_v2), a torchvision "
+                                   "model name, or package.module:factory (default mobilenet_v2)")
+    g.add_argument("--checkpoint", help="trained weights for --model (squeezer checkpoint or a state dict)")
+    g.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, digits, imagefolder:PATH")
+    g.add_argument("--data-root", help="where datasets are looked for (also $SQUEEZER_DATA)")
+    g = p.add_argument_group("goal")
+    g.add_argument("--budget", help="model size budget, e.g. 2MB (2,000,000 B), 2MiB, 500kB (default 2MB)")
+    g.add_argument("--target", help="hardware target name or a calibrated target .yaml (default arm)")
+    g.add_argument("--max-latency-ms", type=str, help="latency limit on the target")
+    g.add_argument("--max-energy-mj", type=str, help="energy limit per inference on the target")
+    g = p.add_argument_group("search")
+    g.add_argument("--trials", type=str, help="number of trained trials (default 12)")
+    g.add_argument("--timeout", type=str, help="stop searching after this many seconds")
+    g.add_argument("--run", help="run folder (default runs/<model>-<target>-<time>)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--storage", help="Optuna storage URL (default sqlite:///RUN/study.db)")
+    g.add_argument("--sampler", help="tpe (default), nsga2, random")
+    g.add_argument("--config", help="YAML file with the same keys as these options")
+    g = p.add_argument_group("work per stage")
+    g.add_argument("--base-epochs", type=float, help="epochs to train the base model if no --checkpoint (2)")
+    g.add_argument("--trial-steps", type=int, help="fine-tune steps per trial (60)")
+    g.add_argument("--final-epochs", type=float, help="epochs of the final QAT + distillation fine-tune (1)")
+    g.add_argument("--criterion", help="structured pruning criterion (l1)")
+    g.add_argument("--quantizer", help="weight quantizer (uniform)")
+    g.add_argument("--no-distill", action="store_true", help="fine-tune without distillation")
+    g.add_argument("--threads", type=int, help="torch threads")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .config import SearchConfig
+
+    base: dict[str, Any] = {}
+    if args.config:
+        try:
+            base = SearchConfig.load(args.config).to_dict()
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+    cli = {k: getattr(args, k) for k in ("model", "checkpoint", "dataset", "data_root", "budget", "target",
+                                         "max_latency_ms", "max_energy_mj", "timeout", "run", "seed",
+                                         "storage", "sampler", "base_epochs", "trial_steps", "final_epochs",
+                                         "criterion", "quantizer", "threads")
+           if getattr(args, k, None) is not None}
+    if getattr(args, "trials", None) is not None:
+        try:
+            cli["trials"] = int(args.trials)
+        except ValueError:
+            raise UserError(f"malformed --trials {args.trials!r}; expected a whole number >= 1") from None
+    if getattr(args, "no_distill", False):
+        cli["distill"] = False
+    merged = {**base, **cli}
+    try:
+        return SearchConfig.from_dict(merged)
+    except ValueError as e:
+        msg = str(e).replace("size", "budget", 1) if "size" in str(e) and "budget" not in str(e) else str(e)
+        raise UserError(msg) from None
+
+
+def _check_names(cfg) -> None:
+    """Fail fast on unknown model / dataset / target before any work."""
+    from evaluators.datasets import KNOWN
+    from evaluators.models import ZOO, known_models
+
+    from compressors.registry import did_you_mean
+
+    if cfg.model not in ZOO and ":" not in cfg.model and cfg.model not in known_models():
+        try:
+            from evaluators.models import build_model
+
+            build_model(cfg.model, in_channels=1, num_classes=10)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if cfg.dataset not in KNOWN and not cfg.dataset.startswith("imagefolder:"):
+        raise UserError(did_you_mean(cfg.dataset, list(KNOWN), "dataset"))
+    from .job import resolve_target
+
+    resolve_target(cfg.target)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from . import job
+    from .report import summary_table
+
+    cfg = _config_from_args(args)
+    _check_names(cfg)
+    summary = job.search(cfg, progress=not args.quiet)
+    _print_summary(summary, args)
+    return 0
+
+
+def _print_summary(summary: dict, args: argparse.Namespace) -> None:
+    from .report import summary_table
+
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    best = summary["best"]
+    print(f"\nrun: {summary['run']}")
+    print(f"trials: {summary['trials']} trained ({summary['samples']} sampled) in {summary['search_seconds']:.0f} s; "
+          f"total {summary['wall_seconds']:.0f} s")
+    if best.get("status") != "feasible":
+        print("warning: no trained candidate met every constraint; the closest one is reported", file=sys.stderr)
+    print(summary_table(summary["base"], best))
+    print(f"\nchosen policy: {summary['run']}/best/policy.json   model: {summary['run']}/best/model.pt")
+    print(f"next: squeezer report {summary['run']}   |   squeezer export {summary['run']} --format onnx")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from . import job
+
+    trials = None
+    if args.trials is not None:
+        try:
+            trials = int(args.trials)
+        except ValueError:
+            raise UserError(f"malformed --trials {args.trials!r}; expected a whole number >= 1") from None
+        if trials < 1:
+            raise UserError(f"`trials >= 1` must hold, but got trials={trials}")
+    summary = job.resume(args.run_dir, trials=trials, progress=not args.quiet, storage=args.storage)
+    _print_summary(summary, args)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import format_report, report
+
+    rep = report(args.run_dir)
+    print(json.dumps(rep, indent=2, default=str) if args.json else format_report(rep))
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    import hw_models
+    from compressors.policy import Policy, PolicyError
+    from evaluators.models import build_model
+
+    from .job import resolve_target
+
+    target = resolve_target(args.target)
+    shape = _parse_shape(args.input_shape)
+    try:
+        model = build_model(args.model, in_channels=shape[0], num_classes=args.num_classes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    policy = None
+    if args.policy:
+        try:
+            policy = Policy.load(args.policy)
+        except PolicyError as e:
+            raise UserError(str(e)) from None
+    cost = hw_models.estimate(model, input_shape=shape, target=target, policy=policy)
+    d = cost.to_dict() if hasattr(cost, "to_dict") else dict(cost.__dict__)
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    from .budget import format_bytes
+
+    print(f"{args.model} on {args.target}, input {tuple(shape)}" + (f", policy {args.policy}" if policy else ""))
+    print(f"  size          {format_bytes(cost.size_bytes)} ({int(cost.size_bytes):,} bytes)")
+    print(f"  MACs          {cost.macs / 1e6:.2f} M")
+    print(f"  latency       {cost.latency_ms:.3f} ms")
+    print(f"  energy        {cost.energy_mj:.4f} mJ")
+    print(f"  peak memory   {format_bytes(cost.peak_memory_bytes)}")
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UserError(f"malformed --input-shape {text!r}; expected C,H,W such as 1,28,28") from None
+    if len(parts) != 3 or min(parts) < 1:
+        raise UserError(f"`--input-shape is C,H,W with positive sizes` must hold, but got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    import hw_models
+
+    names = hw_models.list_targets()
+    rows = [hw_models.describe_target(n) for n in names] if hasattr(hw_models, "describe_target") else \
+        [{"name": n} for n in names]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        extra = r.get("description") or r.get("summary") or ""
+        alias = f" (aliases: {', '.join(r['aliases'])})" if r.get("aliases") else ""
+        print(f"{r['name']:<12} {extra}{alias}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import hw_models
+
+    try:
+        summary = hw_models.cli_calibrate(args.target, args.measurements, args.out)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise UserError(str(e).strip("'\"")) from None
+    print(json.dumps(summary, indent=2, default=str) if args.json else
+          "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="squeezer", description="Make CNNs fit real hardware: joint search of pruning, "
+                                             "quantization, low-rank and distillation policies.")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("squeezer")
+    except PackageNotFoundError:
+        v = "dev"
+    p.add_argument("--version", action="version", version=f"squeezer {v}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("search", help="search a compression policy under a budget (the main job)")
+    _add_search_options(s)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("resume", help="continue an interrupted (or extend a finished) search")
+    s.add_argument("run_dir")
+    s.add_argument("--trials", help="new total of trained trials")
+    s.add_argument("--storage", help="Optuna storage URL, if not the run's")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_resume)
+
+    s = sub.add_parser("report", help="base model, Pareto front, chosen policy, all trials")
+    s.add_argument("run_dir")
+    s.add_argument("--json", action="store_true", help="machine-readable report")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("cost", help="what a model costs on a target")
+    s.add_argument("--model", required=True)
+    s.add_argument("--target", default="arm")
+    s.add_argument("--input-shape", default="1,28,28", help="C,H,W (default 1,28,28)")
+    s.add_argument("--num-classes", type=int, default=10)
+    s.add_argument("--policy", help="a squeezer.policy/1 file to apply")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_cost)
+
+    s = sub.add_parser("targets", help="list hardware targets")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_targets)
+
+    s = sub.add_parser("calibrate", help="fit a target's cost model to your measurements")
+    s.add_argument("--target", required=True, help="target to start from ('host' measures this machine)")
+    s.add_argument("--measurements", help="CSV of measured rows (model, latency_ms[, energy_mj])")
+    s.add_argument("--out", required=True, help="calibrated target file to write (.yaml)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_calibrate)
+
+    from . import commands
+
+    for info in pkgutil.iter_modules(commands.__path__):
+        mod = importlib.import_module(f"{commands.__name__}.{info.name}")
+        if hasattr(mod, "register"):
+            mod.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("optuna", "torch_pruning", "ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"squeezer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("squeezer: interrupted; finished trials are kept (squeezer resume RUN continues)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last resort: one line unless debugging
+        if os.environ.get("SQUEEZER_DEBUG"):
+            raise
+        print(f"squeezer: internal error: {type(e).__name__}: {e} (SQUEEZER_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,580 @@
+"""The main job: base model -> policy search -> final fine-tune -> test -> export.
+
+Everything a run computes lives in its folder (``runs/<name>/``), so any stage can be
+resumed: the base model is cached, the study is in Optuna storage (SQLite by default), each
+trial is also written to ``trials/NNNN.json``, and the final model to ``best/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressors.apply import apply_policy_
+from compressors.policy import DistillConfig, Policy
+from evaluators.checkpoint import load_checkpoint, load_state_dict_into, save_checkpoint
+from evaluators.datasets import DataSplits, load_dataset
+from evaluators.models import build_model
+from evaluators.train import evaluate, recalibrate_bn_, train
+
+from .budget import format_bytes
+from .config import SearchConfig, worker_id
+from .errors import UserError
+from .space import SearchSpace
+
+log = logging.getLogger("squeezer")
+
+STUDY_NAME = "squeezer"
+
+
+# --- hardware model adapters ---------------------------------------------------------------
+
+def resolve_target(name: str):
+    import hw_models
+
+    try:
+        return hw_models.get_target(name)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise UserError(str(e).strip("'\"")) from None
+
+
+def target_bits(target) -> tuple[tuple[int | None, ...], tuple[int | None, ...]]:
+    """Weight and activation widths worth searching on ``target`` (what it can run)."""
+    storage = set(getattr(target, "storage_bits", (4, 8, 32)))
+    compute = set(getattr(target, "compute_bits", (8, 32)))
+    wbits: list[int | None] = [b for b in (2, 4, 8) if b in storage]
+    if 16 in storage and 16 in compute and not wbits:
+        wbits.append(16)
+    if 32 in storage or not wbits:
+        wbits.append(None)
+    abits: list[int | None] = [b for b in (4, 8) if b in compute]
+    if 32 in compute or not abits:
+        abits.append(None)
+    return tuple(wbits), tuple(abits)
+
+
+def target_sram(target) -> int | None:
+    """On-chip SRAM that must hold the live activations (MCU-class targets), else ``None``."""
+    cap = getattr(target, "capacity", {}) or {}
+    return cap.get("sram_contiguous_bytes") or cap.get("sram_bytes")
+
+
+def constraints_of(cost, cfg: SearchConfig, sram: int | None) -> list[float]:
+    """Relative violations (``<= 0`` = satisfied), Optuna's constraint convention."""
+    cons = [cost.size_bytes / cfg.budget_bytes - 1.0]
+    if sram:
+        cons.append(cost.peak_memory_bytes / sram - 1.0)
+    if cfg.max_latency_ms:
+        cons.append(cost.latency_ms / cfg.max_latency_ms - 1.0)
+    if cfg.max_energy_mj:
+        cons.append(cost.energy_mj / cfg.max_energy_mj - 1.0)
+    return cons
+
+
+def cost_dict(cost) -> dict[str, float]:
+    return {"size_bytes": int(cost.size_bytes), "latency_ms": float(cost.latency_ms),
+            "energy_mj": float(cost.energy_mj), "peak_memory_bytes": int(cost.peak_memory_bytes),
+            "macs": int(cost.macs)}
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What every stage of a run shares (built once per process)."""
+
+    cfg: SearchConfig
+    run_dir: Path
+    data: DataSplits
+    base: nn.Module
+    base_metrics: dict[str, Any]
+    target: Any
+    table: Any
+    space: SearchSpace
+    trial_train: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.data.input_shape
+
+    def estimate(self, policy: Policy | None):
+        import hw_models
+
+        return hw_models.estimate_table(self.table, policy, self.target)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def storage_url(cfg: SearchConfig, run_dir: Path) -> str:
+    return cfg.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def _cache_root(run_dir: Path) -> Path:
+    return run_dir.parent / ".cache"
+
+
+def load_data(cfg: SearchConfig) -> DataSplits:
+    try:
+        return load_dataset(cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def build_base(cfg: SearchConfig, data: DataSplits, run_dir: Path, *, progress: bool = True) -> tuple[nn.Module, dict]:
+    """The trained base model: ``--checkpoint``, else the cache, else train it once."""
+    try:
+        model = build_model(cfg.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    base_path = run_dir / "base" / "model.pt"
+    if base_path.is_file():
+        loaded = load_checkpoint(base_path)
+        return loaded.model, loaded.meta
+    meta: dict[str, Any]
+    if cfg.checkpoint:
+        from evaluators.checkpoint import CheckpointError
+
+        try:
+            load_state_dict_into(model, cfg.checkpoint)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+        meta = {"source": str(cfg.checkpoint)}
+    else:
+        key = f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.dataset.replace(':', '_').replace('/', '_')}" \
+              f"-s{cfg.seed}-e{cfg.base_epochs:g}-v{cfg.val_size}.pt"
+        cache = _cache_root(run_dir) / key
+        if cache.is_file():
+            log.info("base model: cached %s", cache)
+            loaded = load_checkpoint(cache)
+            model, meta = loaded.model, loaded.meta
+        else:
+            log.info("base model: training %s on %s for %g epochs (cached for later runs)",
+                     cfg.model, cfg.dataset, cfg.base_epochs)
+            seed_everything(cfg.seed)
+            t0 = time.time()
+            train(model, data.train, epochs=cfg.base_epochs, lr=cfg.base_lr, batch_size=cfg.batch_size,
+                  seed=cfg.seed, augment=data.input_shape[1] >= 16, progress=progress, desc="base model")
+            meta = {"source": "trained", "train_seconds": round(time.time() - t0, 1)}
+            save_checkpoint(cache, model, model_name=cfg.model, input_shape=data.input_shape,
+                            num_classes=data.num_classes, normalization={"mean": data.mean, "std": data.std},
+                            meta=meta)
+    model.eval()
+    save_checkpoint(base_path, model, model_name=cfg.model, input_shape=data.input_shape,
+                    num_classes=data.num_classes, normalization={"mean": data.mean, "std": data.std}, meta=meta)
+    return model, meta
+
+
+def prepare(cfg: SearchConfig, run_dir: Path, *, progress: bool = True) -> Context:
+    """Data, base model, target, traced table and search space (everything before trials)."""
+    import hw_models
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    target = resolve_target(cfg.target)
+    data = load_data(cfg)
+    base, meta = build_base(cfg, data, run_dir, progress=progress)
+    table = hw_models.trace(base, data.input_shape)
+    wbits, abits = target_bits(target)
+    space = SearchSpace.build(base, data.input_shape, weight_bits=wbits, act_bits=abits, distill=cfg.distill,
+                              criterion=cfg.criterion, quantizer=cfg.quantizer)
+    base_cost = hw_models.estimate_table(table, None, target)
+    metrics_path = run_dir / "base" / "metrics.json"
+    if metrics_path.is_file():
+        base_metrics = json.loads(metrics_path.read_text())
+    else:
+        base_metrics = {**cost_dict(base_cost), "val_accuracy": evaluate(base, data.val),
+                        "test_accuracy": evaluate(base, data.test), "model": cfg.model, "dataset": cfg.dataset,
+                        "target": cfg.target, **{k: v for k, v in meta.items() if k != "normalization"}}
+        metrics_path.write_text(json.dumps(base_metrics, indent=2) + "\n")
+    ctx = Context(cfg, run_dir, data, base, base_metrics, target, table, space)
+    ctx.trial_train = data.train.subset(cfg.trial_train_size, seed=cfg.seed)
+    smallest = ctx.estimate(space.smallest_policy())
+    ctx.extra["smallest_size_bytes"] = int(smallest.size_bytes)
+    if smallest.size_bytes > cfg.budget_bytes:
+        raise UserError(f"budget {cfg.budget} ({cfg.budget_bytes:,} bytes) is below the smallest size "
+                        f"{cfg.model} can reach on {cfg.target}: {int(smallest.size_bytes):,} bytes "
+                        f"({format_bytes(smallest.size_bytes)}); raise --budget or pick a smaller --model")
+    return ctx
+
+
+# --- the study -------------------------------------------------------------------------------
+
+def _constraints(trial) -> list[float]:
+    return list(trial.user_attrs.get("constraints", [0.0]))
+
+
+def make_sampler(cfg: SearchConfig, *, n_startup: int = 4):
+    import optuna
+
+    name = cfg.sampler
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed, constraints_func=_constraints,
+                                          n_startup_trials=n_startup, multivariate=True, group=True,
+                                          warn_independent_sampling=False)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, constraints_func=_constraints, population_size=8)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    from compressors.registry import did_you_mean
+
+    raise UserError(did_you_mean(name, ["tpe", "nsga2", "random"], "sampler"))
+
+
+def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool):
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    url = storage_url(cfg, run_dir)
+    try:
+        storage = RDBStorage(url, heartbeat_interval=15, grace_period=60,
+                             failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+                             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
+    except Exception as e:  # noqa: BLE001 - bad URL / unreachable DB
+        raise UserError(f"cannot open storage {url}: {str(e).splitlines()[0]}") from None
+    try:
+        return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=make_sampler(cfg),
+                                   directions=["maximize", "minimize"], load_if_exists=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot open study in {url}: {str(e).splitlines()[0]}") from None
+
+
+def evaluated_trials(study) -> list:
+    import optuna
+
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("evaluated")]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_trials(study) -> int:
+    """Fail RUNNING trials whose worker process on this host is gone, and re-queue them.
+
+    Trials of other hosts are left to Optuna's heartbeat (they fail after the grace period).
+    """
+    import optuna
+
+    host = socket.gethostname()
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        w = t.user_attrs.get("worker", "")
+        h, _, pid = w.rpartition(":")
+        if h == host and pid.isdigit() and not _pid_alive(int(pid)) and int(pid) != os.getpid():
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(t.params, user_attrs={"retried_from": t.number}, skip_if_exists=False)
+            n += 1
+    return n
+
+
+def enqueue_seeds(ctx: Context, study) -> list[Policy]:
+    """Uniform policies that meet the budget (strong, cheap starting points)."""
+    sp, seeds = ctx.space, []
+    sram = target_sram(ctx.target)
+    abits = 8 if 8 in sp.act_bits else sp.act_bits[-1]
+    for bits in sorted((b for b in sp.weight_bits if b is not None), reverse=True):
+        for p in sp.prune_choices:
+            pol = sp.uniform_policy(prune_ratio=p, weight_bits=bits, act_bits=abits)
+            if max(constraints_of(ctx.estimate(pol), ctx.cfg, sram)) <= 0:
+                seeds.append(pol)
+                break
+        if len(seeds) >= 2:
+            break
+    for pol in seeds:
+        study.enqueue_trial(sp.params_for(pol), user_attrs={"seed_policy": "uniform"})
+    return seeds
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def make_objective(ctx: Context, *, bar=None):
+    import optuna
+
+    cfg, sram = ctx.cfg, target_sram(ctx.target)
+
+    def objective(trial: optuna.Trial):
+        trial.set_user_attr("worker", worker_id())
+        policy = ctx.space.sample(trial)
+        cost = ctx.estimate(policy)
+        cons = constraints_of(cost, cfg, sram)
+        trial.set_user_attr("constraints", cons)
+        trial.set_user_attr("cost", cost_dict(cost))
+        record: dict[str, Any] = {"number": trial.number, "worker": worker_id(), "policy": policy.to_dict(),
+                                  "metrics": cost_dict(cost), "constraints": cons}
+        if max(cons) > 0:
+            # Over budget: rejected by the cost model, no training (the sampler learns from it).
+            trial.set_user_attr("evaluated", False)
+            record["status"] = "over_budget"
+            _write_json(ctx.run_dir / "trials" / f"{trial.number:04d}.json", record)
+            return 0.0, float(cost.latency_ms)
+        t0 = time.time()
+        seed_everything(cfg.seed + trial.number)
+        model = copy.deepcopy(ctx.base)
+        batches = list(ctx.trial_train.batches(cfg.batch_size, shuffle=True, seed=trial.number))[:8]
+        apply_policy_(model, policy, ctx.input_shape, data=batches)
+        steps_done = 0
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            nonlocal steps_done
+            steps_done = step
+            if bar is not None:
+                bar.set_postfix_str(f"trial {trial.number}: step {step}/{total} loss {loss:.3f}")
+
+        distill = policy.distill if cfg.distill else None
+        train(model, ctx.trial_train, max_steps=cfg.trial_steps, epochs=10, lr=cfg.trial_lr,
+              batch_size=cfg.batch_size, teacher=ctx.base if distill else None, distill=distill,
+              seed=cfg.seed + trial.number, progress=on_step)
+        acc = evaluate(model, ctx.data.val)
+        seconds = time.time() - t0
+        trial.set_user_attr("evaluated", True)
+        trial.set_user_attr("val_accuracy", acc)
+        trial.set_user_attr("train_seconds", round(seconds, 2))
+        record.update(status="evaluated", metrics={**cost_dict(cost), "val_accuracy": acc},
+                      train_seconds=round(seconds, 2), steps=steps_done)
+        _write_json(ctx.run_dir / "trials" / f"{trial.number:04d}.json", record)
+        return acc, float(cost.latency_ms)
+
+    return objective
+
+
+def run_trials(ctx: Context, study, *, progress: bool = True) -> None:
+    """Run trials until ``cfg.trials`` trained trials exist in the study (over-budget ones are free)."""
+    import optuna
+    from tqdm.auto import tqdm
+
+    cfg = ctx.cfg
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    reaped = reap_dead_trials(study)
+    if reaped:
+        log.info("re-queued %d trial(s) whose worker died", reaped)
+    done = len(evaluated_trials(study))
+    if done >= cfg.trials:
+        return
+    bar = tqdm(total=cfg.trials, initial=done, desc="search", unit="trial", dynamic_ncols=True,
+               disable=not progress)
+    max_total = len(study.trials) + 40 * cfg.trials + 200  # guard against a space that is all over budget
+    deadline = None if cfg.timeout is None else time.time() + cfg.timeout
+
+    def stop_when_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        n = len(evaluated_trials(study))
+        bar.n = min(n, cfg.trials)
+        best = [t.values[0] for t in evaluated_trials(study)]
+        if best:
+            bar.set_postfix_str(f"best val acc {max(best):.4f}")
+        bar.refresh()
+        if n >= cfg.trials or len(study.trials) >= max_total:
+            study.stop()
+
+    try:
+        study.optimize(make_objective(ctx, bar=bar), n_trials=None,
+                       timeout=None if deadline is None else max(1.0, deadline - time.time()),
+                       callbacks=[stop_when_done], gc_after_trial=False, catch=())
+    finally:
+        bar.close()
+    if len(evaluated_trials(study)) == 0:
+        log.warning("no candidate within the budget was found in %d samples", len(study.trials))
+
+
+# --- choosing and finishing -------------------------------------------------------------------
+
+def pareto_front(trials: list) -> list:
+    """Non-dominated evaluated feasible trials (max accuracy, min latency)."""
+    pts = [t for t in trials if t.user_attrs.get("evaluated") and max(t.user_attrs.get("constraints", [0])) <= 0]
+    front = []
+    for t in pts:
+        a, l = t.values
+        dominated = any((u.values[0] >= a and u.values[1] <= l) and (u.values[0] > a or u.values[1] < l) for u in pts)
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: t.values[1])
+
+
+def choose_best(study) -> tuple[Any, str]:
+    """Best feasible trial by validation accuracy (ties: lower latency); else the least infeasible."""
+    trials = evaluated_trials(study)
+    feasible = [t for t in trials if max(t.user_attrs.get("constraints", [0])) <= 0]
+    if feasible:
+        return max(feasible, key=lambda t: (round(t.values[0], 4), -t.values[1])), "feasible"
+    import optuna
+
+    allc = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not allc:
+        raise UserError("the study has no finished trial; run 'squeezer resume' to continue it")
+    best = min(allc, key=lambda t: max(t.user_attrs.get("constraints", [0])))
+    return best, "infeasible"
+
+
+def finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
+    """Full fine-tune (QAT + distillation) of the chosen policy, test accuracy, export."""
+    import hw_models
+
+    cfg = ctx.cfg
+    best_dir = ctx.run_dir / "best"
+    metrics_path = best_dir / "metrics.json"
+    if metrics_path.is_file():
+        return json.loads(metrics_path.read_text())
+    trial, status = choose_best(study)
+    policy = ctx.space.sample(optuna_fixed(trial))
+    cost = ctx.estimate(policy)
+    if status != "feasible":
+        cons = constraints_of(cost, cfg, target_sram(ctx.target))
+        log.warning("no trained candidate met every constraint; using trial %d, %.1f%% over its tightest limit",
+                    trial.number, 100 * max(cons))
+    log.info("final fine-tune of trial %d (%g epochs, QAT + distillation)", trial.number, cfg.final_epochs)
+    seed_everything(cfg.seed)
+    model = copy.deepcopy(ctx.base)
+    batches = list(ctx.data.train.batches(cfg.batch_size, shuffle=True, seed=0))[:8]
+    apply_policy_(model, policy, ctx.input_shape, data=batches)
+    t0 = time.time()
+    distill = policy.distill if cfg.distill else None
+    if distill is None and cfg.distill:
+        distill = DistillConfig()
+    if cfg.final_epochs > 0:
+        train(model, ctx.data.train, epochs=cfg.final_epochs, lr=cfg.final_lr, batch_size=cfg.batch_size,
+              teacher=ctx.base if distill else None, distill=distill, seed=cfg.seed,
+              augment=ctx.input_shape[1] >= 16, progress=progress, desc="final fine-tune")
+    ft_seconds = time.time() - t0
+    val_acc = evaluate(model, ctx.data.val)
+    test_acc = evaluate(model, ctx.data.test)
+    packed = _packed_size(model, policy)
+    metrics = {**cost_dict(cost), "val_accuracy": val_acc, "test_accuracy": test_acc, "trial": trial.number,
+               "status": status, "target": cfg.target, "budget_bytes": cfg.budget_bytes,
+               "packed_bytes": packed, "finetune_seconds": round(ft_seconds, 1)}
+    policy.save(best_dir / "policy.json", meta={"model": cfg.model, "dataset": cfg.dataset, "target": cfg.target,
+                                                "trial": trial.number, "test_accuracy": test_acc})
+    save_checkpoint(best_dir / "model.pt", model, model_name=cfg.model, input_shape=ctx.input_shape,
+                    num_classes=ctx.data.num_classes, policy=policy,
+                    normalization={"mean": ctx.data.mean, "std": ctx.data.std}, meta=metrics)
+    _write_json(metrics_path, metrics)
+    return metrics
+
+
+def _packed_size(model: nn.Module, policy: Policy) -> int | None:
+    try:
+        from compressors.packing import pack_model
+    except ImportError:
+        return None
+    try:
+        return len(pack_model(model, policy=policy))
+    except TypeError:
+        return len(pack_model(model))
+
+
+class optuna_fixed:
+    """A stand-in trial that answers ``suggest_*`` from a finished trial's params."""
+
+    def __init__(self, trial) -> None:
+        self.params = dict(trial.params)
+
+    def suggest_categorical(self, name, choices):
+        return self.params[name]
+
+    def suggest_float(self, name, low, high, **kw):
+        return self.params[name]
+
+    def suggest_int(self, name, low, high, **kw):
+        return self.params[name]
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+def new_run_dir(cfg: SearchConfig, root: Path = Path("runs")) -> Path:
+    if cfg.run:
+        return Path(cfg.run)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return root / f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.target.replace('/', '_').replace('.yaml', '')}-{stamp}"
+
+
+def search(cfg: SearchConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or continue) the main job in ``cfg.run``; return the summary."""
+    run_dir = new_run_dir(cfg)
+    cfg = cfg.with_(run=str(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        old = SearchConfig.load(cfg_path)
+        keep = {"trials", "timeout", "storage", "threads"}
+        diff = {k for k, v in cfg.to_dict().items() if k not in keep and old.to_dict().get(k) != v}
+        if diff:
+            raise UserError(f"run folder {run_dir} holds a different search ({', '.join(sorted(diff))} differ); "
+                            f"use 'squeezer resume {run_dir}' or another --run")
+    cfg.save(cfg_path)
+    return _run(cfg, run_dir, progress=progress, fresh=True)
+
+
+def resume(run_dir: str | Path, *, trials: int | None = None, progress: bool = True,
+           storage: str | None = None) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir} is not a squeezer run (no config.yaml)")
+    try:
+        cfg = SearchConfig.load(cfg_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    changes: dict[str, Any] = {}
+    if trials is not None:
+        changes["trials"] = trials
+    if storage is not None:
+        changes["storage"] = storage
+    if changes:
+        cfg = cfg.with_(**changes)
+        if trials is not None and (run_dir / "best" / "metrics.json").is_file():
+            # More trials asked for: the chosen model may change, so redo the final stage.
+            for f in ("metrics.json",):
+                (run_dir / "best" / f).unlink()
+        cfg.save(cfg_path)
+    return _run(cfg, run_dir, progress=progress, fresh=False)
+
+
+def _run(cfg: SearchConfig, run_dir: Path, *, progress: bool, fresh: bool) -> dict[str, Any]:
+    t0 = time.time()
+    ctx = prepare(cfg, run_dir, progress=progress)
+    study = open_study(cfg, run_dir, create=fresh)
+    if fresh and len(study.trials) == 0:
+        seeds = enqueue_seeds(ctx, study)
+        log.info("search space: %d dimensions (%d layers, %d channel groups); %d seed policies",
+                 ctx.space.n_dims, len(ctx.space.layers), len(ctx.space.groups), len(seeds))
+    t_search = time.time()
+    run_trials(ctx, study, progress=progress)
+    search_seconds = time.time() - t_search
+    best = finish(ctx, study, progress=progress)
+    summary = {"run": str(run_dir), "base": ctx.base_metrics, "best": best,
+               "trials": len(evaluated_trials(study)), "samples": len(study.trials),
+               "search_seconds": round(search_seconds, 1), "wall_seconds": round(time.time() - t0, 1)}
+    _write_json(run_dir / "summary.json", summary)
+    return summary

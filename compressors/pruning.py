@@ -157,6 +157,8 @@ class PruneContext:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
     batches: int = 8
     config: Any = None
+    input_shape: tuple[int, ...] | None = None
+    groups: ChannelGroups | None = None
 
 
 #: Importance criteria: ``factory(ctx) -> callable(group) -> 1-D scores`` (higher = keep).
@@ -181,40 +183,150 @@ def _random(ctx: PruneContext):
     return tp.importance.RandomImportance()
 
 
+class PruneResult(dict):
+    """``{group id: channels kept}`` plus each group's original size (``.sizes``).
+
+    Use :meth:`resolved_policy` to turn data-driven or globally allocated counts into a policy
+    with explicit per-group ``prune_ratio`` (what the size model and replay need).
+    """
+
+    def __init__(self, kept: dict[str, int], sizes: dict[str, int]) -> None:
+        super().__init__(kept)
+        self.sizes = dict(sizes)
+
+    def ratios(self) -> dict[str, float]:
+        return {g: (self.sizes[g] - k) / self.sizes[g] for g, k in self.items()}
+
+    def resolved_policy(self, policy: Policy) -> Policy:
+        return resolve_pruned_policy(policy, self, self.sizes)
+
+
+def resolve_pruned_policy(policy: Policy, kept: dict[str, int], sizes: dict[str, int]) -> Policy:
+    """``policy`` with an explicit ``prune_ratio`` on every group root and no ``global_ratio``.
+
+    The ratio ``(C - k) / C`` reproduces ``k`` exactly through :func:`kept_channels` (with or
+    without ``round_to``, since a global allocation already rounds ``k``), so cost models and
+    a replay on a fresh model (``apply_policy_`` then ``load_state_dict``) see the same shapes.
+
+    Example:
+        >>> p = resolve_pruned_policy(Policy(), {"conv": 5}, {"conv": 16})
+        >>> kept_channels(16, p.layers["conv"].prune_ratio)
+        5
+    """
+    from dataclasses import replace
+
+    out = replace(policy, pruning=replace(policy.pruning, global_ratio=None))
+    for gid, k in kept.items():
+        size = sizes[gid]
+        ratio = (size - k) / size if k < size else 0.0
+        out = out.with_layer(gid, prune_ratio=ratio)
+    return out
+
+
+def _allocate_global(scores: dict[str, torch.Tensor], sizes: dict[str, int], ratio: float,
+                     pools: dict[str, str], round_to: int | None) -> dict[str, int]:
+    """Per-group kept counts from one global rate: drop the lowest-scoring channels of each pool.
+
+    Scores must already be comparable across groups (normalised). Each pool (e.g. conv vs
+    fully-connected groups) loses ``floor(ratio * its channels)``; every group keeps >= 1.
+    """
+    kept = {g: sizes[g] for g in scores}
+    by_pool: dict[str, list[str]] = {}
+    for g in scores:
+        by_pool.setdefault(pools.get(g, ""), []).append(g)
+    for groups in by_pool.values():
+        total = sum(sizes[g] for g in groups)
+        n_drop = int(math.floor(total * ratio + 1e-9))
+        flat = torch.cat([scores[g] for g in groups])
+        owner = [g for g in groups for _ in range(sizes[g])]
+        for i in torch.argsort(flat, stable=True).tolist():
+            if n_drop <= 0:
+                break
+            g = owner[i]
+            if kept[g] > 1:
+                kept[g] -= 1
+                n_drop -= 1
+    if round_to and round_to > 1:
+        kept = {g: min(sizes[g], int(math.ceil(k / round_to) * round_to)) for g, k in kept.items()}
+    return kept
+
+
+def normalize_group_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Scores divided by their group mean, so groups of different layers compare (global ranking)."""
+    m = scores.abs().mean()
+    return scores / m if float(m) > 0 else torch.ones_like(scores)
+
+
 def prune_(model: nn.Module, policy: Policy, input_shape: Sequence[int], *,
            data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
-           ignored: Iterable[str] | None = None) -> dict[str, int]:
+           ignored: Iterable[str] | None = None) -> PruneResult:
     """Remove channels in place as ``policy`` says; returns ``{group id: channels kept}``.
 
-    Groups are pruned with the policy's criterion (``policy.pruning.criterion``); the count kept
-    per group is :func:`kept_channels` of the group ratio, so the size model can predict it.
+    Groups are pruned with the policy's criterion (``policy.pruning.criterion``). Without
+    ``policy.pruning.global_ratio`` the count kept per group is :func:`kept_channels` of the
+    group ratio, so the size model can predict it. With it, channels of all groups are ranked
+    together (scores normalised per group; the criterion may define ``global_scores(gid, s)``
+    and ``pool(gid)`` to change that, e.g. hardware-balanced pruning) and the per-group counts
+    follow; per-layer ``prune_ratio`` values are then ignored. The returned
+    :class:`PruneResult` turns the counts into an explicit policy (``resolved_policy``).
+    All scores are computed on the unpruned model, so the group order does not matter.
     """
     cg = channel_groups(model, input_shape, ignored=ignored)
+    global_ratio = policy.pruning.global_ratio
     targets = {g: cg.group_ratio(g, policy) for g in cg.sizes}
-    if not any(r > 0 for r in targets.values()):
-        return {g: cg.sizes[g] for g in cg.sizes}
-    ctx = PruneContext(model=model, data=data, config=policy.pruning)
+    if global_ratio is None and not any(r > 0 for r in targets.values()):
+        return PruneResult({g: cg.sizes[g] for g in cg.sizes}, cg.sizes)
+    if global_ratio is not None and global_ratio <= 0:
+        return PruneResult({g: cg.sizes[g] for g in cg.sizes}, cg.sizes)
+    ctx = PruneContext(model=model, data=data, config=policy.pruning, input_shape=tuple(input_shape),
+                       groups=cg)
     importance = PRUNING_CRITERIA.get(policy.pruning.criterion)(ctx)
     prepare = getattr(importance, "prepare", None)
     if prepare is not None:  # criteria that need gradients/activations gather them first
         prepare(ctx)
     dg = build_graph(model, input_shape)
     mods = dict(model.named_modules())
-    kept: dict[str, int] = {}
-    for gid, size in cg.sizes.items():
-        ratio = targets[gid]
-        k = kept_channels(size, ratio, policy.pruning.round_to)
-        kept[gid] = k
-        if k >= size:
-            continue
+
+    def group_of(gid: str):
         root = mods[gid]
         handler = dg.get_pruner_of_module(root).prune_out_channels
-        group = dg.get_pruning_group(root, handler, idxs=list(range(size)))
+        return dg.get_pruning_group(root, handler, idxs=list(range(cg.sizes[gid])))
+
+    wanted = list(cg.sizes) if global_ratio is not None else [
+        g for g in cg.sizes if kept_channels(cg.sizes[g], targets[g], policy.pruning.round_to) < cg.sizes[g]]
+    scores: dict[str, torch.Tensor] = {}
+    for gid in wanted:
+        group = group_of(gid)
         with torch.no_grad():
-            scores = importance(group)
-        if scores is None:  # e.g. BN-scale criterion on a group without BN: fall back to L1
-            scores = PRUNING_CRITERIA.get("l1")(ctx)(group)
-        scores = torch.nan_to_num(scores.detach().float().cpu(), nan=0.0)
-        drop = torch.argsort(scores)[: size - k].tolist()
-        group.prune(idxs=sorted(drop))
-    return kept
+            s = importance(group)
+        if s is None:  # e.g. BN-scale criterion on a group without BN: fall back to L1
+            s = PRUNING_CRITERIA.get("l1")(ctx)(group)
+        scores[gid] = torch.nan_to_num(s.detach().float().cpu(), nan=0.0)
+
+    if global_ratio is not None:
+        to_global = getattr(importance, "global_scores", None)
+        pool = getattr(importance, "pool", None)
+        comparable = {g: (to_global(g, s) if to_global is not None else normalize_group_scores(s))
+                      for g, s in scores.items()}
+        kept = _allocate_global(comparable, cg.sizes, global_ratio,
+                                {g: pool(g) for g in scores} if pool is not None else {},
+                                policy.pruning.round_to)
+    else:
+        kept = {g: kept_channels(cg.sizes[g], targets[g], policy.pruning.round_to) for g in cg.sizes}
+
+    dropped: dict[str, list[int]] = {}
+    for gid, k in kept.items():
+        size = cg.sizes[gid]
+        if k >= size:
+            continue
+        drop = sorted(torch.argsort(scores[gid], stable=True)[: size - k].tolist())
+        dropped[gid] = drop
+        group_of(gid).prune(idxs=drop)
+    after = getattr(importance, "after_prune", None)
+    if after is not None and dropped:  # e.g. LASSO: least-squares reconstruction of the next layers
+        after(ctx, dropped)
+    return PruneResult(kept, cg.sizes)
+
+
+# Extra criteria (bn_scale, taylor, saliency, hardware_balanced, lasso) register themselves here.
+from . import criteria as _criteria  # noqa: E402,F401  (import for registration)

@@ -200,7 +200,7 @@ class LeastSquaresQuantizer(WeightQuantizer):
     """
 
     supported_bits = frozenset({1, 2, 3, 4})
-    iters = 12
+    iters = 40
 
     def scale(self, w: torch.Tensor) -> torch.Tensor:
         w2 = w.detach().reshape(w.shape[0], -1)
@@ -211,10 +211,14 @@ class LeastSquaresQuantizer(WeightQuantizer):
         # Several starting clips (max-abs ones make a fixed point of an already quantized W).
         for div in (self.qmax, self.qmax + 1, self.qmax * 0.75, self.qmax * 0.5, self.qmax * 0.35):
             a = absmax / max(div, 0.5)
+            prev = None
             for _ in range(self.iters):
                 q = torch.clamp(torch.round(w2 / a), self.qmin, self.qmax)
+                if prev is not None and torch.equal(q, prev):
+                    break  # a fixed point: Q optimal for a, a least-squares for Q
                 qq = (q * q).sum(1, keepdim=True)
                 a = torch.where(qq > 0, (w2 * q).sum(1, keepdim=True) / qq.clamp_min(1e-12), a).clamp_min(1e-8)
+                prev = q
             q = torch.clamp(torch.round(w2 / a), self.qmin, self.qmax)
             err = ((w2 - a * q) ** 2).sum(1, keepdim=True)
             if best_a is None:
@@ -298,7 +302,11 @@ class _TTQFn(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         pos, neg, wp, wn = ctx.saved_tensors
         gw = torch.where(pos, wp * g, torch.where(neg, wn * g, g))
-        return gw, (g * pos).sum().reshape(wp.shape), -(g * neg).sum().reshape(wn.shape), None
+        # Mean rather than sum over the weights of each sign: same direction as the paper's
+        # gradient, a step size that does not grow with the layer (SGD diverges otherwise).
+        gp = (g * pos).sum() / pos.sum().clamp_min(1)
+        gn = -(g * neg).sum() / neg.sum().clamp_min(1)
+        return gw, gp.reshape(wp.shape), gn.reshape(wn.shape), None
 
 
 @QUANTIZERS.register("ttq", summary="trained ternary {-Wn, 0, Wp} with learned per-layer scales (TTQ, Zhu et al. 2017)")
@@ -525,9 +533,13 @@ class CodebookQuantizer(WeightQuantizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         idx = self._assign(w)
-        q = self.codebook()[idx]
-        # Value from the codebook (gradients reach the centroids) plus an STE path to w.
-        return q + (w - w.detach())
+        book = self.codebook()
+        # Each centroid gets the MEAN of its weights' gradients (Deep Compression sums them; the
+        # sum over thousands of weights makes plain SGD diverge at usual learning rates).
+        count = torch.bincount(idx.flatten(), minlength=book.numel()).clamp_min(1).to(book.dtype)
+        book = book.detach() + (book - book.detach()) / count
+        # Value from the codebook plus an STE path to the float weight.
+        return book[idx] + (w - w.detach())
 
     @torch.no_grad()
     def encode(self, w: torch.Tensor) -> QuantizedTensor:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .policy import Policy
-from .quantize import ActQuantizer, QuantizedTensor, WeightQuantizer, _act_pre_hook, weight_quantizer
+from .quantize import QuantizedTensor, weight_quantizer
 from .registry import Registry
 
 #: Allowed difference between an artifact's test accuracy and the reference, in [0, 1] (0.5 pp).
@@ -126,15 +126,15 @@ class ActQDQ(nn.Module):
     enforced by a clamp first (ONNX's uint8 QDQ saturates at 255, not ``2**bits - 1``).
     """
 
-    def __init__(self, scale: float, zero_point: int, bits: int) -> None:
+    def __init__(self, scale: float, zero_point: int, bits: int, code_range: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.scale, self.zero_point, self.bits = float(scale), int(zero_point), int(bits)
-        levels = 2 ** bits - 1
-        self.lo = (0 - self.zero_point) * self.scale
-        self.hi = (levels - self.zero_point) * self.scale
+        self.code_range = code_range or (0, 2 ** bits - 1)
+        self.lo = (self.code_range[0] - self.zero_point) * self.scale
+        self.hi = (self.code_range[1] - self.zero_point) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits < 8:
+        if self.code_range != (0, 255):
             x = torch.clamp(x, self.lo, self.hi)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
 
@@ -170,11 +170,20 @@ class DeployModel:
     quant: dict[str, QuantizedTensor] = field(default_factory=dict)
     fp16: set[str] = field(default_factory=set)
     sparse: set[str] = field(default_factory=set)
-    act: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    act: dict[str, tuple[float, int, int, tuple[int, int]]] = field(default_factory=dict)
     folded_bn: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+
+
+def _act_code_range(aq: nn.Module, zp: int) -> tuple[int, int]:
+    """Codes an activation quantizer can produce, as unsigned ``round(x / s) + zp``."""
+    for attr in ("_levels", "_range"):  # HWGQ / LSQ: signed or unsigned integer ranges
+        if hasattr(aq, attr):
+            lo, hi = getattr(aq, attr)()
+            return int(lo) + (zp if lo < 0 else 0), int(hi) + (zp if lo < 0 else 0)
+    return 0, 2 ** aq.bits - 1
 
 
 def _effective_input(module: nn.Module, upto: nn.Module) -> torch.Tensor:
@@ -245,10 +254,11 @@ def deploy_model(model: nn.Module, *, mean: Sequence[float] = (), std: Sequence[
             _set_module(m, name, plain)
             mod = plain
         aq = getattr(mod, "act_quant", None)
-        if isinstance(aq, ActQuantizer):
+        if aq is not None and hasattr(aq, "qparams"):
             s, zp = aq.qparams()
-            dep.act[name] = (s, zp, aq.bits)
-            mod.act_quant = ActQDQ(s, zp, aq.bits)
+            rng = _act_code_range(aq, zp)
+            dep.act[name] = (s, zp, aq.bits, rng)
+            mod.act_quant = ActQDQ(s, zp, aq.bits, rng)
     # 2. BatchNorm folding.
     gm = _fx_trace(m) if fold_bn else None
     if fold_bn and gm is None:
@@ -288,9 +298,9 @@ def deploy_model(model: nn.Module, *, mean: Sequence[float] = (), std: Sequence[
             if first_conv in dep.quant:
                 dep.quant[first_conv].scale.mul_(inv_std[0])
             if first_conv in dep.act:  # its input is now (x - mean), std times larger
-                s, zp, b = dep.act[first_conv]
-                dep.act[first_conv] = (s * float(std[0]), zp, b)
-                conv.act_quant = ActQDQ(s * float(std[0]), zp, b)
+                s, zp, b, rng = dep.act[first_conv]
+                dep.act[first_conv] = (s * float(std[0]), zp, b, rng)
+                conv.act_quant = ActQDQ(s * float(std[0]), zp, b, rng)
             inv_std = None
         dep.module = Normalize(m, mean, inv_std)
         dep.quant = {f"model.{k}": v for k, v in dep.quant.items()}
@@ -324,13 +334,16 @@ def _fold_bn_(conv: nn.Conv2d, bn: nn.BatchNorm2d, qt: QuantizedTensor | None) -
     beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     new_b = (b - bn.running_mean) * f + beta
-    if qt is not None:
+    if qt is not None and qt.codebook is not None:
+        qt.scale = (qt.scale * f).float()  # values = scale * codebook[codes]: a Mul, any sign works
+        conv.weight.data = qt.dequantize().to(conv.weight.dtype)
+    elif qt is not None:
         neg = f < 0
         if bool(neg.any()):
             # Scales stay positive: flip the codes of channels with a negative BN gamma.
             lo, hi = (-(2 ** (qt.bits - 1)), 2 ** (qt.bits - 1) - 1) if qt.signed else (0, 2 ** qt.bits - 1)
-            if not qt.signed or qt.codebook is not None:
-                raise ExportError("cannot fold a negative BatchNorm scale into unsigned/codebook weights")
+            if not qt.signed:
+                raise ExportError("cannot fold a negative BatchNorm scale into unsigned integer weights")
             codes = qt.codes.clone()
             codes[neg] = torch.clamp(-codes[neg].to(torch.int32), lo, hi).to(codes.dtype)
             qt.codes = codes
@@ -381,15 +394,25 @@ def _quant_initializers(name: str, qt: QuantizedTensor, *, transpose: bool, int4
     inits = []
     if qt.codebook is not None:
         # Shared weights: values = scale[c] * codebook[codes]; stored as small indices + codebook.
-        idx = numpy_helper.from_array(codes.astype(np.uint8 if qt.codebook.numel() <= 256 else np.int32),
-                                      f"{name}q")
         cb = numpy_helper.from_array(qt.codebook.detach().cpu().float().numpy(), f"{name}cb")
         sc = numpy_helper.from_array(scale.reshape((-1,) + (1,) * (codes.ndim - 1)) if axis == 0 else
                                      scale.reshape(1, -1), f"{name}s")
-        nodes = [helper.make_node("Cast", [idx.name], [f"{name}i"], to=TensorProto.INT64),
+        if int4 and qt.codebook.numel() <= 16:
+            # Indices as UINT4 (two per byte); Gather needs int64, so DequantizeLinear(scale 1) + Cast.
+            idx = helper.make_tensor(f"{name}q", TensorProto.UINT4, list(codes.shape), _pack_int4(codes, False),
+                                     raw=True)
+            one = numpy_helper.from_array(np.array(1.0, np.float32), f"{name}one")
+            first = [helper.make_node("DequantizeLinear", [idx.name, one.name], [f"{name}f"]),
+                     helper.make_node("Cast", [f"{name}f"], [f"{name}i"], to=TensorProto.INT64)]
+            inits.append(one)
+        else:
+            idx = numpy_helper.from_array(codes.astype(np.uint8 if qt.codebook.numel() <= 256 else np.int32),
+                                          f"{name}q")
+            first = [helper.make_node("Cast", [idx.name], [f"{name}i"], to=TensorProto.INT64)]
+        nodes = first + [
                  helper.make_node("Gather", [cb.name, f"{name}i"], [f"{name}l"], axis=0),
                  helper.make_node("Mul", [f"{name}l", sc.name], [name])]
-        return [idx, cb, sc], nodes
+        return inits + [idx, cb, sc], nodes
     if int4 and qt.bits <= 4:
         dtype = TensorProto.INT4 if qt.signed else TensorProto.UINT4
         q = helper.make_tensor(f"{name}q", dtype, list(codes.shape), _pack_int4(codes, qt.signed), raw=True)
@@ -449,7 +472,7 @@ def export_onnx(dep: DeployModel, out_path: str | os.PathLike, input_shape: Sequ
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     model = onnx.load(str(out_path))
     g = model.graph
-    int4 = any(qt.bits <= 4 and qt.codebook is None for qt in dep.quant.values())
+    int4 = any(qt.bits <= 4 for qt in dep.quant.values())
     if int4 and not _int4_supported():
         notes.append("this ONNX Runtime cannot run INT4 DequantizeLinear: <=4-bit weights stored as int8")
         int4 = False
@@ -626,6 +649,7 @@ class ExportJob:
               "squeezer.policy": json.dumps(pol.to_dict() if pol is not None else None),
               "squeezer.target": self.target or "", "squeezer.input": "image in [0, 1], NCHW float32",
               "squeezer.input_shape": json.dumps(list(self.loaded.input_shape)),
+              "squeezer.num_classes": str(self.loaded.num_classes),
               "squeezer.normalization": json.dumps({"mean": list(self.mean), "std": list(self.std)})}
         for k in ("test_accuracy", "val_accuracy", "size_bytes", "latency_ms", "energy_mj"):
             if self.reported.get(k) is not None:

@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
 from typing import Any, Callable
 
@@ -96,9 +98,12 @@ def export_pte(job: Any) -> ExportResult:
         program = to_edge_transform_and_lower(torch.export.export(converted, example),
                                               partitioner=[XnnpackPartitioner()]).to_executorch()
     job.out_path.write_bytes(program.buffer)
+    # A .pte has no free-form metadata: the policy, shapes and accuracy go next to it.
+    job.out_path.with_name(job.out_path.name + ".json").write_text(json.dumps(job.metadata(), indent=2) + "\n")
     notes = list(dep.notes) + ["XNNPACK int8 (PT2E): weights per-channel int8, activations int8 calibrated on "
                                "training images; batch size fixed to 1"]
-    return _finish(job, "pte", pte_runner(str(job.out_path)), dep, notes, check_size=False)
+    res = _finish(job, "pte", pte_runner(str(job.out_path)), dep, notes, check_size=False)
+    return dataclasses.replace(res, extra_paths=(job.out_path.with_name(job.out_path.name + ".json"),))
 
 
 def _calibration_images(job: Any, input_shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""``squeezer bench ARTIFACT``: real latency of an exported model on this machine vs the cost model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..errors import UserError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("bench", help="measure an exported artifact's latency here (median after warm-up) "
+                                            "and compare with the host cost model")
+    p.add_argument("artifact", help=".onnx (ONNX Runtime), .pte (ExecuTorch) or .pt (TorchScript or squeezer checkpoint)")
+    p.add_argument("--batch", type=int, default=32, help="second batch size timed (default 32; batch 1 is always timed)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per batch size (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the runtime (default 1)")
+    p.add_argument("--input-shape", help="C,H,W when the artifact does not record it")
+    p.add_argument("--target", default="host", help="cost model to compare with (default host; 'none' to skip)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=handler)
+
+
+def handler(args: argparse.Namespace) -> int:
+    from compressors.export_bench import BenchError, bench_artifact
+
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(s) for s in args.input_shape.split(","))
+        except ValueError:
+            raise UserError(f"malformed --input-shape {args.input_shape!r}; expected C,H,W such as 1,28,28") from None
+    try:
+        r = bench_artifact(args.artifact, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
+                           threads=args.threads, input_shape=shape,
+                           target=None if args.target == "none" else args.target)
+    except BenchError as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+        return 0
+    print(f"{r.artifact} ({r.kind}, input {'x'.join(map(str, r.input_shape))}, {r.threads} thread(s), "
+          f"median of {r.repeats} after {r.warmup} warm-up)")
+    print(f"  batch 1: {r.latency_ms:.3f} ms")
+    if r.batch_latency_ms is not None and r.batch > 1:
+        print(f"  batch {r.batch}: {r.batch_latency_ms:.3f} ms ({r.per_image_ms:.3f} ms per image)")
+    elif r.kind == "pte":
+        print("  (ExecuTorch programs have a fixed batch of 1)")
+    if r.predicted_ms is not None:
+        print(f"  {r.target} cost model: {r.predicted_ms:.3f} ms (measured / predicted = "
+              f"{r.latency_ms / r.predicted_ms:.2f})")
+    elif r.prediction_note:
+        print(f"  {r.prediction_note}")
+    return 0

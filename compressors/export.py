@@ -56,6 +56,9 @@ from .registry import Registry
 ACCURACY_TOLERANCE = 0.005
 #: Allowed relative difference between an int8 ONNX file and the size model's bytes.
 SIZE_TOLERANCE = 0.15
+#: Fixed allowance for the ONNX graph itself (nodes, names, metadata: ~2-3 kB for LeNet-5),
+#: which dominates the 15% rule only for models of a few tens of kB.
+SIZE_SLACK_BYTES = 4096
 ONNX_OPSET = 21  # first opset with INT4/UINT4 QuantizeLinear/DequantizeLinear
 
 
@@ -746,10 +749,11 @@ def _finish(job: ExportJob, fmt: str, run: Callable[[np.ndarray], np.ndarray], d
         acc, tacc, diff = compare_runtime(ld.model, run, job.data.test, mean=job.mean, std=job.std)
         check_accuracy(fmt, acc, tacc, _reported_acc(job), tol)
     if check_size and fmt == "onnx" and is_int8_policy(dep) and expected and \
-            abs(size / expected - 1) > SIZE_TOLERANCE:
+            abs(size - expected) > SIZE_TOLERANCE * expected + SIZE_SLACK_BYTES:
         raise VerificationError(
             f"onnx file is {size:,} bytes but the size model says {expected:,} ({source}); "
-            f"`|ratio - 1| <= {SIZE_TOLERANCE}` must hold for int8 policies, but got ratio={size / expected:.3f}")
+            f"`|file - size model| <= {SIZE_TOLERANCE} * size model + {SIZE_SLACK_BYTES} B` must hold for "
+            f"int8 policies, but got ratio={size / expected:.3f}")
     return ExportResult(job.out_path, fmt, size, acc, tacc, _reported_acc(job), expected, source, diff,
                         tuple(dict.fromkeys(notes)))
 

@@ -112,4 +112,4 @@ def _compress_layer_(layer: nn.Module, lp: LayerPolicy, policy: Policy, *, skip_
     elif lp.weight_bits is not None:
         attach_weight_quant_(layer, lp.quantizer, lp.weight_bits)
     if lp.act_bits is not None and lp.act_bits < 16:
-        attach_act_quant_(layer, lp.act_bits)
+        attach_act_quant_(layer, lp.act_bits, lp.act_quantizer)

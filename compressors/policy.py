@@ -52,6 +52,7 @@ class LayerPolicy:
         sharing: weight-sharing method (registry ``compressors.SHARING``) or ``None``.
         clusters: number of shared values for ``sharing`` (``None`` = ``2**weight_bits``
             or chosen by the method, e.g. BIRCH).
+        act_quantizer: activation quantizer name (registry ``compressors.quantize.ACT_QUANTIZERS``).
     """
 
     prune_ratio: float = 0.0
@@ -63,6 +64,7 @@ class LayerPolicy:
     decomposition: str = "svd"
     sharing: str | None = None
     clusters: int | None = None
+    act_quantizer: str = "uniform"
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.prune_ratio < 1.0, "0 <= prune_ratio < 1", f"prune_ratio={self.prune_ratio}")
@@ -236,6 +238,7 @@ class Policy:
     def save(self, path: str | Path, *, meta: Mapping[str, Any] | None = None) -> Path:
         """Write JSON (or YAML when the suffix is .yaml/.yml)."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         d = self.to_dict()
         if meta:
             d["meta"] = dict(meta)

@@ -73,15 +73,30 @@ def target_sram(target) -> int | None:
 
 
 def constraints_of(cost, cfg: SearchConfig, sram: int | None) -> list[float]:
-    """Relative violations (``<= 0`` = satisfied), Optuna's constraint convention."""
-    cons = [cost.size_bytes / cfg.budget_bytes - 1.0]
+    """Relative violations (``<= 0`` = satisfied), Optuna's constraint convention.
+
+    Order: size, then peak memory (if the target has an SRAM), latency, energy (if limited).
+    """
+    return list(named_constraints(cost, cfg, sram).values())
+
+
+def named_constraints(cost, cfg: SearchConfig, sram: int | None) -> dict[str, float]:
+    cons = {"size": cost.size_bytes / cfg.budget_bytes - 1.0}
     if sram:
-        cons.append(cost.peak_memory_bytes / sram - 1.0)
+        cons["peak_memory"] = cost.peak_memory_bytes / sram - 1.0
     if cfg.max_latency_ms:
-        cons.append(cost.latency_ms / cfg.max_latency_ms - 1.0)
+        cons["latency"] = cost.latency_ms / cfg.max_latency_ms - 1.0
     if cfg.max_energy_mj:
-        cons.append(cost.energy_mj / cfg.max_energy_mj - 1.0)
+        cons["energy"] = cost.energy_mj / cfg.max_energy_mj - 1.0
     return cons
+
+
+def _tell_constraints(trial, cons: dict[str, float]) -> None:
+    """Record constraints where the sampler reads them (Optuna >= 5: ``Trial.set_constraint``)."""
+    trial.set_user_attr("constraints", list(cons.values()))
+    if hasattr(trial, "set_constraint"):
+        for k, v in cons.items():
+            trial.set_constraint(k, v)
 
 
 def cost_dict(cost) -> dict[str, float]:
@@ -192,11 +207,22 @@ def prepare(cfg: SearchConfig, run_dir: Path, *, progress: bool = True) -> Conte
         torch.set_num_threads(cfg.threads)
     target = resolve_target(cfg.target)
     data = load_data(cfg)
-    base, meta = build_base(cfg, data, run_dir, progress=progress)
-    table = hw_models.trace(base, data.input_shape)
+    # The architecture alone fixes the table, the space and the smallest reachable size:
+    # check the budget before spending minutes on the base model.
+    try:
+        arch = build_model(cfg.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    table = hw_models.trace(arch, data.input_shape)
     wbits, abits = target_bits(target)
-    space = SearchSpace.build(base, data.input_shape, weight_bits=wbits, act_bits=abits, distill=cfg.distill,
+    space = SearchSpace.build(arch, data.input_shape, weight_bits=wbits, act_bits=abits, distill=cfg.distill,
                               criterion=cfg.criterion, quantizer=cfg.quantizer)
+    smallest = hw_models.estimate_table(table, space.smallest_policy(), target)
+    if smallest.size_bytes > cfg.budget_bytes:
+        raise UserError(f"budget {cfg.budget} ({cfg.budget_bytes:,} bytes) is below the smallest size "
+                        f"{cfg.model} can reach on {cfg.target}: {int(smallest.size_bytes):,} bytes "
+                        f"({format_bytes(smallest.size_bytes)}); raise --budget or pick a smaller --model")
+    base, meta = build_base(cfg, data, run_dir, progress=progress)
     base_cost = hw_models.estimate_table(table, None, target)
     metrics_path = run_dir / "base" / "metrics.json"
     if metrics_path.is_file():
@@ -208,12 +234,7 @@ def prepare(cfg: SearchConfig, run_dir: Path, *, progress: bool = True) -> Conte
         metrics_path.write_text(json.dumps(base_metrics, indent=2) + "\n")
     ctx = Context(cfg, run_dir, data, base, base_metrics, target, table, space)
     ctx.trial_train = data.train.subset(cfg.trial_train_size, seed=cfg.seed)
-    smallest = ctx.estimate(space.smallest_policy())
     ctx.extra["smallest_size_bytes"] = int(smallest.size_bytes)
-    if smallest.size_bytes > cfg.budget_bytes:
-        raise UserError(f"budget {cfg.budget} ({cfg.budget_bytes:,} bytes) is below the smallest size "
-                        f"{cfg.model} can reach on {cfg.target}: {int(smallest.size_bytes):,} bytes "
-                        f"({format_bytes(smallest.size_bytes)}); raise --budget or pick a smaller --model")
     return ctx
 
 
@@ -223,16 +244,27 @@ def _constraints(trial) -> list[float]:
     return list(trial.user_attrs.get("constraints", [0.0]))
 
 
+def _new_constraint_api() -> bool:
+    import optuna
+
+    return hasattr(optuna.trial.Trial, "set_constraint")
+
+
 def make_sampler(cfg: SearchConfig, *, n_startup: int = 4):
+    import warnings
+
     import optuna
 
     name = cfg.sampler
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed, constraints_func=_constraints,
-                                          n_startup_trials=n_startup, multivariate=True, group=True,
-                                          warn_independent_sampling=False)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, constraints_func=_constraints, population_size=8)
+    # Optuna >= 5 reads constraints set on the trial; older versions need constraints_func.
+    cf = {} if _new_constraint_api() else {"constraints_func": _constraints}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental-feature notices for `group`
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=n_startup, multivariate=True,
+                                              group=True, **cf)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=8, **cf)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
     from compressors.registry import did_you_mean
@@ -241,14 +273,23 @@ def make_sampler(cfg: SearchConfig, *, n_startup: int = 4):
 
 
 def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool):
-    import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    import warnings
 
+    import optuna
+    from optuna import storages
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(cfg, run_dir)
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+        retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+    else:
+        retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
     try:
-        storage = RDBStorage(url, heartbeat_interval=15, grace_period=60,
-                             failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
-                             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeat is "experimental" in Optuna's terms
+            storage = storages.RDBStorage(
+                url, heartbeat_interval=15, grace_period=60, **retry,
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
     except Exception as e:  # noqa: BLE001 - bad URL / unreachable DB
         raise UserError(f"cannot open storage {url}: {str(e).splitlines()[0]}") from None
     try:
@@ -328,8 +369,9 @@ def make_objective(ctx: Context, *, bar=None):
         trial.set_user_attr("worker", worker_id())
         policy = ctx.space.sample(trial)
         cost = ctx.estimate(policy)
-        cons = constraints_of(cost, cfg, sram)
-        trial.set_user_attr("constraints", cons)
+        named = named_constraints(cost, cfg, sram)
+        cons = list(named.values())
+        _tell_constraints(trial, named)
         trial.set_user_attr("cost", cost_dict(cost))
         record: dict[str, Any] = {"number": trial.number, "worker": worker_id(), "policy": policy.to_dict(),
                                   "metrics": cost_dict(cost), "constraints": cons}

@@ -1,0 +1,114 @@
+"""The main job end to end on real (small) data, resume after kill -9, and the report JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FAST = ["--model", "resnet20", "--dataset", "digits", "--budget", "60kB", "--target", "arm",
+        "--base-epochs", "4", "--trial-steps", "8", "--final-epochs", "1", "--quiet", "--seed", "1"]
+
+
+def squeezer(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SQUEEZER_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    r = squeezer("search", *FAST, "--trials", "3", "--run", str(root / "runs" / "a"), "--json", cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root / "runs" / "a", json.loads(r.stdout)
+
+
+def test_main_job_meets_budget_and_size_matches_packed_bytes(finished_run):
+    run, summary = finished_run
+    best, base = summary["best"], summary["base"]
+    assert best["status"] == "feasible"
+    assert best["size_bytes"] <= 60_000 < base["size_bytes"]
+    if best.get("packed_bytes") is not None:
+        assert best["packed_bytes"] == best["size_bytes"]
+    assert 0.5 < base["test_accuracy"] <= 1.0 and 0.0 <= best["test_accuracy"] <= 1.0
+    assert summary["trials"] == 3
+    for f in ("config.yaml", "study.db", "best/policy.json", "best/model.pt", "base/model.pt", "summary.json"):
+        assert (run / f).is_file(), f
+    # The exported model loads with weights_only and replays to the same size.
+    import torch
+
+    from evaluators.checkpoint import load_checkpoint
+
+    blob = torch.load(run / "best" / "model.pt", weights_only=True)
+    assert blob["policy"]["schema"] == "squeezer.policy/1"
+    assert load_checkpoint(run / "best" / "model.pt").model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_report_json_is_a_stable_interface(finished_run):
+    run, summary = finished_run
+    r = squeezer("report", str(run), "--json", cwd=run.parent)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    for k in ("size_bytes", "latency_ms", "energy_mj", "test_accuracy"):
+        assert isinstance(rep["base"][k], (int, float)) and isinstance(rep["best"][k], (int, float))
+    assert isinstance(rep["best"]["val_accuracy"], float)
+    states = {t["state"] for t in rep["trials"]}
+    assert states <= {"COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING"} and "COMPLETE" in states
+    for t in rep["trials"]:
+        assert {"number", "state", "values", "params", "worker"} <= set(t)
+        assert ":" in t["worker"]
+    evaluated = [t for t in rep["trials"] if t["evaluated"]]
+    assert len(evaluated) == 3
+    # Trial files mirror the study.
+    for t in rep["trials"]:
+        rec = json.loads((run / "trials" / f"{t['number']:04d}.json").read_text())
+        assert rec["number"] == t["number"] and rec["policy"]["schema"] == "squeezer.policy/1"
+    text = squeezer("report", str(run), cwd=run.parent).stdout
+    assert "Pareto front" in text and "chosen policy" in text
+
+
+def test_resume_after_kill_keeps_finished_trials(tmp_path):
+    run = tmp_path / "runs" / "k"
+    env = {**os.environ, "SQUEEZER_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "search.cli", "search", *FAST, "--trials", "5", "--run", str(run)],
+                         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+    def evaluated() -> list[dict]:
+        out = []
+        for f in sorted((run / "trials").glob("*.json")) if (run / "trials").is_dir() else []:
+            try:
+                rec = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                continue
+            if rec.get("status") == "evaluated":
+                out.append(rec)
+        return out
+
+    deadline = time.time() + 300
+    while len(evaluated()) < 2 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    import optuna
+
+    from search.job import STUDY_NAME
+
+    storage = f"sqlite:///{run / 'study.db'}"
+    before = {t.number: t.values for t in optuna.load_study(study_name=STUDY_NAME, storage=storage).trials
+              if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated")}
+    assert len(before) >= 2
+    r = squeezer("resume", str(run), "--quiet", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    after = {t.number: t.values for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated")}
+    assert len(after) == 5                                   # exactly the asked-for count, none twice
+    assert all(after[n] == v for n, v in before.items())     # earlier trials unchanged
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    assert json.loads(r.stdout)["best"]["size_bytes"] <= 60_000

@@ -208,7 +208,7 @@ class SaliencyImportance(_Accumulating):
         return normalize_group_scores(scores)
 
 
-@PRUNING_CRITERIA.register("saliency", summary="global |w dL/dw| saliency over training data, normalised per group; "
+@PRUNING_CRITERIA.register("saliency", summary="gradient-x-weight saliency |sum w dL/dw| over training data, normalised per group; "
                                                "one global_ratio yields per-layer ratios")
 def _saliency(ctx: PruneContext):
     return SaliencyImportance()

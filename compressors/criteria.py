@@ -286,3 +286,149 @@ class HardwareBalancedImportance:
                                                         "pruned separately to the global rate")
 def _hardware_balanced(ctx: PruneContext):
     return HardwareBalancedImportance(ctx)
+
+
+# --- LASSO channel selection with feature reconstruction (He et al. 2017) -------------------
+
+class LassoImportance:
+    """Channel selection by LASSO on the next layers' outputs, then least-squares reconstruction.
+
+    For a group, every consumer layer's output on sampled inputs is split into the
+    contributions ``Z_c`` of the group's channels; ``min ||sum_c Z_c - sum_c beta_c Z_c||^2 +
+    alpha |beta|_1`` (``beta >= 0``) is solved along the regularisation path (scikit-learn's
+    ``lasso_path``) and a channel scores by how long it survives as ``alpha`` grows (ties by
+    its final ``beta``). After pruning, each conv/linear consumer fed only by one pruned group
+    gets its weights refitted by least squares to the original outputs on the kept channels.
+    """
+
+    def __init__(self, rows: int = 2048, seed: int = 0) -> None:
+        self.rows, self.seed = rows, seed
+        self.x: dict[nn.Module, torch.Tensor] = {}  # consumer -> [R, C_in, k] sampled (unfolded) inputs
+        self.ready = False
+
+    def prepare(self, ctx: PruneContext) -> None:
+        if ctx.data is None:
+            return
+        model = ctx.model
+        g = torch.Generator().manual_seed(self.seed)
+        bufs: dict[nn.Module, list[torch.Tensor]] = {}
+
+        def hook(mod, inp, out):
+            x = inp[0].detach()
+            if isinstance(mod, nn.Linear):
+                bufs.setdefault(mod, []).append(x.reshape(-1, x.shape[-1], 1))
+                return
+            cols = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+            n, ck, length = cols.shape
+            pick = torch.randint(0, length, (n, 8), generator=g)  # 8 positions per image
+            cols = torch.gather(cols, 2, pick[:, None, :].expand(n, ck, 8))
+            bufs.setdefault(mod, []).append(cols.permute(0, 2, 1).reshape(n * 8, mod.in_channels // mod.groups, -1))
+
+        hooks = [m.register_forward_hook(hook) for m in model.modules()
+                 if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                seen = 0
+                for xb, _ in iter_batches(ctx.data, ctx.batches):
+                    model(xb)
+                    seen += xb.shape[0] * 8
+                    if seen >= self.rows:
+                        break
+        finally:
+            model.train(was)
+            for h in hooks:
+                h.remove()
+        self.x = {m: torch.cat(v)[: self.rows] for m, v in bufs.items()}
+        self.ready = bool(self.x)
+
+    def _contributions(self, group) -> tuple[torch.Tensor, int] | None:
+        F = _fns()
+        size = len(group[0].idxs)
+        blocks = []
+        for item in group:
+            layer, fn = item.dep.target.module, item.dep.handler
+            if fn not in (F.prune_conv_in_channels, F.prune_linear_in_channels) or layer not in self.x:
+                continue
+            x = self.x[layer]                                   # [R, Cin, k]
+            w = layer.weight.detach().reshape(layer.weight.shape[0], layer.weight.shape[1], -1)  # [O, Cin, k]
+            if x.shape[1] != w.shape[1] or any(r is None for r in item.root_idxs):
+                continue
+            z = torch.einsum("rck,ock->cro", x, w)              # contribution of each input index
+            per = torch.zeros(size, z.shape[1], z.shape[2])
+            per.index_add_(0, torch.tensor(item.root_idxs), z[item.idxs])
+            blocks.append(per.reshape(size, -1))
+        if not blocks:
+            return None
+        return torch.cat(blocks, 1).T, size                    # [rows, C]
+
+    def __call__(self, group) -> torch.Tensor | None:
+        if not self.ready:
+            return None
+        got = self._contributions(group)
+        if got is None:
+            return None
+        z, size = got
+        import numpy as np
+        from sklearn.linear_model import lasso_path
+
+        z = z.double().numpy()
+        y = z.sum(1)
+        scale = np.abs(z).max() or 1.0
+        z, y = z / scale, y / scale
+        top = float(np.abs(z.T @ y).max()) / len(y) or 1.0  # smallest alpha with all betas zero
+        alphas, coefs, _ = lasso_path(z, y, positive=True, alphas=np.geomspace(top, top * 1e-4, 40))
+        alive = coefs > 1e-10                                   # [C, n_alphas], alphas decreasing
+        first = np.where(alive.any(1), alive.argmax(1), len(alphas))
+        score = (len(alphas) - first).astype(np.float64) + np.clip(coefs[:, -1], 0, None) / (coefs[:, -1].max() + 1e-12)
+        return torch.from_numpy(score).float()
+
+    @torch.no_grad()
+    def after_prune(self, ctx: PruneContext, dropped: dict[str, list[int]]) -> None:
+        """Least-squares refit of consumers whose inputs all come from one pruned group."""
+        cg = ctx.groups
+        if not self.ready or cg is None:
+            return
+        names = {m: n for n, m in ctx.model.named_modules()}
+        for layer, x in self.x.items():
+            fqn = names.get(layer)
+            segs = cg.in_segments.get(fqn, [])
+            if len(segs) != 1 or segs[0][0] not in dropped or segs[0][1] != segs[0][2]:
+                continue
+            gid = segs[0][0]
+            keep_in = [c for c in range(cg.sizes[gid]) if c not in set(dropped[gid])]
+            out_segs = cg.out_segments.get(fqn, [])
+            if len(out_segs) != 1:
+                continue
+            og = out_segs[0][0]
+            n_out_old = out_segs[0][1]
+            keep_out = [c for c in range(n_out_old) if og is None or c not in set(dropped.get(og, []))]
+            w = layer.weight
+            if w.shape[0] != len(keep_out) or w.shape[1] != len(keep_in) or x.shape[1] != cg.sizes[gid]:
+                continue
+            w_old = self._old.get(layer)
+            if w_old is None:
+                continue
+            xf = x.reshape(x.shape[0], x.shape[1], -1)
+            y = torch.einsum("rck,ock->ro", xf, w_old[keep_out]).double()
+            a = xf[:, keep_in].reshape(x.shape[0], -1).double()
+            ridge = 1e-4 * (a * a).sum(0).mean().clamp_min(1e-12) * torch.eye(a.shape[1], dtype=a.dtype)
+            sol = torch.linalg.solve(a.T @ a + ridge, a.T @ y)   # [K*k, O]
+            w.copy_(sol.T.reshape(w.shape).to(w.dtype))
+
+    def snapshot(self, model: nn.Module) -> None:
+        self._old = {m: m.weight.detach().clone().reshape(m.weight.shape[0], m.weight.shape[1], -1)
+                     for m in self.x}
+
+
+class _LassoWithSnapshot(LassoImportance):
+    def prepare(self, ctx: PruneContext) -> None:
+        super().prepare(ctx)
+        self.snapshot(ctx.model)
+
+
+@PRUNING_CRITERIA.register("lasso", summary="LASSO channel selection + least-squares reconstruction of the next "
+                                            "layer (He et al. 2017)")
+def _lasso(ctx: PruneContext):
+    return _LassoWithSnapshot()

@@ -70,7 +70,7 @@ def test_data_driven_ranking_differs_from_magnitude(lenet, fmnist, crit):
         assert set(torch.argsort(s)[:k].tolist()) != set(torch.argsort(l1)[:k].tolist())
 
 
-@pytest.mark.parametrize("crit", ["taylor", "saliency"])
+@pytest.mark.parametrize("crit", ["taylor", "saliency", "lasso"])
 def test_data_driven_beats_magnitude_before_finetune(lenet, fmnist, crit):
     """Loss-aware criteria keep more accuracy than L1 at equal pruning, no fine-tune (mean of 2 ratios)."""
     tr, te = fmnist
@@ -100,6 +100,25 @@ def test_saliency_global_ratio_gives_nonuniform_exact_policy(lenet, fmnist):
     for name, m in fresh.named_modules():
         if isinstance(m, nn.Conv2d):
             assert m.out_channels == cg.kept(cg.out_segments[name], policy)
+
+
+def test_lasso_reconstruction_refits_next_layer(lenet, fmnist):
+    """He et al.: after LASSO selection the next conv is refitted by least squares (weights change)."""
+    tr, te = fmnist
+    pol = Policy(layers={"features.0": LayerPolicy(prune_ratio=0.5)}, pruning=PruningConfig(criterion="lasso"))
+    m = copy.deepcopy(lenet)
+    prune_(m, pol, SHAPE, data=tr)
+    kept = m.features[0].out_channels
+    assert kept == 3
+    # Same channels removed without reconstruction: slice the original weights.
+    ref = copy.deepcopy(lenet)
+    keep = [i for i in range(6) if any(torch.equal(ref.features[0].weight[i], w) for w in m.features[0].weight)]
+    assert len(keep) == 3
+    assert not torch.allclose(m.features[3].weight, ref.features[3].weight[:, keep])
+    with torch.no_grad():
+        naive = copy.deepcopy(m)
+        naive.features[3].weight.copy_(ref.features[3].weight[:, keep])
+    assert evaluate(m, te) > evaluate(naive, te)
 
 
 def test_bn_scale_drops_small_gammas():
@@ -151,7 +170,7 @@ def test_hardware_balanced_prunes_conv_by_macs_and_fc_by_params(lenet, fmnist):
     assert hb[1] / base[1] <= l1[1] / base[1]  # no more FC parameters left
 
 
-STRUCT = [("resnet20", (1, 28, 28), ["l1", "bn_scale", "taylor", "saliency", "hardware_balanced"]),
+STRUCT = [("resnet20", (1, 28, 28), ["l1", "bn_scale", "taylor", "saliency", "hardware_balanced", "lasso"]),
           ("mobilenet_v2", (1, 28, 28), ["l2", "taylor", "saliency"]),
           ("resnet18", (3, 32, 32), ["taylor"]),
           ("densenet121", (3, 32, 32), ["saliency"])]

@@ -46,7 +46,16 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run", help="run folder (default runs/<model>-<target>-<time>)")
     g.add_argument("--seed", type=int)
     g.add_argument("--storage", help="Optuna storage URL (default sqlite:///RUN/study.db)")
-    g.add_argument("--sampler", help="tpe (default), nsga2, random")
+    g.add_argument("--sampler", help="tpe (default, multi-objective), nsga2, random, grid (uniform policies)")
+    g.add_argument("--rungs", help="fine-tune steps where trials report validation accuracy and the worst "
+                                   "stop early, e.g. 20,40 (default: no early stopping)")
+    g.add_argument("--no-sensitivity", action="store_true",
+                   help="skip the per-layer sensitivity probes that narrow the space and seed the search")
+    g.add_argument("--sensitivity-threshold", type=float, dest="sensitivity_threshold_pp",
+                   help="drop a layer's choice that alone loses more than this many accuracy points (10)")
+    g.add_argument("--backend", help="optuna (default: trials in this process) or ray (a Ray cluster)")
+    g.add_argument("--workers", type=int, help="parallel trial workers for --backend ray (1)")
+    g.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local one)")
     g.add_argument("--config", help="YAML file with the same keys as these options")
     g = p.add_argument_group("work per stage")
     g.add_argument("--base-epochs", type=float, help="epochs to train the base model if no --checkpoint (2)")
@@ -70,7 +79,8 @@ def _config_from_args(args: argparse.Namespace):
     cli = {k: getattr(args, k) for k in ("model", "checkpoint", "dataset", "data_root", "budget", "target",
                                          "max_latency_ms", "max_energy_mj", "timeout", "run", "seed",
                                          "storage", "sampler", "base_epochs", "trial_steps", "final_epochs",
-                                         "criterion", "quantizer", "threads")
+                                         "criterion", "quantizer", "threads", "rungs", "sensitivity_threshold_pp",
+                                         "backend", "workers", "address")
            if getattr(args, k, None) is not None}
     if getattr(args, "trials", None) is not None:
         try:
@@ -79,6 +89,8 @@ def _config_from_args(args: argparse.Namespace):
             raise UserError(f"malformed --trials {args.trials!r}; expected a whole number >= 1") from None
     if getattr(args, "no_distill", False):
         cli["distill"] = False
+    if getattr(args, "no_sensitivity", False):
+        cli["sensitivity"] = False
     merged = {**base, **cli}
     try:
         return SearchConfig.from_dict(merged)
@@ -156,7 +168,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import format_report, report
 
     rep = report(args.run_dir)
+    if not getattr(args, "no_files", False):
+        from .plots import write_report_files
+
+        files = write_report_files(rep, args.run_dir)
+        rep["files"] = {"pareto_png": files["png"], "report_html": files["html"]}
     print(json.dumps(rep, indent=2, default=str) if args.json else format_report(rep))
+    if rep.get("files") and not args.json:
+        print(f"\nhypervolume {rep['hypervolume']['value']:.4f}; wrote {rep['files']['pareto_png']} "
+              f"and {rep['files']['report_html']}")
     return 0
 
 
@@ -262,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="base model, Pareto front, chosen policy, all trials")
     s.add_argument("run_dir")
     s.add_argument("--json", action="store_true", help="machine-readable report")
+    s.add_argument("--no-files", action="store_true", help="do not write RUN/pareto.png and RUN/report.html")
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("cost", help="what a model costs on a target")

@@ -48,6 +48,18 @@ class SearchConfig:
     quantizer: str = "uniform"
     distill: bool = True
     threads: int | None = None
+    # Multi-fidelity: validation accuracy at these fine-tune steps ("20,40"); a trial below
+    # the best 1/prune_eta of those that reached a rung stops there (asynchronous successive halving).
+    rungs: str | None = None
+    prune_eta: int = 3
+    rung_min_trials: int = 3
+    rung_val_size: int = 1000
+    # Sensitivity first: per-layer probes narrow the space (drop choices losing > threshold).
+    sensitivity: bool = True
+    sensitivity_threshold_pp: float = 10.0
+    # Distributed: --backend ray with this many workers (one trial each) on --address.
+    workers: int = 1
+    address: str | None = None
 
     def __post_init__(self) -> None:
         parse_size(self.budget)  # raises ValueError with a clear message
@@ -62,6 +74,21 @@ class SearchConfig:
                 raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}")
         if self.trial_steps < 1:
             raise ValueError(f"`trial_steps >= 1` must hold, but got trial_steps={self.trial_steps}")
+        if self.rungs is not None:
+            object.__setattr__(self, "rungs", _parse_rungs(self.rungs, self.trial_steps))
+        if self.prune_eta < 2:
+            raise ValueError(f"`prune_eta >= 2` must hold, but got prune_eta={self.prune_eta}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"`workers >= 1` must hold, but got workers={self.workers!r}")
+        if self.backend not in ("optuna", "ray"):
+            from compressors.registry import did_you_mean
+
+            raise ValueError(did_you_mean(self.backend, ["optuna", "ray"], "backend"))
+
+    @property
+    def rung_steps(self) -> tuple[int, ...]:
+        """Fine-tune steps at which a trial reports validation accuracy (may stop there)."""
+        return tuple(int(s) for s in self.rungs.split(",")) if self.rungs else ()
 
     @property
     def budget_bytes(self) -> int:
@@ -101,6 +128,23 @@ class SearchConfig:
 
     def with_(self, **changes: Any) -> "SearchConfig":
         return replace(self, **changes)
+
+
+def _parse_rungs(text: Any, trial_steps: int) -> str | None:
+    """``"20,40"`` (or a list) -> canonical ``"20,40"``: increasing steps in ``[1, trial_steps)``."""
+    if isinstance(text, (list, tuple)):
+        parts = [str(p) for p in text]
+    else:
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        steps = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"malformed rungs {text!r}; expected increasing fine-tune steps such as 20,40") from None
+    if not steps:
+        return None
+    if any(b <= a for a, b in zip(steps, steps[1:])) or steps[0] < 1 or steps[-1] >= trial_steps:
+        raise ValueError(f"`0 < rung steps increasing < trial_steps={trial_steps}` must hold, but got rungs={text!r}")
+    return ",".join(str(s) for s in steps)
 
 
 def worker_id() -> str:

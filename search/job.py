@@ -222,7 +222,10 @@ def prepare(cfg: SearchConfig, run_dir: Path, *, progress: bool = True) -> Conte
         raise UserError(f"budget {cfg.budget} ({cfg.budget_bytes:,} bytes) is below the smallest size "
                         f"{cfg.model} can reach on {cfg.target}: {int(smallest.size_bytes):,} bytes "
                         f"({format_bytes(smallest.size_bytes)}); raise --budget or pick a smaller --model")
-    base, meta = build_base(cfg, data, run_dir, progress=progress)
+    from .sensitivity import file_lock
+
+    with file_lock(run_dir / ".base.lock"):  # concurrent processes of one run train it once
+        base, meta = build_base(cfg, data, run_dir, progress=progress)
     base_cost = hw_models.estimate_table(table, None, target)
     metrics_path = run_dir / "base" / "metrics.json"
     if metrics_path.is_file():
@@ -250,7 +253,7 @@ def _new_constraint_api() -> bool:
     return hasattr(optuna.trial.Trial, "set_constraint")
 
 
-def make_sampler(cfg: SearchConfig, *, n_startup: int = 4):
+def make_sampler(cfg: SearchConfig, *, n_startup: int = 4, space: SearchSpace | None = None):
     import warnings
 
     import optuna
@@ -267,12 +270,20 @@ def make_sampler(cfg: SearchConfig, *, n_startup: int = 4):
             return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=8, **cf)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
+    if name == "grid":
+        from .samplers import UniformGridSampler
+        from .space import PRUNE_CHOICES
+
+        return UniformGridSampler(prune_choices=space.prune_choices if space else PRUNE_CHOICES,
+                                  weight_bits=space.weight_bits if space else (2, 4, 8),
+                                  act_bits=space.act_bits if space else (8,), seed=cfg.seed)
     from compressors.registry import did_you_mean
 
-    raise UserError(did_you_mean(name, ["tpe", "nsga2", "random"], "sampler"))
+    raise UserError(did_you_mean(name, ["tpe", "nsga2", "random", "grid"], "sampler"))
 
 
-def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool):
+def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool, space: SearchSpace | None = None,
+               storage=None):
     import warnings
 
     import optuna
@@ -280,6 +291,9 @@ def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(cfg, run_dir)
+    if storage is not None:  # e.g. the Ray backend's proxy to the run's storage
+        return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=make_sampler(cfg, space=space),
+                                   directions=["maximize", "minimize"], load_if_exists=True)
     if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
         retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
     else:
@@ -293,7 +307,7 @@ def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool):
     except Exception as e:  # noqa: BLE001 - bad URL / unreachable DB
         raise UserError(f"cannot open storage {url}: {str(e).splitlines()[0]}") from None
     try:
-        return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=make_sampler(cfg),
+        return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=make_sampler(cfg, space=space),
                                    directions=["maximize", "minimize"], load_if_exists=True)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot open study in {url}: {str(e).splitlines()[0]}") from None
@@ -306,6 +320,55 @@ def evaluated_trials(study) -> list:
             if t.user_attrs.get("evaluated")]
 
 
+def trained_trials(study) -> list:
+    """Trials that trained: evaluated ones plus those stopped early at a rung (what ``--trials`` counts)."""
+    import optuna
+
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
+        if t.user_attrs.get("evaluated") or (t.state == optuna.trial.TrialState.PRUNED and "pruned_at" in t.user_attrs):
+            out.append(t)
+    return out
+
+
+_WORKER_LOCK: dict[str, Any] = {}
+
+
+def hold_worker_lock(run_dir: Path) -> None:
+    """Hold ``RUN/.workers/<host>-<pid>.lock`` while this process runs trials (others see it is alive)."""
+    import fcntl
+
+    path = Path(run_dir) / ".workers" / f"{socket.gethostname()}-{os.getpid()}.lock"
+    if str(path) in _WORKER_LOCK:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    _WORKER_LOCK[str(path)] = fh
+
+
+def other_live_workers(run_dir: Path) -> int:
+    """Processes on this host, other than this one, that hold a worker lock of ``run_dir``."""
+    import fcntl
+
+    n = 0
+    for f in (Path(run_dir) / ".workers").glob("*.lock"):
+        if str(f) in _WORKER_LOCK:
+            continue
+        try:
+            with open(f, "a+") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    n += 1  # held: that worker is alive
+                    continue
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            f.unlink(missing_ok=True)  # its process is gone
+        except FileNotFoundError:
+            pass
+    return n
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -316,27 +379,74 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def reap_dead_trials(study) -> int:
+def reap_dead_trials(study, run_dir: Path | None = None, *, dead_workers: set[str] | None = None) -> int:
     """Fail RUNNING trials whose worker process on this host is gone, and re-queue them.
 
-    Trials of other hosts are left to Optuna's heartbeat (they fail after the grace period).
+    A trial killed between its creation and its first attribute has no ``worker``: it is
+    reaped when no other worker of the run is alive on this host (the run's own SQLite
+    storage) or when it is older than 10 minutes. ``dead_workers`` (``host:pid``) are
+    workers known dead elsewhere (the Ray backend's lost actors). Trials of other hosts
+    are otherwise left to Optuna's heartbeat (they fail after the grace period).
     """
+    import datetime
+
     import optuna
 
     host = socket.gethostname()
     n = 0
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    alone = None
+    for t in running:
         w = t.user_attrs.get("worker", "")
         h, _, pid = w.rpartition(":")
-        if h == host and pid.isdigit() and not _pid_alive(int(pid)) and int(pid) != os.getpid():
+        orphan = False
+        if not w and run_dir is not None:
+            if alone is None:
+                alone = other_live_workers(run_dir) == 0
+            age = (datetime.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+            orphan = (alone and not _shared_storage(study)) or age > 600
+        if orphan or (dead_workers and w in dead_workers) or \
+                (h == host and pid.isdigit() and not _pid_alive(int(pid)) and int(pid) != os.getpid()):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"retried_from": t.number}, skip_if_exists=False)
             n += 1
     return n
 
 
+def _shared_storage(study) -> bool:
+    """True unless the study is in a run-local SQLite file (which only this host's processes use)."""
+    url = str(getattr(getattr(study._storage, "_backend", study._storage), "url", "") or "")
+    return not url.startswith("sqlite")
+
+
+def sensitivity_first(ctx: Context, *, progress: bool = True) -> None:
+    """Measure (or load) per-layer sensitivity and narrow the space (``cfg.sensitivity``).
+
+    Only the model-based samplers (``tpe``, ``nsga2``) use it: ``random`` and ``grid`` are
+    the baselines and search the full space.
+    """
+    if not ctx.cfg.sensitivity or ctx.cfg.sampler not in ("tpe", "nsga2"):
+        return
+    from .sensitivity import load_or_measure, narrowed_choices, space_choices
+
+    sens = load_or_measure(ctx, progress=progress)
+    ctx.extra["sensitivity"] = sens
+    ctx.extra["narrowed"] = narrowed_choices(sens, space_choices(ctx.space),
+                                             threshold_pp=ctx.cfg.sensitivity_threshold_pp)
+    if ctx.extra["narrowed"]:
+        dropped = sum(len(space_choices(ctx.space)[d]) - len(v) for d, v in ctx.extra["narrowed"].items())
+        log.info("sensitivity: dropped %d choice(s) losing > %g pp alone, in %d dimension(s)",
+                 dropped, ctx.cfg.sensitivity_threshold_pp, len(ctx.extra["narrowed"]))
+
+
 def enqueue_seeds(ctx: Context, study) -> list[Policy]:
-    """Uniform policies that meet the budget (strong, cheap starting points)."""
+    """Uniform policies that meet the budget (strong, cheap starting points), plus
+    sensitivity-guided ones when sensitivity was measured (``sensitivity_first``)."""
+    if ctx.cfg.sampler not in ("tpe", "nsga2"):
+        return []  # the baselines start from nothing
+    from .sensitivity import guided_params, project_params
+
+    narrowed = ctx.extra.get("narrowed") or {}
     sp, seeds = ctx.space, []
     sram = target_sram(ctx.target)
     abits = 8 if 8 in sp.act_bits else sp.act_bits[-1]
@@ -349,7 +459,21 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
         if len(seeds) >= 2:
             break
     for pol in seeds:
-        study.enqueue_trial(sp.params_for(pol), user_attrs={"seed_policy": "uniform"})
+        study.enqueue_trial(project_params(sp.params_for(pol), narrowed), user_attrs={"seed_policy": "uniform"})
+    sens = ctx.extra.get("sensitivity")
+    if sens:
+        def fits(pol):
+            cost = ctx.estimate(pol)
+            return max(constraints_of(cost, ctx.cfg, sram)) <= 0, float(cost.size_bytes)
+
+        for per_byte in (True, False):
+            params = guided_params(sp, sens, fits, narrowed=narrowed, per_byte=per_byte,
+                                   act_bits=8 if 8 in sp.act_bits else None)
+            if params is not None:
+                pol = sp.policy_from_params(params)
+                if pol not in seeds:
+                    seeds.append(pol)
+                    study.enqueue_trial(params, user_attrs={"seed_policy": "sensitivity"})
     return seeds
 
 
@@ -365,9 +489,14 @@ def make_objective(ctx: Context, *, bar=None):
 
     cfg, sram = ctx.cfg, target_sram(ctx.target)
 
+    rungs = set(cfg.rung_steps)
+
     def objective(trial: optuna.Trial):
+        from .sensitivity import NarrowedTrial
+
         trial.set_user_attr("worker", worker_id())
-        policy = ctx.space.sample(trial)
+        narrowed = ctx.extra.get("narrowed") or {}
+        policy = ctx.space.sample(NarrowedTrial(trial, narrowed) if narrowed else trial)
         cost = ctx.estimate(policy)
         named = named_constraints(cost, cfg, sram)
         cons = list(named.values())
@@ -381,34 +510,97 @@ def make_objective(ctx: Context, *, bar=None):
             record["status"] = "over_budget"
             _write_json(ctx.run_dir / "trials" / f"{trial.number:04d}.json", record)
             return 0.0, float(cost.latency_ms)
+        if not _claim(ctx, trial):
+            # Enough trials trained or in training elsewhere (concurrent workers): not counted.
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise optuna.TrialPruned("the asked number of trials is reached")
         t0 = time.time()
         seed_everything(cfg.seed + trial.number)
         model = copy.deepcopy(ctx.base)
         batches = list(ctx.trial_train.batches(cfg.batch_size, shuffle=True, seed=trial.number))[:8]
         apply_policy_(model, policy, ctx.input_shape, data=batches)
         steps_done = 0
+        rung_acc: dict[str, float] = {}
 
         def on_step(step: int, total: int, loss: float) -> None:
             nonlocal steps_done
             steps_done = step
             if bar is not None:
                 bar.set_postfix_str(f"trial {trial.number}: step {step}/{total} loss {loss:.3f}")
+            if step in rungs and step < total:
+                # Multi-fidelity: report accuracy at this rung; stop if below the best 1/eta there.
+                if "rung_val" not in ctx.extra:
+                    ctx.extra["rung_val"] = ctx.data.val.subset(min(cfg.rung_val_size, len(ctx.data.val)),
+                                                                seed=cfg.seed)
+                rung_acc[str(step)] = evaluate(model, ctx.extra["rung_val"])
+                trial.set_user_attr("rung_acc", dict(rung_acc))
+                if should_stop_at_rung(trial.study, trial.number, step, rung_acc[str(step)], cfg):
+                    trial.set_user_attr("pruned_at", step)
+                    raise optuna.TrialPruned(f"validation accuracy {rung_acc[str(step)]:.4f} at step {step} "
+                                             f"is below the best 1/{cfg.prune_eta} of its rung")
 
         distill = policy.distill if cfg.distill else None
-        train(model, ctx.trial_train, max_steps=cfg.trial_steps, epochs=10, lr=cfg.trial_lr,
-              batch_size=cfg.batch_size, teacher=ctx.base if distill else None, distill=distill,
-              seed=cfg.seed + trial.number, progress=on_step)
+        try:
+            train(model, ctx.trial_train, max_steps=cfg.trial_steps, epochs=10, lr=cfg.trial_lr,
+                  batch_size=cfg.batch_size, teacher=ctx.base if distill else None, distill=distill,
+                  seed=cfg.seed + trial.number, progress=on_step)
+        except optuna.TrialPruned:
+            seconds = time.time() - t0
+            trial.set_user_attr("train_seconds", round(seconds, 2))
+            trial.set_user_attr("steps", steps_done)
+            record.update(status="pruned", rung_accuracy=rung_acc, train_seconds=round(seconds, 2), steps=steps_done)
+            _write_json(ctx.run_dir / "trials" / f"{trial.number:04d}.json", record)
+            raise
         acc = evaluate(model, ctx.data.val)
         seconds = time.time() - t0
         trial.set_user_attr("evaluated", True)
         trial.set_user_attr("val_accuracy", acc)
         trial.set_user_attr("train_seconds", round(seconds, 2))
-        record.update(status="evaluated", metrics={**cost_dict(cost), "val_accuracy": acc},
+        trial.set_user_attr("steps", steps_done)
+        record.update(status="evaluated", metrics={**cost_dict(cost), "val_accuracy": acc}, rung_accuracy=rung_acc,
                       train_seconds=round(seconds, 2), steps=steps_done)
         _write_json(ctx.run_dir / "trials" / f"{trial.number:04d}.json", record)
         return acc, float(cost.latency_ms)
 
     return objective
+
+
+def should_stop_at_rung(study, number: int, step: int, acc: float, cfg: SearchConfig) -> bool:
+    """Asynchronous successive halving on accuracy: stop unless ``acc`` is in the best
+    ``1/prune_eta`` of the accuracies any trial reported at this ``step`` (decided only once
+    ``rung_min_trials`` trials reached it, so the first ones always go on)."""
+    peers = [t.user_attrs["rung_acc"][str(step)] for t in study.get_trials(deepcopy=False)
+             if t.number != number and str(step) in (t.user_attrs.get("rung_acc") or {})]
+    vals = sorted(peers + [acc], reverse=True)
+    if len(vals) < cfg.rung_min_trials:
+        return False
+    k = max(1, len(vals) // cfg.prune_eta)
+    return acc < vals[k - 1]
+
+
+def _claim(ctx: Context, trial) -> bool:
+    """Whether this trial should train: trained + in-training trials stay <= ``cfg.trials``.
+
+    Concurrent workers of one run take turns under a file lock; a worker whose peers hold the
+    last places waits for them (a peer that dies is reaped and its place freed).
+    """
+    import optuna
+
+    from .sensitivity import file_lock
+
+    while True:
+        with file_lock(ctx.run_dir / ".claim.lock"):
+            trained = len(trained_trials(trial.study))
+            if trained >= ctx.cfg.trials:
+                return False
+            busy = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                    if t.user_attrs.get("training") and t.number != trial.number]
+            if trained + len(busy) < ctx.cfg.trials:
+                trial.set_user_attr("training", True)
+                return True
+        reap_dead_trials(trial.study, ctx.run_dir)
+        time.sleep(1.0)
 
 
 def run_trials(ctx: Context, study, *, progress: bool = True) -> None:
@@ -418,11 +610,13 @@ def run_trials(ctx: Context, study, *, progress: bool = True) -> None:
 
     cfg = ctx.cfg
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    reaped = reap_dead_trials(study)
+    hold_worker_lock(ctx.run_dir)
+    reaped = reap_dead_trials(study, ctx.run_dir)
     if reaped:
         log.info("re-queued %d trial(s) whose worker died", reaped)
-    done = len(evaluated_trials(study))
-    if done >= cfg.trials:
+    done = len(trained_trials(study))
+    exhausted = getattr(study.sampler, "exhausted", None)
+    if done >= cfg.trials or (exhausted is not None and exhausted(study)):
         return
     bar = tqdm(total=cfg.trials, initial=done, desc="search", unit="trial", dynamic_ncols=True,
                disable=not progress)
@@ -430,13 +624,13 @@ def run_trials(ctx: Context, study, *, progress: bool = True) -> None:
     deadline = None if cfg.timeout is None else time.time() + cfg.timeout
 
     def stop_when_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        n = len(evaluated_trials(study))
+        n = len(trained_trials(study))
         bar.n = min(n, cfg.trials)
         best = [t.values[0] for t in evaluated_trials(study)]
         if best:
             bar.set_postfix_str(f"best val acc {max(best):.4f}")
         bar.refresh()
-        if n >= cfg.trials or len(study.trials) >= max_total:
+        if n >= cfg.trials or len(study.trials) >= max_total or (exhausted is not None and exhausted(study)):
             study.stop()
 
     try:
@@ -479,7 +673,17 @@ def choose_best(study) -> tuple[Any, str]:
 
 
 def finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
-    """Full fine-tune (QAT + distillation) of the chosen policy, test accuracy, export."""
+    """Full fine-tune (QAT + distillation) of the chosen policy, test accuracy, export.
+
+    Runs once per run: concurrent processes wait on a lock and then read ``best/metrics.json``.
+    """
+    from .sensitivity import file_lock
+
+    with file_lock(ctx.run_dir / ".finish.lock"):
+        return _finish(ctx, study, progress=progress)
+
+
+def _finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
     import hw_models
 
     cfg = ctx.cfg
@@ -498,7 +702,7 @@ def finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model = copy.deepcopy(ctx.base)
     batches = list(ctx.data.train.batches(cfg.batch_size, shuffle=True, seed=0))[:8]
-    apply_policy_(model, policy, ctx.input_shape, data=batches)
+    policy = apply_policy_(model, policy, ctx.input_shape, data=batches).policy or policy
     t0 = time.time()
     distill = policy.distill if cfg.distill else None
     if distill is None and cfg.distill:
@@ -567,7 +771,7 @@ def search(cfg: SearchConfig, *, progress: bool = True) -> dict[str, Any]:
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         old = SearchConfig.load(cfg_path)
-        keep = {"trials", "timeout", "storage", "threads"}
+        keep = {"trials", "timeout", "storage", "threads", "backend", "workers", "address"}
         diff = {k for k, v in cfg.to_dict().items() if k not in keep and old.to_dict().get(k) != v}
         if diff:
             raise UserError(f"run folder {run_dir} holds a different search ({', '.join(sorted(diff))} differ); "
@@ -606,13 +810,22 @@ def resume(run_dir: str | Path, *, trials: int | None = None, progress: bool = T
 def _run(cfg: SearchConfig, run_dir: Path, *, progress: bool, fresh: bool) -> dict[str, Any]:
     t0 = time.time()
     ctx = prepare(cfg, run_dir, progress=progress)
-    study = open_study(cfg, run_dir, create=fresh)
-    if fresh and len(study.trials) == 0:
-        seeds = enqueue_seeds(ctx, study)
-        log.info("search space: %d dimensions (%d layers, %d channel groups); %d seed policies",
-                 ctx.space.n_dims, len(ctx.space.layers), len(ctx.space.groups), len(seeds))
+    sensitivity_first(ctx, progress=progress)
+    study = open_study(cfg, run_dir, create=fresh, space=ctx.space)
+    from .sensitivity import file_lock
+
+    with file_lock(run_dir / ".seed.lock"):  # concurrent processes of one run seed it once
+        if fresh and len(study.trials) == 0:
+            seeds = enqueue_seeds(ctx, study)
+            log.info("search space: %d dimensions (%d layers, %d channel groups); %d seed policies",
+                     ctx.space.n_dims, len(ctx.space.layers), len(ctx.space.groups), len(seeds))
     t_search = time.time()
-    run_trials(ctx, study, progress=progress)
+    if cfg.backend == "ray":
+        from .ray_backend import run_trials_ray
+
+        run_trials_ray(ctx, study, progress=progress)
+    else:
+        run_trials(ctx, study, progress=progress)
     search_seconds = time.time() - t_search
     best = finish(ctx, study, progress=progress)
     summary = {"run": str(run_dir), "base": ctx.base_metrics, "best": best,

@@ -67,9 +67,13 @@ def report(run_dir: str | Path) -> dict[str, Any]:
     front = [{"number": t.number, "val_accuracy": t.values[0], "latency_ms": t.values[1],
               **(t.user_attrs.get("cost") or {})} for t in pareto_front(
                   [t for t in trials if t.state.name == "COMPLETE"])]
-    return {"schema": "squeezer.report/1", "run": str(run_dir), "config": cfg.to_dict(), "base": base,
-            "best": best, "pareto": front, "trials": rows,
-            "summary": _load_json(run_dir / "summary.json")}
+    rep = {"schema": "squeezer.report/1", "run": str(run_dir), "config": cfg.to_dict(), "base": base,
+           "best": best, "pareto": front, "trials": rows,
+           "summary": _load_json(run_dir / "summary.json")}
+    from .plots import report_hypervolume
+
+    rep["hypervolume"] = report_hypervolume(rep)
+    return rep
 
 
 def format_report(rep: dict[str, Any], *, max_trials: int = 30) -> str:

@@ -1,0 +1,65 @@
+"""``squeezer sensitivity RUN [--json] [--force]``: per-layer accuracy loss, alone, per setting.
+
+Measures (or shows the cached ``RUN/sensitivity.json``) what each channel group's pruning
+ratio, each layer's weight/activation bits and each layer's rank cost in validation accuracy
+without fine-tuning, and which choices a search of this run drops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from search.errors import UserError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("sensitivity", help="per-layer accuracy loss for pruning, bits and rank (cached)",
+                              description="Probe every layer alone (no fine-tune) and write RUN/sensitivity.json; "
+                                          "a search narrows its space with it.")
+    p.add_argument("run_dir")
+    p.add_argument("--force", action="store_true", help="measure again even if RUN/sensitivity.json exists")
+    p.add_argument("--val-size", type=int, default=128, help="validation images per probe (128)")
+    p.add_argument("--threshold", type=float, help="accuracy points a kept choice may lose (the run's, 10)")
+    p.add_argument("--top", type=int, default=15, help="rows of the most damaging probes to print")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=handler)
+
+
+def handler(args: argparse.Namespace) -> int:
+    from search import job
+    from search.config import SearchConfig
+    from search.sensitivity import load_or_measure, narrowed_choices, space_choices, summarize
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise UserError(f"run folder not found: {run}")
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a squeezer run (no config.yaml)")
+    if args.val_size < 1:
+        raise UserError(f"`--val-size >= 1` must hold, but got {args.val_size}")
+    try:
+        cfg = SearchConfig.load(run / "config.yaml")
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    ctx = job.prepare(cfg, run, progress=not args.json)
+    sens = load_or_measure(ctx, force=args.force, val_size=args.val_size, progress=not args.json)
+    thr = args.threshold if args.threshold is not None else cfg.sensitivity_threshold_pp
+    full = space_choices(ctx.space)
+    narrowed = narrowed_choices(sens, full, threshold_pp=thr)
+    if args.json:
+        print(json.dumps({**sens, "threshold_pp": thr, "narrowed": narrowed}, indent=2, default=str))
+        return 0
+    print(f"{cfg.model} on {cfg.dataset}: {sens['n_probes']} probes on {sens['val_size']} validation images "
+          f"in {sens['seconds']:.1f} s (base accuracy {100 * sens['base_accuracy']:.2f}%)")
+    print(f"\nmost damaging settings (accuracy points lost, alone, no fine-tune):")
+    for dim, choice, loss in summarize(sens, top=args.top):
+        print(f"  {dim:<48} {choice:>6} {loss:>8.2f}")
+    dropped = sum(len(full[d]) - len(v) for d, v in narrowed.items())
+    print(f"\na search drops {dropped} choice(s) in {len(narrowed)} dimension(s) (threshold {thr:g} pp):")
+    for d, v in narrowed.items():
+        print(f"  {d:<48} keeps {v}")
+    print(f"\n{run / 'sensitivity.json'}")
+    return 0

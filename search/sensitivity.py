@@ -1,0 +1,298 @@
+"""Sensitivity first: how much validation accuracy each layer loses per setting, alone.
+
+One probe = the trained base model with a single dimension changed (one channel group
+pruned, one layer's weight or activation bits lowered, one layer decomposed), no
+fine-tune, accuracy on a small validation subset (a batch or two). The result narrows the
+search space (a choice that alone loses more than ``threshold_pp`` is dropped for that
+layer; the least aggressive choice always stays) and gives strong starting policies (the
+most aggressive settings on the least sensitive layers until the budget is met).
+
+Results are cached in ``RUN/sensitivity.json`` so every process of a run (and ``resume``)
+sees the same narrowed space: Optuna needs a parameter's choices to stay the same.
+
+Example:
+    >>> from search.sensitivity import narrowed_choices
+    >>> sens = {"probes": {"wbits:conv": {"8": 0.1, "4": 0.5, "2": 30.0}}, "base_accuracy": 0.9}
+    >>> narrowed_choices(sens, {"wbits:conv": [2, 4, 8, None]}, threshold_pp=5.0)
+    {'wbits:conv': [4, 8, None]}
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger("squeezer")
+
+SCHEMA = "squeezer.sensitivity/1"
+#: Settings the probes leave alone: float weights and activations, no pruning, no rank.
+NEUTRAL = {"prune": 0.0, "wbits": None, "abits": None, "rank": None}
+
+
+def _key(v: Any) -> str:
+    """JSON key of a choice (``None`` -> ``"none"``)."""
+    return "none" if v is None else str(v)
+
+
+def _neutral_params(space) -> dict[str, Any]:
+    p: dict[str, Any] = {f"prune:{g}": 0.0 for g in space.groups}
+    for name in space.layers:
+        p[f"wbits:{name}"] = None
+        p[f"abits:{name}"] = None
+    for name in space.rank_layers:
+        p[f"rank:{name}"] = None
+    return p
+
+
+def space_choices(space) -> dict[str, list]:
+    """Every categorical dimension of ``space`` with its (full) choices."""
+    ch: dict[str, list] = {}
+    for g in space.groups:
+        ch[f"prune:{g}"] = list(space.prune_choices)
+    for name in space.layers:
+        ch[f"wbits:{name}"] = list(space.weight_bits)
+        ch[f"abits:{name}"] = list(space.act_bits)
+    for name in space.rank_layers:
+        ch[f"rank:{name}"] = list(space.rank_choices)
+    return ch
+
+
+def _aggressiveness(dim: str, v: Any) -> float:
+    """Larger = more compression (used to order choices and keep the mildest)."""
+    kind = dim.split(":", 1)[0]
+    if kind == "prune":
+        return float(v)
+    if kind in ("wbits", "abits"):
+        return 0.0 if v is None else 64.0 - float(v)
+    if kind == "rank":
+        return 0.0 if v is None else 1.0 - float(v)
+    return 0.0
+
+
+def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int = 128, batch_size: int = 256,
+            seed: int = 0, calib=None, progress: bool = False) -> dict[str, Any]:
+    """Probe every non-neutral choice of every dimension; accuracy loss in percentage points.
+
+    Args:
+        model: the trained base model (not changed).
+        space: the :class:`~search.space.SearchSpace`.
+        data: validation data (``TensorData``); the first ``val_size`` examples are used.
+        calib: a few training batches for data-driven pruning criteria.
+
+    Returns:
+        ``{"schema", "base_accuracy", "val_size", "seconds", "probes": {dim: {choice: loss_pp}}}``.
+    """
+    from compressors.apply import apply_policy_
+    from evaluators.train import evaluate
+
+    sub = data.subset(min(val_size, len(data)), seed=seed) if hasattr(data, "subset") else data
+    base_acc = evaluate(model, sub, batch_size=batch_size)
+    neutral = _neutral_params(space)
+    probes: dict[str, dict[str, float]] = {}
+    t0 = time.time()
+    dims = space_choices(space)
+    n_total = sum(1 for d, cs in dims.items() for c in cs if c != NEUTRAL[d.split(":", 1)[0]])
+    done = 0
+    for dim, choices in dims.items():
+        kind = dim.split(":", 1)[0]
+        row: dict[str, float] = {}
+        for c in choices:
+            if c == NEUTRAL[kind]:
+                row[_key(c)] = 0.0
+                continue
+            params = {**neutral, dim: c}
+            pol = space.policy_from_params(params)
+            try:
+                if kind == "prune":
+                    m = copy.deepcopy(model)  # pruning changes every layer of the channel group
+                    apply_policy_(m, pol, input_shape, data=calib)
+                    acc = evaluate(m, sub, batch_size=batch_size)
+                else:
+                    # One layer changes: swap a compressed copy of it in (no copy of the whole model).
+                    acc = _swap_probe(model, dim.split(":", 1)[1], pol, sub, batch_size)
+            except Exception as e:  # noqa: BLE001 - a setting that cannot be applied is maximally bad
+                log.debug("sensitivity probe %s=%s failed: %s", dim, c, e)
+                acc = 0.0
+            row[_key(c)] = round(100.0 * (base_acc - acc), 3)
+            done += 1
+            if progress and done % 25 == 0:
+                log.info("sensitivity: %d/%d probes", done, n_total)
+        probes[dim] = row
+    return {"schema": SCHEMA, "base_accuracy": base_acc, "val_size": len(sub), "seconds": round(time.time() - t0, 2),
+            "n_probes": n_total, "probes": probes}
+
+
+def _swap_probe(model: torch.nn.Module, name: str, policy, data, batch_size: int) -> float:
+    """Accuracy with layer ``name`` replaced by its compressed copy (as ``apply_policy_`` would)."""
+    from compressors.apply import _compress_layer_
+    from compressors.lowrank import DECOMPOSITIONS
+    from evaluators.train import evaluate
+
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    orig = getattr(parent, attr)
+    lp = policy.for_layer(name)
+    new = copy.deepcopy(orig)
+    if lp.rank_ratio is not None and lp.rank_ratio < 1.0:
+        new = DECOMPOSITIONS.get(lp.decomposition)(new, lp.rank_ratio)
+    parts = [m for m in new.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))] \
+        if isinstance(new, torch.nn.Sequential) else [new]
+    for part in parts:
+        _compress_layer_(part, lp, policy, skip_quantization=False)
+    setattr(parent, attr, new)
+    try:
+        return evaluate(model, data, batch_size=batch_size)
+    finally:
+        setattr(parent, attr, orig)
+
+
+def narrowed_choices(sens: dict[str, Any], choices: dict[str, list], *, threshold_pp: float) -> dict[str, list]:
+    """Drop, per dimension, the choices whose probe lost more than ``threshold_pp``.
+
+    The mildest choice of each dimension is always kept (a layer is never left without
+    a setting); only dimensions that lose something are listed.
+    """
+    out: dict[str, list] = {}
+    probes = sens.get("probes", {})
+    for dim, cs in choices.items():
+        row = probes.get(dim)
+        if not row:
+            continue
+        mildest = min(cs, key=lambda c: _aggressiveness(dim, c))
+        keep = [c for c in cs if c == mildest or row.get(_key(c), 0.0) <= threshold_pp]
+        if len(keep) < len(cs):
+            out[dim] = keep
+    return out
+
+
+def project_params(params: dict[str, Any], narrowed: dict[str, list]) -> dict[str, Any]:
+    """Move each value to the nearest allowed choice that is no more aggressive (for seeds)."""
+    out = dict(params)
+    for dim, allowed in narrowed.items():
+        if dim in out and out[dim] not in allowed:
+            v = _aggressiveness(dim, out[dim])
+            milder = [c for c in allowed if _aggressiveness(dim, c) <= v]
+            pool = milder or allowed
+            out[dim] = max(pool, key=lambda c: _aggressiveness(dim, c))
+    return out
+
+
+class NarrowedTrial:
+    """An Optuna trial whose categorical choices are narrowed per parameter name.
+
+    ``SearchSpace.sample`` asks it exactly as it asks an Optuna trial.
+    """
+
+    def __init__(self, trial, narrowed: dict[str, list]) -> None:
+        self._trial, self._narrowed = trial, narrowed
+
+    def suggest_categorical(self, name, choices):
+        return self._trial.suggest_categorical(name, list(self._narrowed.get(name, choices)))
+
+    def __getattr__(self, item):
+        return getattr(self._trial, item)
+
+
+def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list] | None = None,
+                  act_bits: int | None = 8, per_byte: bool = True, max_steps: int = 2000) -> dict[str, Any] | None:
+    """Greedy: start from the mildest setting (8-bit where allowed) and apply, one at a time,
+    the cheapest next step (least accuracy loss, per byte saved if ``per_byte``) until
+    ``fits(policy)`` holds. Returns the params, or ``None`` if the budget is never met.
+    """
+    choices = space_choices(space)
+    narrowed = narrowed or {}
+    allowed = {d: list(narrowed.get(d, cs)) for d, cs in choices.items()}
+    probes = sens.get("probes", {})
+    # Start: no pruning/rank, the widest weight bits allowed, act_bits where allowed.
+    cur: dict[str, Any] = {}
+    for d, cs in allowed.items():
+        kind = d.split(":", 1)[0]
+        if kind == "abits" and act_bits in cs:
+            cur[d] = act_bits
+        else:
+            cur[d] = min(cs, key=lambda c: _aggressiveness(d, c))
+    if space.distill:
+        cur["kd_temperature"], cur["kd_alpha"] = 4.0, 0.5
+    ladder = {d: sorted(cs, key=lambda c: _aggressiveness(d, c)) for d, cs in allowed.items()}
+
+    def size_of(p):
+        return fits(space.policy_from_params(p))
+
+    ok, size = size_of(cur)
+    steps = 0
+    while not ok and steps < max_steps:
+        best = None
+        for d, lad in ladder.items():
+            if d.startswith("abits:"):
+                continue  # activation bits do not change the stored size
+            i = lad.index(cur[d]) if cur[d] in lad else 0
+            if i + 1 >= len(lad):
+                continue
+            nxt = lad[i + 1]
+            loss = max(0.0, probes.get(d, {}).get(_key(nxt), 0.0)) + 1e-3
+            trial_p = {**cur, d: nxt}
+            _, s = size_of(trial_p)
+            saved = size - s
+            if saved <= 0:
+                continue
+            score = loss / saved if per_byte else loss
+            if best is None or score < best[0]:
+                best = (score, d, nxt, s)
+        if best is None:
+            return None
+        _, d, nxt, s = best
+        cur[d] = nxt
+        ok, size = size_of(cur)
+        steps += 1
+    return cur if ok else None
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock (processes of one run on one machine take turns)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def load_or_measure(ctx, *, force: bool = False, val_size: int = 128, progress: bool = False) -> dict[str, Any]:
+    """``RUN/sensitivity.json``, measured once (under a lock, so concurrent processes share it)."""
+    path = Path(ctx.run_dir) / "sensitivity.json"
+    with file_lock(Path(ctx.run_dir) / ".sensitivity.lock"):
+        if path.is_file() and not force:
+            try:
+                sens = json.loads(path.read_text())
+                if sens.get("schema") == SCHEMA:
+                    return sens
+            except json.JSONDecodeError:
+                pass
+        calib = list(ctx.trial_train.batches(ctx.cfg.batch_size, shuffle=True, seed=0))[:2] \
+            if ctx.trial_train is not None else None
+        log.info("sensitivity: probing %d dimensions of %s (no fine-tune, %d validation images)",
+                 len(space_choices(ctx.space)), ctx.cfg.model, min(val_size, len(ctx.data.val)))
+        sens = measure(ctx.base, ctx.space, ctx.data.val, ctx.input_shape, val_size=val_size,
+                       seed=ctx.cfg.seed, calib=calib, progress=progress)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sens, indent=1) + "\n")
+        os.replace(tmp, path)
+        log.info("sensitivity: %d probes in %.1f s -> %s", sens["n_probes"], sens["seconds"], path)
+        return sens
+
+
+def summarize(sens: dict[str, Any], *, top: int = 10) -> list[tuple[str, str, float]]:
+    """The ``top`` most damaging (dimension, choice, loss_pp) probes."""
+    rows = [(d, c, v) for d, row in sens.get("probes", {}).items() for c, v in row.items()]
+    return sorted(rows, key=lambda r: -r[2])[:top]

@@ -1,0 +1,54 @@
+"""Multi-fidelity: trials report validation accuracy at rungs; a bad one stops early."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from search import job
+from search.config import SearchConfig
+
+
+def test_rung_rule_keeps_the_best_fraction():
+    cfg = SearchConfig(trial_steps=20, rungs="5,10", prune_eta=2, rung_min_trials=3)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc in (0.9, 0.8):
+        t = study.ask()
+        t.set_user_attr("rung_acc", {"5": acc})
+    assert not job.should_stop_at_rung(study, 99, 10, 0.1, cfg)     # nobody else reached step 10
+    assert job.should_stop_at_rung(study, 99, 5, 0.5, cfg)          # below the best 1/2 of 3
+    assert not job.should_stop_at_rung(study, 99, 5, 0.95, cfg)     # the best goes on
+    assert cfg.rung_steps == (5, 10)
+
+
+@pytest.mark.parametrize("rungs", ["0,5", "5,5", "30", "a,b"])
+def test_bad_rungs_are_rejected(rungs):
+    with pytest.raises(ValueError, match="rungs"):
+        SearchConfig(trial_steps=20, rungs=rungs)
+
+
+def test_a_destructive_policy_is_stopped_at_the_first_rung(tmp_path):
+    cfg = SearchConfig(model="resnet20", dataset="digits", budget="2MB", base_epochs=4, trial_steps=16,
+                       rungs="4,8", prune_eta=2, rung_min_trials=2, trials=3, sampler="random",
+                       sensitivity=False, seed=1, run=str(tmp_path / "run"))
+    run = tmp_path / "run"
+    ctx = job.prepare(cfg, run, progress=False)
+    study = job.open_study(cfg, run, create=True, space=ctx.space)
+    sp = ctx.space
+    good = sp.params_for(sp.uniform_policy(prune_ratio=0.0, weight_bits=8, act_bits=8))
+    bad = sp.params_for(sp.uniform_policy(prune_ratio=0.75, weight_bits=8, act_bits=8))
+    bad["kd_alpha"] = 0.0
+    for p in (good, good, bad):
+        study.enqueue_trial(p)
+    job.run_trials(ctx, study, progress=False)
+    trials = study.get_trials()
+    first, last = trials[0], trials[2]
+    assert first.state.name == "COMPLETE" and first.user_attrs["steps"] == 16    # nothing to compare with yet
+    assert last.state.name == "PRUNED" and last.user_attrs["pruned_at"] == 4      # stopped at the first rung
+    rec = json.loads((run / "trials" / "0002.json").read_text())
+    assert rec["status"] == "pruned" and rec["steps"] == 4 < cfg.trial_steps
+    assert rec["rung_accuracy"]["4"] < first.user_attrs["rung_acc"]["4"]
+    # Stopped trials count as trained: exactly the asked-for number ran, no more.
+    assert len(job.trained_trials(study)) == 3 and len(trials) == 3

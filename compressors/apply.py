@@ -44,6 +44,9 @@ class ApplyResult:
     kept: dict[str, int] = field(default_factory=dict)
     layers: dict[str, list[str]] = field(default_factory=dict)  # original FQN -> compressible FQNs now
     decomposed: list[str] = field(default_factory=list)
+    #: The policy with data-driven choices made explicit (e.g. per-group ratios of a global
+    #: saliency rate): replaying it on a fresh model gives the same shapes. Save this one.
+    policy: Policy | None = None
 
 
 def compressible_layers(model: nn.Module) -> list[str]:
@@ -76,6 +79,8 @@ def apply_policy_(model: nn.Module, policy: Policy, input_shape: Sequence[int], 
     result = ApplyResult()
     originals = compressible_layers(model)
     result.kept = prune_(model, policy, input_shape, data=data)
+    resolve = getattr(result.kept, "resolved_policy", None)
+    result.policy = resolve(policy) if (resolve is not None and policy.pruning.global_ratio is not None) else policy
 
     mods = dict(model.named_modules())
     for name in originals:

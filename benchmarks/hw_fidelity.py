@@ -1,0 +1,274 @@
+"""Fidelity of the hardware cost models against published device measurements.
+
+For every device in ``../shared/data/hw-measurements/`` this fits the target's free parameters
+(:func:`hw_models.calibrate`) on k-1 folds of the shipped rows and predicts the held-out fold,
+and does the same for a MACs-line baseline (``latency = a * MACs + b`` by least squares on the
+same training rows); it prints Spearman, median absolute percentage error (MdAPE) and the
+share within +-20%, pooled over the held-out folds.
+
+    python benchmarks/hw_fidelity.py                      # all devices, 5-fold CV
+    python benchmarks/hw_fidelity.py --write-profiles     # also refit arm-a72 / arm-a76 / eyeriss on all rows
+    python benchmarks/hw_fidelity.py --host               # also: calibrate host here, then 10 torchvision models x random policies
+    python benchmarks/hw_fidelity.py --json runs/hw_fidelity_results.json   # every number as JSON
+
+Rows whose cell output does not depend on its input (``none`` on every path) are left out,
+as the data README says (the converters fold those networks away). Runtimes (TFLite/LiteRT)
+drop ops that do not reach a cell output; the simulators (Eyeriss, FPGA) cost every op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from hw_models import get_target, save_target  # noqa: E402
+from hw_models.calibrate import CalibrationRow, calibrate, metrics  # noqa: E402
+from hw_models.cost import estimate_table  # noqa: E402
+from hw_models.nb201 import is_connected, nb201_table, parse_arch  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "hw-measurements"
+CACHE = ROOT / "runs" / "cache" / "nb201_tables.pkl"
+
+# device key: (csv file, latency column, energy column, base target, classes, dead-edge mode, sample)
+DEVICES = {
+    "pi4": ("nb201_raspi4_latency_calibration.csv", "raspi4_latency_ms", None, "arm-a72", 10, "drop", None),
+    "pi5-litert": ("nb360_pi5_cifar100_calibration.csv", "pi5_litert_lat_ms_median", "pi5_litert_energy_mj",
+                   "arm-a76", 100, "fold", None),
+    "pi5-onnx": ("nb360_pi5_cifar100_calibration.csv", "pi5_onnx_lat_ms_median", "pi5_onnx_energy_mj",
+                 "arm-a76", 100, "fold", None),
+    "pi5-torchmobile": ("nb360_pi5_cifar100_calibration.csv", "pi5_torchmobile_lat_ms_median",
+                        "pi5_torchmobile_energy_mj", "arm-a76", 100, "fold", None),
+    "pixel-litert": ("nb360_pi5_cifar100_calibration.csv", "pixel_litert_lat_ms_median", None, "arm-a76", 100,
+                     "fold", None),
+    "pixel3": ("nb201_pixel3_eyeriss_fpga_latency.csv", "pixel3_latency_ms", None, "arm-a76", 10, "drop", 1000),
+    "eyeriss": ("nb201_pixel3_eyeriss_fpga_latency.csv", "eyeriss_latency_ms", None, "eyeriss", 10, "keep", 1000),
+    "fpga": ("nb201_pixel3_eyeriss_fpga_latency.csv", "fpga_latency_ms", None, "eyeriss", 10, "keep", 1000),
+}
+#: Shipped profiles refit on all rows with --write-profiles.
+PROFILES = {"pi4": "arm-a72", "pi5-litert": "arm-a76", "eyeriss": "eyeriss"}
+
+
+def load_archs(data: Path) -> dict[int, tuple[str, float]]:
+    with (data / "nb201_archs.csv").open() as f:
+        return {int(r["arch_idx"]): (r["arch_str"], float(r["macs_M"])) for r in csv.DictReader(f)}
+
+
+class Tables:
+    """NAS-Bench-201 layer tables, cached on disk (tracing is ~0.1 s per network)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict = {}
+        if path.is_file():
+            try:
+                self.data = pickle.loads(path.read_bytes())
+            except Exception:  # noqa: BLE001 - a stale cache is rebuilt
+                self.data = {}
+        self.dirty = False
+
+    def get(self, arch: str, classes: int, dead: str):
+        key = (arch, classes, dead)
+        t = self.data.get(key)
+        if t is None:
+            t = nb201_table(arch, classes, dead=dead)
+            self.data[key] = t
+            self.dirty = True
+        return t
+
+    def save(self) -> None:
+        if self.dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_bytes(pickle.dumps(self.data))
+            self.dirty = False
+
+
+def device_rows(key: str, data: Path, archs: dict, tables: Tables, seed: int = 0):
+    fname, lcol, ecol, _, classes, dead, sample = DEVICES[key]
+    with (data / fname).open() as f:
+        raw = [r for r in csv.DictReader(f)]
+    if sample is not None and len(raw) > sample:
+        rng = np.random.default_rng(seed)
+        raw = [raw[i] for i in sorted(rng.choice(len(raw), sample, replace=False))]
+    rows, macs, dropped = [], [], 0
+    for r in raw:
+        idx = int(r["arch_idx"])
+        arch, macs_m = archs[idx]
+        lat = float(r[lcol])
+        if not is_connected(parse_arch(arch)) or lat < 0.1:
+            dropped += 1
+            continue
+        e = float(r[ecol]) if ecol and r.get(ecol) not in (None, "") else None
+        rows.append(CalibrationRow(model=f"nb201:{arch}", latency_ms=lat, energy_mj=e, num_classes=classes,
+                                   table=tables.get(arch, classes, dead), runtime=key))
+        macs.append(macs_m)
+    return rows, np.array(macs), dropped
+
+
+def kfold(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
+    return np.array_split(np.random.default_rng(seed).permutation(n), k)
+
+
+def line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    a, b = np.polyfit(x, y, 1)
+    return float(a), float(b)
+
+
+def cross_validate(key: str, rows, macs: np.ndarray, folds: int) -> dict:
+    base = get_target(DEVICES[key][3])
+    n = len(rows)
+    pl, pe, bl, be = np.zeros(n), np.full(n, np.nan), np.zeros(n), np.full(n, np.nan)
+    bll, bel = np.zeros(n), np.full(n, np.nan)
+    live = np.array([r.table.macs / 1e6 for r in rows])  # MACs of the graph the runtime executes
+    y = np.array([r.latency_ms for r in rows])
+    ye = np.array([r.energy_mj if r.energy_mj is not None else np.nan for r in rows])
+    for test in kfold(n, folds):
+        mask = np.ones(n, bool)
+        mask[test] = False
+        train = [rows[i] for i in np.flatnonzero(mask)]
+        fitted = calibrate(base, train)
+        for i in test:
+            c = estimate_table(rows[i].table, None, fitted, layers=False)
+            pl[i], pe[i] = c.latency_ms, c.energy_mj
+        a, b = line_fit(macs[mask], y[mask])
+        bl[test] = a * macs[test] + b
+        a, b = line_fit(live[mask], y[mask])
+        bll[test] = a * live[test] + b
+        if not np.isnan(ye).all():
+            a, b = line_fit(macs[mask], ye[mask])
+            be[test] = a * macs[test] + b
+            a, b = line_fit(live[mask], ye[mask])
+            bel[test] = a * live[test] + b
+    out = {"latency": {"model": metrics(pl, y), "macs_line": metrics(bl, y), "live_macs_line": metrics(bll, y)}}
+    if not np.isnan(ye).all():
+        out["energy"] = {"model": metrics(pe, ye), "macs_line": metrics(be, ye), "live_macs_line": metrics(bel, ye)}
+    return out
+
+
+# --- host check ------------------------------------------------------------------------------
+
+HOST_EVAL_MODELS = ("resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                    "squeezenet1_0", "shufflenet_v2_x1_0", "mnasnet1_0", "efficientnet_b0", "regnet_y_400mf")
+
+
+def random_policy(table, rng):
+    """Random structural policy: per-layer pruning ratios and, sometimes, low-rank factors."""
+    from compressors.policy import LayerPolicy, Policy
+
+    layers = {}
+    for n in table.compressible()[:-1]:
+        if rng.random() < 0.6:
+            layers[n] = LayerPolicy(prune_ratio=float(rng.choice([0.0, 0.25, 0.5])),
+                                    rank_ratio=float(rng.choice([0.5, 0.75])) if rng.random() < 0.2 else None,
+                                    weight_bits=int(rng.choice([4, 8])) if rng.random() < 0.5 else None)
+    return Policy(layers=layers)
+
+
+def host_check(input_hw: int = 64, seed: int = 0, write_profile: bool = False) -> dict:
+    """Calibrate ``host`` on this machine (models disjoint from the test set), then predict the
+    PyTorch-eager latency of 10 torchvision models under random structural policies."""
+    import copy
+
+    from compressors.apply import apply_policy_
+    from evaluators.models import build_model
+    from hw_models.calibrate import HOST_MODELS, HOST_PRIOR_WEIGHT, host_policies, measure_host, time_model
+    from hw_models.trace import trace
+
+    shape = (3, input_hw, input_hw)
+    t0 = time.time()
+    rows = measure_host(HOST_MODELS, input_shape=shape, policies=host_policies(seed))
+    host = calibrate("host", rows, energy=False, prior_weight=HOST_PRIOR_WEIGHT,
+                     source=f"measure_host (torch eager, 1 thread, CPU-time clock), {len(rows)} rows")
+    if write_profile:
+        save_target(host, ROOT / "hw_models" / "targets" / "host.yaml")
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in HOST_EVAL_MODELS:
+        base = build_model(name, in_channels=3, num_classes=10)
+        table = trace(base, shape)
+        pol = random_policy(table, rng)
+        m = copy.deepcopy(base)
+        try:
+            apply_policy_(m, pol, shape, skip_quantization=True)
+        except Exception as e:  # noqa: BLE001 - report, then time the model unpruned
+            print(f"  {name}: policy not applicable ({str(e)[:80]}); timing it uncompressed")
+            pol, m = None, copy.deepcopy(base)
+        meas = time_model(m, shape, repeats=21, warmup=3)
+        pred = estimate_table(table, pol, host, layers=False).latency_ms
+        out.append({"model": name, "measured_ms": round(meas, 3), "predicted_ms": round(pred, 3),
+                    "ape": round(abs(pred - meas) / meas, 3),
+                    "pruned_layers": 0 if pol is None else sum(1 for lp in pol.layers.values() if lp.prune_ratio > 0),
+                    "lowrank_layers": 0 if pol is None else sum(1 for lp in pol.layers.values() if lp.rank_ratio)})
+    within = sum(1 for r in out if r["ape"] <= 0.2)
+    return {"rows": out, "within20": within, "n": len(out), "input_shape": list(shape),
+            "calibration_rows": len(rows), "calibration": host.calibration, "seconds": round(time.time() - t0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--devices", nargs="*", default=list(DEVICES))
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--write-profiles", action="store_true", help="refit shipped arm-a72/arm-a76/eyeriss on all rows")
+    ap.add_argument("--host", action="store_true", help="also run the host check (10 torchvision models)")
+    ap.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    args = ap.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"no hardware data at {args.data}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    archs = load_archs(args.data)
+    tables = Tables(CACHE)
+    results: dict = {}
+    print(f"{'device':16s} {'metric':8s} {'rows':>5s} | {'Spearman':>8s} {'MdAPE':>7s} {'<=20%':>6s} | "
+          f"{'line Sp':>8s} {'line Md':>7s} {'line 20':>7s} | {'live Sp':>8s} {'live Md':>7s} {'live 20':>7s}")
+    for key in args.devices:
+        rows, macs, dropped = device_rows(key, args.data, archs, tables)
+        tables.save()
+        res = cross_validate(key, rows, macs, args.folds)
+        res["dropped_disconnected"] = dropped
+        results[key] = res
+        for metric, d in res.items():
+            if not isinstance(d, dict):
+                continue
+            m, b, bv = d["model"], d["macs_line"], d["live_macs_line"]
+            print(f"{key:16s} {metric:8s} {m['n']:5d} | {m['spearman']:8.3f} {100 * m['mdape']:6.1f}% "
+                  f"{100 * m['within20']:5.1f}% | {b['spearman']:8.3f} {100 * b['mdape']:6.1f}% "
+                  f"{100 * b['within20']:6.1f}% | {bv['spearman']:8.3f} {100 * bv['mdape']:6.1f}% "
+                  f"{100 * bv['within20']:6.1f}%", flush=True)
+        if args.write_profiles and key in PROFILES:
+            name = PROFILES[key]
+            fitted = calibrate(get_target(name), rows, name=name,
+                               source=f"{DEVICES[key][0]} ({DEVICES[key][1]}), {len(rows)} rows")
+            fitted = fitted.replace(calibration={**fitted.calibration, "cv_5fold": res})
+            path = ROOT / "hw_models" / "targets" / f"{name}.yaml"
+            save_target(fitted, path)
+            print(f"  wrote {path.relative_to(ROOT)}")
+    if args.host:
+        h = host_check(write_profile=args.write_profiles)
+        results["host"] = h
+        for r in h["rows"]:
+            print(f"host {r['model']:20s} measured {r['measured_ms']:8.2f} ms  predicted {r['predicted_ms']:8.2f} ms"
+                  f"  APE {100 * r['ape']:5.1f}%")
+        print(f"host: {h['within20']}/{h['n']} within +-20%")
+    print(f"done in {time.time() - t0:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

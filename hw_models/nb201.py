@@ -1,0 +1,194 @@
+"""NAS-Bench-201 networks (Dong & Yang, ICLR 2020), built as the shared hardware data describes them.
+
+Used to calibrate the shipped ``arm-a72``/``arm-a76``/``eyeriss`` profiles on published
+measurements and by ``benchmarks/hw_fidelity.py``; measurement CSVs given to
+:func:`hw_models.cli_calibrate` may name a model ``nb201:<arch_str>``.
+
+- Input 3x32x32, batch 1. Stem: Conv3x3(3->16, no bias) + BN.
+- Three stages of 5 cells (C = 16, 32, 64); between stages a residual reduction block:
+  ReLU-Conv3x3(s2)-BN, ReLU-Conv3x3-BN, shortcut AvgPool2x2(s2) -> Conv1x1 (no BN/bias).
+- A cell has 4 nodes; node j = sum over i < j of op(i->j) (edges 0->1, 0->2, 1->2, 0->3,
+  1->3, 2->3); the cell output is node 3. ``nor_conv_kxk`` = ReLU-Conv(no bias)-BN,
+  ``avg_pool_3x3`` (count_include_pad=False), ``skip_connect`` = identity, ``none`` = zeros.
+- Head: BN + ReLU, global average pool, Linear(64 -> classes).
+
+Runtimes eliminate dead code (:func:`live_edges`): ``dead="drop"`` removes ops whose output
+does not reach the cell output (the Raspberry Pi 4 TFLite measurements), ``dead="fold"`` also
+removes ops applied to nodes that only receive ``none`` (LiteRT on the Raspberry Pi 5),
+``dead="keep"`` keeps every non-``none`` op (the Eyeriss and FPGA simulators).
+
+Example:
+    >>> arch = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
+    >>> live_edges(parse_arch(arch))
+    (True, True, True, True, True, True)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
+DEAD_MODES = ("drop", "fold", "keep")
+
+
+def parse_arch(arch: str | Sequence[str] | Sequence[int]) -> tuple[str, ...]:
+    """The six edge ops of an ``arch_str`` (or of op names / op indices 0-4), in :data:`EDGES` order."""
+    if isinstance(arch, str):
+        ops = []
+        for node in arch.strip("|").split("|+|"):
+            for tok in node.strip("|").split("|"):
+                name, _, src = tok.partition("~")
+                ops.append((name, int(src)))
+        if len(ops) != 6:
+            raise ValueError(f"`an arch_str has 6 edges` must hold, but got {len(ops)} in {arch!r}")
+        return tuple(o for o, _ in ops)
+    out = tuple(OPS[a] if isinstance(a, int) else str(a) for a in arch)
+    if len(out) != 6 or any(o not in OPS for o in out):
+        raise ValueError(f"`6 ops from {OPS}` must hold, but got {arch!r}")
+    return out
+
+
+def live_edges(ops: Sequence[str], dead: str = "drop") -> tuple[bool, ...]:
+    """Which edges a runtime executes (``dead`` mode, see the module docstring).
+
+    ``drop``: non-``none`` ops whose output reaches node 3 (a node that only receives ``none``
+    is still a computed zero tensor, and ops applied to it run: HW-NAS-Bench's TFLite on the
+    Raspberry Pi 4). ``fold``: additionally, zero nodes are constant-folded, so ops applied
+    to them vanish (LiteRT in HW-NAS-Bench-360 on the Raspberry Pi 5). ``keep``: every
+    non-``none`` op (simulators).
+    """
+    if dead == "keep":
+        return tuple(o != "none" for o in ops)
+    has_value = [True, dead == "drop", dead == "drop", dead == "drop"]
+    for e, (i, j) in enumerate(EDGES):
+        if ops[e] != "none" and has_value[i]:
+            has_value[j] = True
+    reaches = [False, False, False, True]
+    for e, (i, j) in reversed(list(enumerate(EDGES))):
+        if ops[e] != "none" and reaches[j] and has_value[i]:
+            reaches[i] = True
+    return tuple(ops[e] != "none" and has_value[i] and reaches[j] for e, (i, j) in enumerate(EDGES))
+
+
+def is_connected(ops: Sequence[str]) -> bool:
+    """Whether the cell output depends on its input through non-``none`` edges (otherwise the
+    converters fold the whole network away: the < 0.1 ms rows of the shared data)."""
+    has_value = [True, False, False, False]
+    for e, (i, j) in enumerate(EDGES):
+        if ops[e] != "none" and has_value[i]:
+            has_value[j] = True
+    return has_value[3]
+
+
+def _op(name: str, c: int) -> nn.Module | None:
+    if name == "nor_conv_3x3":
+        return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+    if name == "nor_conv_1x1":
+        return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1, 1, 0, bias=False), nn.BatchNorm2d(c))
+    if name == "avg_pool_3x3":
+        return nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+    return None  # skip_connect: identity
+
+
+class Cell(nn.Module):
+    """One NB201 cell (edges that are ``none`` or dead are not built)."""
+
+    def __init__(self, c: int, ops: Sequence[str], dead: str = "drop") -> None:
+        super().__init__()
+        keep = live_edges(ops, dead)
+        self.edges = nn.ModuleDict()
+        self.plan: list[list[tuple[int, str | None]]] = [[] for _ in range(4)]
+        for e, (i, j) in enumerate(EDGES):
+            if not keep[e]:
+                continue
+            key = f"e{i}{j}"
+            m = _op(ops[e], c)
+            if m is not None:
+                self.edges[key] = m
+            self.plan[j].append((i, key if m is not None else None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nodes: list[torch.Tensor] = [x]
+        for j in (1, 2, 3):
+            s = None
+            for i, key in self.plan[j]:
+                y = nodes[i] if key is None else self.edges[key](nodes[i])
+                s = y if s is None else s + y
+            nodes.append(s if s is not None else nodes[0] * 0.0)
+        return nodes[3]
+
+
+class Reduction(nn.Module):
+    """The residual reduction block between stages."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.ReLU(), nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout))
+        self.b = nn.Sequential(nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(cin, cout, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) + self.shortcut(x)
+
+
+class NB201(nn.Module):
+    """A NAS-Bench-201 network (see the module docstring)."""
+
+    def __init__(self, arch: str | Sequence, num_classes: int = 10, *, dead: str = "drop", cells: int = 5,
+                 width: int = 16, in_channels: int = 3) -> None:
+        super().__init__()
+        if dead not in DEAD_MODES:
+            raise ValueError(f"`dead in {DEAD_MODES}` must hold, but got dead={dead!r}")
+        ops = parse_arch(arch)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
+        layers: list[nn.Module] = []
+        c = width
+        for s in range(3):
+            if s > 0:
+                layers.append(Reduction(c, 2 * c))
+                c *= 2
+            layers += [Cell(c, ops, dead) for _ in range(cells)]
+        self.cells = nn.Sequential(*layers)
+        self.lastact = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lastact(self.cells(self.stem(x)))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def build_nb201(arch: str | Sequence, num_classes: int = 10, *, dead: str = "drop") -> NB201:
+    """Build a NAS-Bench-201 network (untrained)."""
+    return NB201(arch, num_classes, dead=dead)
+
+
+_TABLE_CACHE: dict[tuple, object] = {}
+
+
+def nb201_table(arch: str | Sequence, num_classes: int = 10, *, dead: str = "drop", input_hw: int = 32):
+    """The traced :class:`~hw_models.trace.LayerTable` of a NAS-Bench-201 network (cached per arch)."""
+    from .trace import trace
+
+    ops = parse_arch(arch)
+    if dead != "keep":  # architectures with the same live edges run the same graph
+        ops = tuple(o if live else "none" for o, live in zip(ops, live_edges(ops, dead)))
+    key = (ops, num_classes, dead, input_hw)
+    t = _TABLE_CACHE.get(key)
+    if t is None:
+        t = trace(build_nb201(ops, num_classes, dead=dead), (3, input_hw, input_hw), groups=_NoGroups())
+        _TABLE_CACHE[key] = t
+    return t
+
+
+class _NoGroups:
+    """Channel groups stub: NB201 tables are only costed, never pruned (skips Torch-Pruning)."""
+
+    out_segments: dict = {}
+    in_segments: dict = {}
+    members: dict = {}
+    sizes: dict = {}

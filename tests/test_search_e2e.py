@@ -112,3 +112,38 @@ def test_resume_after_kill_keeps_finished_trials(tmp_path):
     assert all(after[n] == v for n, v in before.items())     # earlier trials unchanged
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     assert json.loads(r.stdout)["best"]["size_bytes"] <= 60_000
+
+
+def test_checkpoint_and_config_file_are_used(finished_run, tmp_path):
+    run, summary = finished_run
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: resnet20\ndataset: digits\nbudget: 60kB\ntrials: 1\ntrial_steps: 4\nfinal_epochs: 0.2\n"
+                   "seed: 1\n")
+    r = squeezer("search", "--config", str(cfg), "--checkpoint", str(run / "base" / "model.pt"),
+                 "--run", str(tmp_path / "runs" / "c"), "--quiet", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    # The given weights are used as the base (same test accuracy, nothing trained).
+    assert out["base"]["source"] == str(run / "base" / "model.pt")
+    assert out["base"]["test_accuracy"] == summary["base"]["test_accuracy"]
+    assert out["trials"] == 1
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "runs" / "c" / "config.yaml").read_text())
+    assert saved["trial_steps"] == 4 and saved["budget"] == "60kB"
+
+
+def test_user_factory_and_torchvision_models_are_adapted(tmp_path):
+    r = squeezer("cost", "--model", "torchvision.models:mobilenet_v3_small", "--input-shape", "3,64,64",
+                 "--num-classes", "7", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    a = json.loads(r.stdout)
+    r = squeezer("cost", "--model", "mobilenet_v3_small", "--input-shape", "1,64,64", "--json", cwd=tmp_path)
+    b = json.loads(r.stdout)
+    assert a["macs"] > 0 and b["macs"] > 0 and a["size_bytes"] != b["size_bytes"]  # classes/channels adapted
+    from evaluators.models import build_model
+
+    m = build_model("resnet18", in_channels=1, num_classes=7)
+    import torch
+
+    assert m.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 7)

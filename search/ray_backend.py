@@ -143,18 +143,20 @@ class TrialWorker:
                 "trial_loop_seconds": round(time.time() - t1, 2)}
 
 
-def _connect(ray, cfg) -> None:
+def _connect(ray, cfg) -> bool:
+    """Join ``cfg.address`` or start a local cluster; True if this call started Ray."""
     if ray.is_initialized():
-        return
+        return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if cfg.address:
             ray.init(address=cfg.address, **kw)
         else:
-            ray.init(num_cpus=max(cfg.workers, 1), **kw)
+            ray.init(address="local", num_cpus=max(cfg.workers, 1), **kw)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot join the Ray cluster at {cfg.address or 'a new local one'}: "
                         f"{str(e).splitlines()[0]}") from None
+    return True
 
 
 def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
@@ -173,7 +175,7 @@ def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
     if len(job.trained_trials(study)) >= cfg.trials:
         return {"workers": []}
     t_start = time.time()
-    _connect(ray, cfg)
+    started = _connect(ray, cfg)
     threads = cfg.threads or 1
     here = ray.get_runtime_context().get_node_id()
     server = ray.remote(num_cpus=0)(StorageServer).options(
@@ -184,12 +186,24 @@ def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
 
     def start():
         w = Worker.options(scheduling_strategy="SPREAD").remote(payload, server, threads)
-        return w, ray.get(w.ident.remote())
+        try:
+            return w, ray.get(w.ident.remote(), timeout=float(os.environ.get("SQUEEZER_RAY_START_S", 180)))
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(w)  # the cluster has no free CPU for it
+            return None, None
 
     live: dict[Any, tuple[Any, str]] = {}
     for _ in range(cfg.workers):
         w, ident = start()
+        if w is None:
+            log.warning("ray: the cluster has room for only %d of %d worker(s) (%d CPU each)",
+                        len(live), cfg.workers, threads)
+            break
         live[w.run.remote()] = (w, ident)
+    if not live:
+        ray.kill(server)
+        raise UserError(f"the Ray cluster has no free CPU for a worker ({threads} CPU each); "
+                        f"add nodes or lower --threads")
     log.info("ray: %d worker(s) on %d node(s): %s", len(live), len({i.rsplit(':', 1)[0] for _, i in live.values()}),
              ", ".join(i for _, i in live.values()))
     bar = tqdm(total=cfg.trials, initial=len(job.trained_trials(study)), desc="search (ray)", unit="trial",
@@ -211,12 +225,15 @@ def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
                     if len(job.trained_trials(study)) < cfg.trials and restarts < 3 * cfg.workers:
                         restarts += 1
                         w2, ident2 = start()
-                        live[w2.run.remote()] = (w2, ident2)
+                        if w2 is not None:
+                            live[w2.run.remote()] = (w2, ident2)
     finally:
         bar.close()
         for w, _ in live.values():
             ray.kill(w)
         ray.kill(server)
+        if started:
+            ray.shutdown()
     sync_trial_files(ctx, study)
     info = {"workers": results, "restarts": restarts, "wall_seconds": round(time.time() - t_start, 2)}
     job._write_json(run_dir / "ray_workers.json", info)

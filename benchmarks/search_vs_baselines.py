@@ -1,0 +1,187 @@
+"""Our search vs random search vs the best uniform policy vs global magnitude pruning + int8.
+
+Same trial and fine-tune budget for every method (same trained base model, same ``--trials``
+trained trials of ``--trial-steps`` steps, same ``--final-epochs`` final fine-tune):
+
+* ``ours``:      multi-objective TPE, sensitivity-first narrowing + seeds, rungs (early stopping)
+* ``random``:    Optuna's RandomSampler over the full space, no sensitivity, no seeds
+* ``uniform``:   the grid of uniform policies (same bits and pruning ratio in every layer);
+                 the best one meeting the budget
+* ``tp_global``: Torch-Pruning global magnitude (L1) channel pruning + int8 weights and
+                 activations, the ratio bisected to the largest size within the budget
+
+Reported per (model, budget): test accuracy of the chosen model, latency, energy, size, and
+hypervolume of each search's trials (see ``search/plots.py`` for the definition). Scaling:
+trials per hour with the Ray backend at 2 workers vs 1 (same run of this script) and the
+share of the search's wall time spent outside trial work.
+
+Usage (reduced configuration for a shared 2-core machine)::
+
+    python benchmarks/search_vs_baselines.py --models resnet20 --budgets 2MB,120kB \\
+        --trials 6 --trial-steps 30 --final-epochs 0.3 --base-epochs 1 --out runs/bench_search
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _cfg(args, model, budget, name, **kw):
+    from search.config import SearchConfig
+
+    base = dict(model=model, dataset=args.dataset, budget=budget, target=args.target, trials=args.trials,
+                trial_steps=args.trial_steps, final_epochs=args.final_epochs, base_epochs=args.base_epochs,
+                trial_train_size=args.trial_train_size, val_size=args.val_size, seed=args.seed, threads=1,
+                run=str(Path(args.out) / f"{model}-{budget}-{name}"))
+    return SearchConfig(**{**base, **kw})
+
+
+def run_search(args, model, budget, name, **kw) -> dict:
+    from search import job
+    from search.report import report
+
+    cfg = _cfg(args, model, budget, name, **kw)
+    t0 = time.time()
+    summary = job.search(cfg, progress=False)
+    rep = report(cfg.run)
+    best = summary["best"]
+    return {"method": name, "test_accuracy": best["test_accuracy"], "val_accuracy": best["val_accuracy"],
+            "latency_ms": best["latency_ms"], "energy_mj": best["energy_mj"], "size_bytes": best["size_bytes"],
+            "status": best["status"], "hypervolume": rep["hypervolume"]["value"],
+            "trained_trials": summary["trials"], "samples": summary["samples"],
+            "search_seconds": summary["search_seconds"], "wall_seconds": round(time.time() - t0, 1)}
+
+
+def run_tp_global(args, model, budget) -> dict:
+    """Global L1 channel pruning (Torch-Pruning) + int8, ratio bisected to fit the budget."""
+    from compressors.apply import apply_policy_
+    from compressors.policy import DistillConfig, LayerPolicy, Policy, PruningConfig
+    from evaluators.train import evaluate, train
+    from search import job
+
+    cfg = _cfg(args, model, budget, "tp_global", sensitivity=False)
+    run = Path(cfg.run)
+    run.mkdir(parents=True, exist_ok=True)
+    ctx = job.prepare(cfg, run, progress=False)
+    t0 = time.time()
+    batches = list(ctx.data.train.batches(cfg.batch_size, shuffle=True, seed=0))[:8]
+
+    def build(ratio):
+        pol = Policy(layers={"_default": LayerPolicy(weight_bits=8, act_bits=8)},
+                     pruning=PruningConfig(criterion="l1", global_ratio=ratio if ratio > 0 else None))
+        m = copy.deepcopy(ctx.base)
+        res = apply_policy_(m, pol, ctx.input_shape, data=batches)
+        return m, (res.policy or pol), ctx.estimate(res.policy or pol)
+
+    lo, hi = 0.0, 0.95
+    m, pol, cost = build(0.0)
+    if cost.size_bytes > cfg.budget_bytes:
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            _, _, c = build(mid)
+            if c.size_bytes <= cfg.budget_bytes:
+                hi = mid
+            else:
+                lo = mid
+        m, pol, cost = build(hi)
+    ratio = hi if cost.size_bytes <= cfg.budget_bytes and lo > 0 else 0.0
+    if cfg.final_epochs > 0:
+        train(m, ctx.data.train, epochs=cfg.final_epochs, lr=cfg.final_lr, batch_size=cfg.batch_size,
+              teacher=ctx.base, distill=DistillConfig(), seed=cfg.seed, augment=ctx.input_shape[1] >= 16,
+              progress=False)
+    return {"method": "tp_global", "test_accuracy": evaluate(m, ctx.data.test), "val_accuracy": evaluate(m, ctx.data.val),
+            "latency_ms": float(cost.latency_ms), "energy_mj": float(cost.energy_mj), "size_bytes": int(cost.size_bytes),
+            "status": "feasible" if cost.size_bytes <= cfg.budget_bytes else "infeasible", "global_ratio": round(ratio, 4),
+            "hypervolume": None, "wall_seconds": round(time.time() - t0, 1)}
+
+
+def scaling(args, model, budget) -> dict:
+    """Trials per hour with the Ray backend, 1 worker vs 2 (fresh runs, same settings)."""
+    out = {}
+    for workers in (1, 2):
+        from search import job
+
+        cfg = _cfg(args, model, budget, f"ray{workers}", backend="ray", workers=workers,
+                   trials=args.scaling_trials, rungs=None, sensitivity=False, sampler="random", final_epochs=0.0)
+        summary = job.search(cfg, progress=False)
+        import optuna
+
+        study = optuna.load_study(study_name=job.STUDY_NAME, storage=job.storage_url(cfg, Path(cfg.run)))
+        trained = job.trained_trials(study)
+        info = json.loads((Path(cfg.run) / "ray_workers.json").read_text())
+        wall = info["wall_seconds"]
+        # Time inside trials (apply + fine-tune + evaluation), summed over workers.
+        busy = sum(t.user_attrs.get("train_seconds", 0.0) for t in trained)
+        startup = max((w["prepare_seconds"] for w in info["workers"]), default=0.0)
+        loop = max((w["trial_loop_seconds"] for w in info["workers"]), default=wall)
+        out[workers] = {"trials": len(trained), "wall_seconds": wall, "worker_startup_seconds": startup,
+                        "trials_per_hour": round(3600 * len(trained) / wall, 1),
+                        "trials_per_hour_after_startup": round(3600 * len(trained) / loop, 1),
+                        "outside_trial_share_of_loop": round(1 - busy / (workers * loop), 4)}
+        del summary
+    out["ratio_2_vs_1"] = round(out[2]["trials_per_hour"] / out[1]["trials_per_hour"], 3)
+    out["ratio_2_vs_1_after_startup"] = round(out[2]["trials_per_hour_after_startup"] /
+                                              out[1]["trials_per_hour_after_startup"], 3)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet20,mobilenet_v2")
+    p.add_argument("--budgets", default="2MB,500kB", help="comma-separated budgets")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--target", default="arm")
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--trial-steps", type=int, default=60)
+    p.add_argument("--rungs", default=None, help="rungs for ours (default: trial_steps/3, 2*trial_steps/3)")
+    p.add_argument("--final-epochs", type=float, default=1.0)
+    p.add_argument("--base-epochs", type=float, default=2.0)
+    p.add_argument("--trial-train-size", type=int, default=12000)
+    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="ours,random,uniform,tp_global")
+    p.add_argument("--scaling-trials", type=int, default=6, help="trials per scaling run (0 = skip scaling)")
+    p.add_argument("--out", default="runs/bench_search")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rungs = args.rungs or f"{args.trial_steps // 3},{2 * args.trial_steps // 3}"
+    results = {"command": " ".join([sys.executable, *sys.argv]), "args": vars(args), "rows": [], "scaling": {}}
+    methods = [m for m in args.methods.split(",") if m]
+    for model in args.models.split(","):
+        for budget in args.budgets.split(","):
+            for name in methods:
+                t0 = time.time()
+                if name == "ours":
+                    row = run_search(args, model, budget, "ours", sampler="tpe", rungs=rungs)
+                elif name == "random":
+                    row = run_search(args, model, budget, "random", sampler="random", sensitivity=False)
+                elif name == "uniform":
+                    row = run_search(args, model, budget, "uniform", sampler="grid", sensitivity=False)
+                elif name == "tp_global":
+                    row = run_tp_global(args, model, budget)
+                else:
+                    raise SystemExit(f"unknown method {name}")
+                row.update(model=model, budget=budget)
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    if args.scaling_trials:
+        model, budget = args.models.split(",")[0], args.budgets.split(",")[0]
+        results["scaling"] = {"model": model, "budget": budget, **scaling(args, model, budget)}
+        print(json.dumps(results["scaling"]), flush=True)
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

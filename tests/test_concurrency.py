@@ -11,7 +11,7 @@ import time
 import optuna
 
 FAST = ["--model", "resnet20", "--dataset", "digits", "--budget", "60kB", "--target", "arm", "--base-epochs", "4",
-        "--trial-steps", "6", "--final-epochs", "0.2", "--quiet", "--seed", "3", "--no-sensitivity", "--json",
+        "--trial-steps", "12", "--final-epochs", "0.2", "--quiet", "--seed", "3", "--no-sensitivity", "--json",
         "--threads", "1"]
 
 

@@ -27,7 +27,7 @@ class SearchConfig:
     budget: str = "2MB"
     max_latency_ms: float | None = None
     max_energy_mj: float | None = None
-    trials: int = 12
+    trials: int = 10
     timeout: float | None = None          # seconds of search (the final fine-tune is extra)
     run: str | None = None
     seed: int = 0
@@ -35,7 +35,7 @@ class SearchConfig:
     sampler: str = "tpe"
     backend: str = "optuna"
     # Work per stage (defaults keep the main job near 15 min on 2 CPU cores).
-    base_epochs: float = 2.0
+    base_epochs: float = 1.5
     base_lr: float = 0.1
     trial_steps: int = 60
     trial_train_size: int = 12000

@@ -25,6 +25,7 @@ from torch import nn
 
 from compressors.apply import apply_policy_
 from compressors.policy import DistillConfig, Policy
+from compressors.sparsity import sparsity_step_hook
 from evaluators.checkpoint import load_checkpoint, load_state_dict_into, save_checkpoint
 from evaluators.datasets import DataSplits, load_dataset
 from evaluators.models import build_model
@@ -544,7 +545,7 @@ def make_objective(ctx: Context, *, bar=None):
         try:
             train(model, ctx.trial_train, max_steps=cfg.trial_steps, epochs=10, lr=cfg.trial_lr,
                   batch_size=cfg.batch_size, teacher=ctx.base if distill else None, distill=distill,
-                  seed=cfg.seed + trial.number, progress=on_step)
+                  seed=cfg.seed + trial.number, progress=on_step, step_hook=sparsity_step_hook(model))
         except optuna.TrialPruned:
             seconds = time.time() - t0
             trial.set_user_attr("train_seconds", round(seconds, 2))
@@ -710,7 +711,8 @@ def _finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
     if cfg.final_epochs > 0:
         train(model, ctx.data.train, epochs=cfg.final_epochs, lr=cfg.final_lr, batch_size=cfg.batch_size,
               teacher=ctx.base if distill else None, distill=distill, seed=cfg.seed,
-              augment=ctx.input_shape[1] >= 16, progress=progress, desc="final fine-tune")
+              augment=ctx.input_shape[1] >= 16, progress=progress, desc="final fine-tune",
+              step_hook=sparsity_step_hook(model))
     ft_seconds = time.time() - t0
     val_acc = evaluate(model, ctx.data.val)
     test_acc = evaluate(model, ctx.data.test)

@@ -295,10 +295,12 @@ def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool, space: SearchS
     if storage is not None:  # e.g. the Ray backend's proxy to the run's storage
         return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=make_sampler(cfg, space=space),
                                    directions=["maximize", "minimize"], load_if_exists=True)
-    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
-        retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
-    else:
-        retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" notices
+        if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+            retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+        else:
+            retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeat is "experimental" in Optuna's terms

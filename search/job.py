@@ -301,19 +301,32 @@ def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool, space: SearchS
             retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
         else:
             retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # heartbeat is "experimental" in Optuna's terms
-            storage = storages.RDBStorage(
-                url, heartbeat_interval=15, grace_period=60, **retry,
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
-    except Exception as e:  # noqa: BLE001 - bad URL / unreachable DB
-        raise UserError(f"cannot open storage {url}: {str(e).splitlines()[0]}") from None
-    try:
-        return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=make_sampler(cfg, space=space),
-                                   directions=["maximize", "minimize"], load_if_exists=True)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot open study in {url}: {str(e).splitlines()[0]}") from None
+    from .sensitivity import file_lock
+
+    # Two processes creating the same database at once race on its schema (and on the study
+    # row): serialise creation through a lock in the run folder, and retry what another
+    # machine sharing a --storage URL may still win.
+    last: Exception | None = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(run_dir / ".storage.lock"):
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # heartbeat is "experimental" in Optuna's terms
+                    storage = storages.RDBStorage(
+                        url, heartbeat_interval=15, grace_period=60, **retry,
+                        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
+                return optuna.create_study(study_name=STUDY_NAME, storage=storage,
+                                           sampler=make_sampler(cfg, space=space),
+                                           directions=["maximize", "minimize"], load_if_exists=True)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - bad URL / unreachable DB / a lost creation race
+                last = e
+                if "IntegrityError" not in type(e).__name__ + str(e) and "locked" not in str(e):
+                    break
+                time.sleep(0.5 * (attempt + 1))
+    raise UserError(f"cannot open storage {url}: {str(last).splitlines()[0]}") from None
 
 
 def evaluated_trials(study) -> list:

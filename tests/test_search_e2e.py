@@ -80,27 +80,27 @@ def test_resume_after_kill_keeps_finished_trials(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "search.cli", "search", *FAST, "--trials", "5", "--run", str(run)],
                          cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
-    def evaluated() -> list[dict]:
-        out = []
-        for f in sorted((run / "trials").glob("*.json")) if (run / "trials").is_dir() else []:
-            try:
-                rec = json.loads(f.read_text())
-            except json.JSONDecodeError:
-                continue
-            if rec.get("status") == "evaluated":
-                out.append(rec)
-        return out
-
-    deadline = time.time() + 300
-    while len(evaluated()) < 2 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
     import optuna
 
     from search.job import STUDY_NAME
 
     storage = f"sqlite:///{run / 'study.db'}"
+
+    def committed() -> int:
+        """Trials the study has recorded as finished (what a kill must never lose)."""
+        if not (run / "study.db").is_file():
+            return 0
+        try:
+            study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        except Exception:  # noqa: BLE001 - not created yet, or locked for a moment
+            return 0
+        return sum(1 for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated"))
+
+    deadline = time.time() + 300
+    while committed() < 2 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.3)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
     before = {t.number: t.values for t in optuna.load_study(study_name=STUDY_NAME, storage=storage).trials
               if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated")}
     assert len(before) >= 2

@@ -15,7 +15,7 @@ Example:
     >>> from evaluators.models import build_model
     >>> m = build_model("lenet5", in_channels=1, num_classes=10)
     >>> p = tempfile.mktemp(suffix=".pt")
-    >>> save_checkpoint(p, m, model_name="lenet5", input_shape=(1, 28, 28), num_classes=10)
+    >>> _ = save_checkpoint(p, m, model_name="lenet5", input_shape=(1, 28, 28), num_classes=10)
     >>> m2 = load_checkpoint(p).model
     >>> torch.equal(m2.features[0].weight, m.features[0].weight)
     True
@@ -69,18 +69,23 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, model_name: st
     return path
 
 
+def _read(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> Loaded:
     from compressors.apply import apply_policy_
 
     from .models import build_model
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    blob = _read(path)
     if not isinstance(blob, dict) or "state_dict" not in blob:
         # A bare state dict (e.g. torch.save(model.state_dict())) has no architecture name.
         raise CheckpointError(f"{path} is not a squeezer checkpoint (expected format {FORMAT!r});"
@@ -104,12 +109,7 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
 def load_state_dict_into(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a user checkpoint: a squeezer checkpoint or a bare ``state_dict`` for ``model``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    blob = _read(path)
     sd = blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path} holds no state dict")

@@ -4,7 +4,7 @@ Example:
     >>> from evaluators.datasets import load_dataset
     >>> from evaluators.models import build_model
     >>> d = load_dataset("digits")
-    >>> m = build_model("lenet5", in_channels=1, num_classes=10)
+    >>> m = build_model("resnet20", in_channels=1, num_classes=10)
     >>> _ = train(m, d.train, epochs=1, lr=0.05, batch_size=64, progress=False)
     >>> 0.0 <= evaluate(m, d.val) <= 1.0
     True

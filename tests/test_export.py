@@ -13,7 +13,7 @@ from compressors.export import (EXPORT_FORMATS, SIZE_TOLERANCE, MissingExtraErro
                                 compare_runtime, export_model, onnx_runner)
 from compressors.policy import LayerPolicy, Policy, PolicyError
 from search.cli import main
-from test_export_utils import compressed, fmnist, make_run
+from export_helpers import compressed, fmnist, make_run
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Helpers for the export/bench tests: small trained models and run folders like the search writes."""
+"""Helpers (not tests) for the export/bench tests: small trained models and run folders like the search writes."""
 
 from __future__ import annotations
 

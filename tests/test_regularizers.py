@@ -11,20 +11,15 @@ from torch import nn
 from compressors.policy import LayerPolicy, Policy
 from compressors.regularizers import REGULARIZERS, _prunable, owl_weights, project_sgl_quant, prox_owl, regularized_train
 from evaluators.datasets import load_dataset
-from evaluators.models import build_model
 from evaluators.train import evaluate, train
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def setup():
-    d = load_dataset("fashion-mnist")
-    tr, te = d.train.subset(6000), d.test.subset(2000)
-    torch.manual_seed(0)
-    m = build_model("lenet5", in_channels=1, num_classes=10)
-    train(m, tr, epochs=4, lr=0.05, progress=False)
-    return m, tr, te, evaluate(m, te)
+def setup(lenet_6k):
+    m, tr, te, acc = lenet_6k
+    return copy.deepcopy(m), tr, te, acc
 
 
 def test_registry():

@@ -15,21 +15,15 @@ from compressors.policy import LayerPolicy, Policy
 from compressors.quantize import QUANTIZERS, weight_quantizer
 from compressors.sharing import SHARING, ProductQuantizer, attach_sharing_, sharing_bits
 from compressors.sparsity import magnitude_mask
-from evaluators.datasets import load_dataset
-from evaluators.models import build_model
-from evaluators.train import evaluate, train
+from evaluators.train import evaluate
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def setup():
-    d = load_dataset("fashion-mnist")
-    tr, val = d.train.subset(4000), d.val.subset(1500)
-    torch.manual_seed(0)
-    m = build_model("lenet5", in_channels=1, num_classes=10)
-    train(m, tr, epochs=3, lr=0.05, batch_size=64, progress=False)
-    return m, tr, val, evaluate(m, val)
+def setup(lenet_4k):
+    m, tr, val, acc = lenet_4k
+    return copy.deepcopy(m), tr, val, acc
 
 
 def _rel_err(q: torch.Tensor, w: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ same run: median of repeats after warm-up at batch 1 and batch 32. Writes
 from __future__ import annotations
 
 import argparse
+import itertools
 import dataclasses
 import copy
 import platform
@@ -67,7 +68,7 @@ def main() -> int:
         rows.append((name, "fp32 base", res.file_bytes, res.accuracy, b.latency_ms, b.batch_latency_ms, 1.0, 1.0))
         for label, pol in POLICIES.items():
             m = copy.deepcopy(base)
-            apply_policy_(m, pol, d.input_shape, data=list(d.train.batches(64))[:4])
+            apply_policy_(m, pol, d.input_shape, data=list(itertools.islice(d.train.batches(64), 4)))
             train(m, d.train, max_steps=args.steps // 3, lr=0.01, batch_size=64, teacher=base, progress=False)
             m.eval()
             try:

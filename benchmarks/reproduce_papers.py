@@ -69,7 +69,7 @@ def compress(base: torch.nn.Module, policy: Policy, data: Any, args: argparse.Na
     """Apply ``policy`` to a copy of ``base``, fine-tune (KD from base if the policy says), measure."""
     m = copy.deepcopy(base)
     torch.manual_seed(args.seed)
-    batches = list(data.train.batches(128, shuffle=True, seed=args.seed))[:8]
+    batches = data.train.first_batches(8, 128, seed=args.seed)
     res = apply_policy_(m, policy, data.input_shape, data=batches)
     acc_before = evaluate(m, data.test)
     resolved = res.kept.resolved_policy(policy) if isinstance(res.kept, PruneResult) else policy

@@ -72,7 +72,7 @@ def run_tp_global(args, model, budget) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     ctx = job.prepare(cfg, run, progress=False)
     t0 = time.time()
-    batches = list(ctx.data.train.batches(cfg.batch_size, shuffle=True, seed=0))[:8]
+    batches = ctx.data.train.first_batches(8, cfg.batch_size, seed=0)
 
     def build(ratio):
         pol = Policy(layers={"_default": LayerPolicy(weight_bits=8, act_bits=8)},

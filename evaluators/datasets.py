@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ class TensorData:
             if augment:
                 xb = _augment(xb, seed + i)
             yield xb, self.y[idx]
+
+    def first_batches(self, n: int, batch_size: int, *, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` shuffled batches (calibration data for data-driven criteria), built lazily."""
+        return list(itertools.islice(self.batches(batch_size, shuffle=True, seed=seed), n))
 
 
 def _augment(x: torch.Tensor, seed: int) -> torch.Tensor:

@@ -534,7 +534,7 @@ def make_objective(ctx: Context, *, bar=None):
         t0 = time.time()
         seed_everything(cfg.seed + trial.number)
         model = copy.deepcopy(ctx.base)
-        batches = list(ctx.trial_train.batches(cfg.batch_size, shuffle=True, seed=trial.number))[:8]
+        batches = ctx.trial_train.first_batches(8, cfg.batch_size, seed=trial.number)
         apply_policy_(model, policy, ctx.input_shape, data=batches)
         steps_done = 0
         rung_acc: dict[str, float] = {}
@@ -717,7 +717,7 @@ def _finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
     log.info("final fine-tune of trial %d (%g epochs, QAT + distillation)", trial.number, cfg.final_epochs)
     seed_everything(cfg.seed)
     model = copy.deepcopy(ctx.base)
-    batches = list(ctx.data.train.batches(cfg.batch_size, shuffle=True, seed=0))[:8]
+    batches = ctx.data.train.first_batches(8, cfg.batch_size, seed=0)
     policy = apply_policy_(model, policy, ctx.input_shape, data=batches).policy or policy
     t0 = time.time()
     distill = policy.distill if cfg.distill else None

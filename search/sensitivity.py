@@ -279,7 +279,7 @@ def load_or_measure(ctx, *, force: bool = False, val_size: int = 128, progress: 
                     return sens
             except json.JSONDecodeError:
                 pass
-        calib = list(ctx.trial_train.batches(ctx.cfg.batch_size, shuffle=True, seed=0))[:2] \
+        calib = ctx.trial_train.first_batches(2, ctx.cfg.batch_size, seed=0) \
             if ctx.trial_train is not None else None
         log.info("sensitivity: probing %d dimensions of %s (no fine-tune, %d validation images)",
                  len(space_choices(ctx.space)), ctx.cfg.model, min(val_size, len(ctx.data.val)))

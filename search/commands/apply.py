@@ -163,7 +163,7 @@ def handler(args: argparse.Namespace) -> int:
 
         reg_stats = regularized_train(model, data.train, policy, epochs=max(args.finetune_epochs, 0.5), lr=args.lr,
                                       seed=args.seed, progress=not args.json, desc="regularised training")
-    batches = list(data.train.batches(128, shuffle=True, seed=args.seed))[:8]
+    batches = data.train.first_batches(8, 128, seed=args.seed)
     try:
         result = apply_policy_(model, policy, shape, data=batches)
     except ValueError as e:

@@ -99,6 +99,15 @@ def _unfold(t: torch.Tensor, mode: int) -> torch.Tensor:
     return t.movedim(mode, 0).reshape(t.shape[mode], -1)
 
 
+def _linear_or_check(layer: nn.Module, method: str) -> bool:
+    """True for a Linear (conv-only methods fall back to SVD); raise unless a non-grouped Conv2d."""
+    if isinstance(layer, nn.Linear):
+        return True
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+        raise ValueError(f"{method} decomposition needs a Linear or a non-grouped Conv2d, got {layer}")
+    return False
+
+
 def _leading(m: torch.Tensor, r: int) -> torch.Tensor:
     u, _, _ = torch.linalg.svd(m, full_matrices=False)
     return u[:, :r]
@@ -107,10 +116,8 @@ def _leading(m: torch.Tensor, r: int) -> torch.Tensor:
 @DECOMPOSITIONS.register("tucker2", summary="Tucker-2 (HOSVD + HOOI): 1x1 in-projection, kxk core, 1x1 out-projection")
 def tucker2_decompose(layer: nn.Module, rank_ratio: float, *, hooi_iters: int = 5) -> nn.Sequential:
     """Tucker-2 on the channel modes of a conv (Kim et al. 2016); linear layers fall back to SVD."""
-    if isinstance(layer, nn.Linear):
+    if _linear_or_check(layer, "tucker2"):
         return svd_decompose(layer, rank_ratio)
-    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
-        raise ValueError(f"tucker2 decomposition needs a Linear or a non-grouped Conv2d, got {layer}")
     with torch.no_grad():
         w = layer.weight.detach().double()
         o, i, kh, kw = w.shape
@@ -163,10 +170,8 @@ def cp_als(w: torch.Tensor, rank: int, *, iters: int = 30, seed: int = 0) -> lis
 @DECOMPOSITIONS.register("cp", summary="CP (ALS): 1x1, kx1 depthwise, 1xk depthwise, 1x1 (four factors)")
 def cp_decompose(layer: nn.Module, rank_ratio: float, *, iters: int = 30) -> nn.Sequential:
     """CP decomposition of a conv (Lebedev et al. 2015); linear layers fall back to SVD."""
-    if isinstance(layer, nn.Linear):
+    if _linear_or_check(layer, "cp"):
         return svd_decompose(layer, rank_ratio)
-    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
-        raise ValueError(f"cp decomposition needs a Linear or a non-grouped Conv2d, got {layer}")
     with torch.no_grad():
         o, i, kh, kw = layer.weight.shape
         r = cp_rank(o, i, kh, kw, rank_ratio)

@@ -393,19 +393,12 @@ def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], lis
     def tensor_inputs(n: fx.Node) -> list[fx.Node]:
         found: list[fx.Node] = []
 
-        def visit(a: Any) -> None:
-            if isinstance(a, fx.Node):
-                if isinstance(shapes.get(a.name), torch.Tensor) and a not in found:
-                    found.append(a)
-            elif isinstance(a, (list, tuple)):
-                for b in a:
-                    visit(b)
-            elif isinstance(a, dict):
-                for b in a.values():
-                    visit(b)
+        def visit(a: fx.Node) -> fx.Node:
+            if isinstance(shapes.get(a.name), torch.Tensor) and a not in found:
+                found.append(a)
+            return a
 
-        visit(n.args)
-        visit(n.kwargs)
+        fx.node.map_arg((n.args, n.kwargs), visit)  # every Node in nested args, in order
         return found
 
     def unique(name: str) -> str:
@@ -419,17 +412,12 @@ def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], lis
             producer[n.name] = "input"
             continue
         if n.op == "output":
-            def collect(a: Any) -> None:
-                if isinstance(a, fx.Node):
-                    if a.name in producer:
-                        outputs.append(producer[a.name])
-                elif isinstance(a, (list, tuple)):
-                    for b in a:
-                        collect(b)
-                elif isinstance(a, dict):
-                    for b in a.values():
-                        collect(b)
-            collect(n.args)
+            def collect(a: fx.Node) -> fx.Node:
+                if a.name in producer:
+                    outputs.append(producer[a.name])
+                return a
+
+            fx.node.map_arg(n.args, collect)
             continue
         if not isinstance(out, torch.Tensor):
             # non-tensor (sizes, tuples from split/chunk): remember the producer for getitem

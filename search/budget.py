@@ -18,8 +18,10 @@ _UNITS = {
 _RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_size(text: str | int | float) -> int:
+def parse_size(text: str | int | float, what: str = "size") -> int:
     """Bytes in ``text`` (decimal kB/MB/GB, binary KiB/MiB/GiB, B or a plain number).
+
+    ``what`` names the value in error messages (e.g. ``"budget"``).
 
     Raises:
         ValueError: malformed, unknown unit, or not positive.
@@ -29,15 +31,15 @@ def parse_size(text: str | int | float) -> int:
     else:
         m = _RE.match(str(text))
         if not m:
-            raise ValueError(f"malformed size {text!r}; expected a number with a unit such as 2MB, 500kB, 2MiB")
+            raise ValueError(f"malformed {what} {text!r}; expected a number with a unit such as 2MB, 500kB, 2MiB")
         value, unit = float(m.group(1)), m.group(2)
     key = unit.lower()
     if key not in _UNITS:
-        raise ValueError(f"unknown size unit {unit!r} in {text!r}; use B, kB, MB, GB, KiB, MiB or GiB")
+        raise ValueError(f"unknown {what} unit {unit!r} in {text!r}; use B, kB, MB, GB, KiB, MiB or GiB")
     # kB vs KB: both mean 1000 here; 'Kib'/'kib' both 1024. Case only matters for readability.
     n = value * _UNITS[key]
     if not math.isfinite(n) or n <= 0:
-        raise ValueError(f"`size > 0` must hold, but got {text!r}")
+        raise ValueError(f"`{what} > 0` must hold, but got {text!r}")
     return int(round(n))
 
 

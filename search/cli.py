@@ -95,8 +95,7 @@ def _config_from_args(args: argparse.Namespace):
     try:
         return SearchConfig.from_dict(merged)
     except ValueError as e:
-        msg = str(e).replace("size", "budget", 1) if "size" in str(e) and "budget" not in str(e) else str(e)
-        raise UserError(msg) from None
+        raise UserError(str(e)) from None
 
 
 def _check_names(cfg) -> None:

@@ -62,7 +62,7 @@ class SearchConfig:
     address: str | None = None
 
     def __post_init__(self) -> None:
-        parse_size(self.budget)  # raises ValueError with a clear message
+        parse_size(self.budget, "budget")  # raises ValueError with a clear message
         if not isinstance(self.trials, int) or isinstance(self.trials, bool) or self.trials < 1:
             raise ValueError(f"`trials >= 1` must hold, but got trials={self.trials!r}")
         for name in ("max_latency_ms", "max_energy_mj", "timeout"):

@@ -10,7 +10,13 @@ Formats (registry :data:`EXPORT_FORMATS`):
   weights are int8 (or opset-21 INT4 for ``<= 4``-bit policies) initializers with per-channel
   scales feeding ``DequantizeLinear``; activations with ``act_bits`` get ``QuantizeLinear`` /
   ``DequantizeLinear`` (with a ``Clip`` first below 8 bits). Sparse layers store their zeros.
-  ``metadata_props`` record the policy JSON, target and accuracy.
+  ``metadata_props`` record the policy JSON, target and accuracy. Each layer gets the form that
+  runs fastest in ONNX Runtime and computes the same numbers: a weight whose
+  ``DequantizeLinear`` ORT fuses into an int8 kernel (``QLinearConv``: int8 weights, a
+  quantized input and a quantized consumer) stays QDQ; any other integer weight is written as
+  ``Cast -> Mul(scale)``, which ORT constant-folds to fp32 once at load instead of
+  dequantizing at every inference (bit-identical values; see :func:`fold_unfused_weight_dq_`).
+  ``squeezer.onnx_weights`` in the metadata counts both kinds.
 - ``torchscript``: ``torch.jit.trace`` of the same float-baked deploy model (weights are the
   dequantized values, activation fake-quant is kept), input in ``[0, 1]``.
 - ``state_dict``: the ``squeezer.model/1`` checkpoint (state dict + policy), loadable with
@@ -458,8 +464,12 @@ def _shorten_names(graph) -> None:
 
 
 def export_onnx(dep: DeployModel, out_path: str | os.PathLike, input_shape: Sequence[int], *,
-                metadata: Mapping[str, str] | None = None) -> list[str]:
-    """Write ``dep`` as ONNX with integer weights (see module docstring). Returns notes."""
+                metadata: Mapping[str, str] | None = None, fold_weights: bool = True) -> list[str]:
+    """Write ``dep`` as ONNX with integer weights (see module docstring). Returns notes.
+
+    ``fold_weights=False`` keeps every weight as ``DequantizeLinear`` (the plain QDQ form,
+    slower in ONNX Runtime; for comparisons, see :func:`fold_unfused_weight_dq_`).
+    """
     import onnx
     from onnx import TensorProto, helper
 
@@ -521,13 +531,14 @@ def export_onnx(dep: DeployModel, out_path: str | os.PathLike, input_shape: Sequ
     g.node.extend(new_nodes + old)
     _prune_dead(g)
     _shorten_names(g)
-    fused, folded = fold_unfused_weight_dq_(model)
+    fused, folded = fold_unfused_weight_dq_(model) if fold_weights else (0, 0)
     if folded:
         notes.append(f"{folded} weight tensor(s) outside an int8 kernel stored as integers but dequantized "
                      f"once when ONNX Runtime loads the file (Cast + Mul, constant-folded); {fused} run as "
                      f"int8 kernels (QDQ)")
     md = dict(metadata or {})
-    md["squeezer.onnx_weights"] = json.dumps({"int8_kernels": fused, "dequantized_at_load": folded})
+    if fold_weights:
+        md["squeezer.onnx_weights"] = json.dumps({"int8_kernels": fused, "dequantized_at_load": folded})
     for k, v in md.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
     onnx.checker.check_model(model)

@@ -27,6 +27,16 @@ norms that fold into their conv and activations fused into their producer cost n
 (``target.fusion``). Every term is linear in one fitted parameter (an overhead, or the
 reciprocal of an efficiency), which is what :func:`hw_models.calibrate` fits.
 
+**Representation boundaries.** Each op writes its output at the width it computes at (a
+folded/fused op or a view as its input was); a reader that needs another width (an int8 conv
+reading a float tensor, a float op reading an int8 one, the float logits the caller reads) pays
+one elementwise ``quantize``/``dequantize`` op per (tensor, width), shown as its own row
+(``"<tensor>:quantize"``). A conv/linear reads its input at ``act_bits`` (float without) and,
+when its weights are float, dequantizes it again before the float kernel: every runtime (ONNX
+Runtime, XNNPACK, TFLite) pays these conversions, so a float island in an int8 network, or
+int8 activations around float weights, costs more than either representation alone. Peak
+memory ignores the converted copies.
+
 **Energy** (millijoules) = ``energy_scale.compute`` x (MACs x ``mac_energy_pj`` + element ops
 x ``elementwise_energy_pj``) + ``energy_scale.memory`` x bytes x ``energy_pj_per_byte`` of their
 level + ``active_power_mw`` x latency.
@@ -529,11 +539,11 @@ def _breakdown(table: LayerTable, policy: Policy, target: Target) -> _Breakdown:
     params = 0
     huffman = policy.coding == "huffman"
     model_w = sum(_weight_bytes_moved(op, target) for op in ops)
-    for op in ops:
-        ob = (op.out_elems * bits.get(op.name, 32) + 7) // 8
-        tbytes[op.name] = ob
-        ib = sum(tbytes.get(i, 0) for i in op.inputs)
-        terms, epj, emem, moved, level, cbits = _op_terms(op, target, ib, ob, bits.get(op.name, 32), model_w)
+    run_ops: list[_Op] = []
+
+    def add_row(op: _Op, row: tuple, ob: int) -> None:
+        terms, epj, emem, moved, level, cbits = row
+        run_ops.append(op)
         terms_all.append(terms)
         e_c.append(epj)
         e_m.append(emem)
@@ -541,6 +551,49 @@ def _breakdown(table: LayerTable, policy: Policy, target: Target) -> _Breakdown:
         levels.append(level)
         cb.append(cbits)
         obytes.append(ob)
+
+    float_w = target.compute_width(32)
+    domain: dict[str, int] = {"input": float_w}     # width each tensor is written at
+    elems: dict[str, tuple[int, int, tuple[int, int]]] = {
+        "input": (in_elems, c0, tuple(int(d) for d in table.input_shape[1:3]) or (1, 1))}  # type: ignore[dict-item]
+    converted: dict[tuple[str, int], str] = {}
+
+    def convert(t: str, to: int) -> str:
+        # A tensor read at another width than it was written at: one (de)quantize op per
+        # (tensor, width), shared by all readers at that width. Returns the tensor read.
+        frm = domain.get(t, float_w)
+        if frm == to:
+            return t
+        if (t, to) in converted:
+            return converted[(t, to)]
+        n, ch, hw = elems.get(t, (0, 1, (1, 1)))
+        kind = "quantize" if to < frm else "dequantize"
+        q = _Op(f"{t}:{kind}", kind, (t,), ch, hw, cls="elementwise", elem_ops=float(n))
+        ib, ob = (n * frm + 7) // 8, (n * to + 7) // 8
+        add_row(q, _op_terms(q, target, ib, ob, min(frm, to), model_w), ob)
+        converted[(t, to)] = q.name
+        domain[q.name], elems[q.name] = to, elems.get(t, (0, 1, (1, 1)))
+        return q.name
+
+    for op in ops:
+        ob = (op.out_elems * bits.get(op.name, 32) + 7) // 8
+        tbytes[op.name] = ob
+        ib = sum(tbytes.get(i, 0) for i in op.inputs)
+        row = _op_terms(op, target, ib, ob, bits.get(op.name, 32), model_w)
+        elems[op.name] = (op.out_elems, op.out_channels, op.out_hw)
+        if op.zero_cost or op.kind == "flatten":  # folded / fused / a view: written as its input was
+            domain[op.name] = domain.get(op.inputs[0], float_w) if op.inputs else float_w
+        else:
+            cbits = row[5]
+            # conv/linear read their input at act_bits (float without); other ops at their width
+            read = cbits if op.lp is None else \
+                (float_w if op.lp.act_bits is None else target.compute_width(op.lp.act_bits))
+            for i in op.inputs:
+                t = convert(i, read)
+                if read != cbits:  # integer activations into a float kernel (float weights)
+                    convert(t, cbits)
+            domain[op.name] = cbits
+        add_row(op, row, ob)
         if op.lp is not None:
             lp = op.lp
             wbits, k, pq, ok = weight_layout(lp, op.out_channels)
@@ -557,8 +610,10 @@ def _breakdown(table: LayerTable, policy: Policy, target: Target) -> _Breakdown:
             op.stored = w + 4 * op.bias_out + (8 if lp.act_bits is not None and lp.act_bits < 16 else 0)
             params += op.numel + op.bias_out
         size += op.stored
+    for o in outputs:  # the caller reads float logits
+        convert(o, float_w)
     peak = _peak_memory(ops, tbytes, outputs)
-    return _Breakdown(ops, terms_all, e_c, e_m, moved_all, levels, cb, obytes, size, exact, peak, params)
+    return _Breakdown(run_ops, terms_all, e_c, e_m, moved_all, levels, cb, obytes, size, exact, peak, params)
 
 
 def _huffman_estimate(numel: int, out_channels: int, bits: int, sparsity: float, codebook: int | None) -> int:

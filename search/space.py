@@ -3,6 +3,9 @@
 Dimensions are Optuna distributions named ``prune:<group root>``, ``wbits:<layer>``,
 ``abits:<layer>``, ``rank:<layer>``, ``kd_temperature``, ``kd_alpha``. Bit-widths are limited
 to what the target stores and computes, so a sampled policy always runs on the target.
+``abits:<layer>`` is conditional: it is sampled only for layers with integer weights
+(:meth:`SearchSpace.samples_act_bits`); :meth:`SearchSpace.policy_from_params` itself applies
+whatever it is given (sensitivity probes measure activation quantization alone).
 
 Example:
     >>> from evaluators.models import build_model
@@ -67,14 +70,31 @@ class SearchSpace:
         for g in self.groups:
             params[f"prune:{g}"] = trial.suggest_categorical(f"prune:{g}", list(self.prune_choices))
         for name in self.layers:
-            params[f"wbits:{name}"] = trial.suggest_categorical(f"wbits:{name}", list(self.weight_bits))
-            params[f"abits:{name}"] = trial.suggest_categorical(f"abits:{name}", list(self.act_bits))
+            params[f"wbits:{name}"] = wb = trial.suggest_categorical(f"wbits:{name}", list(self.weight_bits))
+            if self.samples_act_bits(wb):
+                params[f"abits:{name}"] = trial.suggest_categorical(f"abits:{name}", list(self.act_bits))
         for name in self.rank_layers:
             params[f"rank:{name}"] = trial.suggest_categorical(f"rank:{name}", list(self.rank_choices))
         if self.distill:
             params["kd_temperature"] = trial.suggest_float("kd_temperature", 1.0, 8.0)
             params["kd_alpha"] = trial.suggest_float("kd_alpha", 0.0, 0.9)
         return self.policy_from_params(params)
+
+    def samples_act_bits(self, weight_bits: int | None) -> bool:
+        """Is ``abits:<layer>`` asked of a layer whose weights got ``weight_bits``?
+
+        Only layers with integer weights (< 16 bits) get quantized activations, unless the target
+        cannot compute in float at all (``None`` not among the activation choices): runtimes
+        (ONNX Runtime, XNNPACK, TFLite) run an int8 kernel only when both its weights and its input
+        are integers. Float weights with integer activations would add a quantize and a dequantize
+        around a float kernel, slower than float and no smaller.
+
+        Example:
+            >>> sp = SearchSpace([], [], None, weight_bits=(8, None), act_bits=(8, None))
+            >>> sp.samples_act_bits(8), sp.samples_act_bits(None)
+            (True, False)
+        """
+        return None not in self.act_bits or (weight_bits is not None and weight_bits < 16)
 
     def policy_from_params(self, params: dict[str, Any]) -> Policy:
         ratio_of = {}

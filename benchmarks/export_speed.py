@@ -1,105 +1,176 @@
-"""Exported chosen model vs exported fp32 base on this machine (ONNX Runtime, one thread).
+"""Exported chosen model of a search vs exported fp32 base on this machine (ONNX Runtime, one thread).
 
-Trains each base model briefly on a Fashion-MNIST subset, applies a chosen-style policy
-(structured pruning + int8 weights, with and without int8 activations), exports base and
-chosen to ONNX (each verified against PyTorch on 2,000 test images), then times both in the
-same run: median of repeats after warm-up at batch 1 and batch 32. Writes
-``benchmarks/RESULTS_export.md``.
+For each model: run a short ``squeezer search`` (the CLI, fresh run folder), export the chosen
+model with ``squeezer export RUN --format onnx`` (verified by ONNX Runtime on the whole test set
+against the accuracy the search reported), export the run's fp32 base model the same way, and
+also write the chosen model in the plain QDQ form (every integer weight a runtime
+``DequantizeLinear``, what the exporter wrote before) to show what the per-layer form buys.
+All artifacts are timed in the same process, interleaved in rounds (each round times every
+artifact; the result is the median over rounds of per-round medians), at batch 1 and batch 32.
+Writes ``benchmarks/RESULTS_export.md``.
 
-    python benchmarks/export_speed.py [--models resnet20 mobilenet_v2] [--repeats 200]
+    python benchmarks/export_speed.py [--models resnet20 mobilenet_v2] [--target arm] [--trials 4]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import dataclasses
-import copy
+import json
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compressors.apply import apply_policy_  # noqa: E402
-from compressors.export import VerificationError, export_model  # noqa: E402
-from compressors.export_bench import bench_artifact  # noqa: E402
-from compressors.policy import LayerPolicy, Policy  # noqa: E402
-from evaluators.checkpoint import Loaded  # noqa: E402
-from evaluators.datasets import DataSplits, load_dataset  # noqa: E402
-from evaluators.models import build_model  # noqa: E402
-from evaluators.train import train  # noqa: E402
+from compressors.export import deploy_model, export_model, export_onnx, runtime_op_types  # noqa: E402
+from evaluators.checkpoint import load_checkpoint  # noqa: E402
+from evaluators.datasets import load_dataset  # noqa: E402
 
-POLICIES = {
-    "pruned 50% + int8 weights": Policy(layers={"_default": LayerPolicy(prune_ratio=0.5, weight_bits=8)}),
-    "pruned 50% + int8 weights + int8 acts": Policy(layers={"_default": LayerPolicy(prune_ratio=0.5, weight_bits=8,
-                                                                                   act_bits=8)}),
-    "int8 weights + int8 acts (no pruning)": Policy(layers={"_default": LayerPolicy(weight_bits=8, act_bits=8)}),
-}
+BUDGETS = {"resnet20": "300kB", "mobilenet_v2": "2MB"}
+
+
+def squeezer(*argv: str) -> dict:
+    """Run the CLI as a user would; return its JSON output."""
+    r = subprocess.run([sys.executable, "-m", "search.cli", *argv, "--json"], cwd=ROOT, capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"squeezer {' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout)
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})
+
+
+def timed_rounds(runs: dict[str, object], x: np.ndarray, *, rounds: int, repeats: int) -> dict[str, float]:
+    """Median over rounds of each artifact's per-round median (ms); artifacts interleaved per round."""
+    for run in runs.values():
+        for _ in range(max(3, repeats // 5)):
+            run(x)  # warm-up
+    per: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                run(x)
+                ts.append((time.perf_counter() - t) * 1e3)
+            per[k].append(statistics.median(ts))
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def describe(policy: dict | None) -> str:
+    """One line: how many layers run int8 kernels (w+a), weight-only integers, float; pruned layers."""
+    if not policy:
+        return "fp32"
+    kinds: Counter = Counter()
+    pruned = 0
+    for name, lp in policy.get("layers", {}).items():
+        w, a = lp.get("weight_bits"), lp.get("act_bits")
+        kinds["int w+a" if w is not None and a is not None else "int w" if w is not None
+              else "float w + int a" if a is not None else "float"] += 1
+        pruned += float(lp.get("prune_ratio", 0.0)) > 0
+    return ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) + f"; {pruned} pruned"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenet_v2"])
-    ap.add_argument("--repeats", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=150, help="base training steps")
+    ap.add_argument("--target", default="arm")
+    ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--trial-steps", type=int, default=40)
+    ap.add_argument("--base-epochs", type=float, default=0.5)
+    ap.add_argument("--final-epochs", type=float, default=0.3)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=40, help="timed runs per artifact per round at batch 1")
+    ap.add_argument("--runs", default=None, help="folder for the run folders (default: a temp folder)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_export.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    full = load_dataset("fashion-mnist")
-    d = DataSplits(full.name, full.train.subset(6000), full.val.subset(500), full.test.subset(2000),
-                   full.num_classes, full.mean, full.std)
-    norm = {"mean": list(d.mean), "std": list(d.std)}
-    tmp = Path(tempfile.mkdtemp(prefix="export_speed_"))
-    rows = []
-    failures: list[str] = []
+    runs_root = Path(args.runs or tempfile.mkdtemp(prefix="export_speed_"))
+    data = load_dataset("fashion-mnist")
+    rows, details = [], []
+    t_all = time.time()
     for name in args.models:
-        torch.manual_seed(0)
-        base = build_model(name, in_channels=1, num_classes=10)
-        train(base, d.train, max_steps=args.steps, epochs=10, lr=0.05, batch_size=64, progress=False)
-        base.eval()
-        res = export_model(Loaded(base, name, d.input_shape, 10, None, norm), "onnx", tmp / f"{name}-base.onnx", data=d)
-        b = bench_artifact(res.path, batch=32, repeats=args.repeats, warmup=20)
-        rows.append((name, "fp32 base", res.file_bytes, res.accuracy, b.latency_ms, b.batch_latency_ms, 1.0, 1.0))
-        for label, pol in POLICIES.items():
-            m = copy.deepcopy(base)
-            apply_policy_(m, pol, d.input_shape, data=list(itertools.islice(d.train.batches(64), 4)))
-            train(m, d.train, max_steps=args.steps // 3, lr=0.01, batch_size=64, teacher=base, progress=False)
-            m.eval()
-            try:
-                r = export_model(Loaded(m, name, d.input_shape, 10, pol, norm), "onnx",
-                                 tmp / f"{name}-{len(rows)}.onnx", data=d)
-            except VerificationError as e:  # reported, not hidden: ORT's int8 kernels round differently
-                failures.append(f"{name}, {label}: {e}")
-                r = export_model(Loaded(m, name, d.input_shape, 10, pol, norm), "onnx",
-                                 tmp / f"{name}-{len(rows)}.onnx")
-                r = dataclasses.replace(r, accuracy=float("nan"))
-            c = bench_artifact(r.path, batch=32, repeats=args.repeats, warmup=20)
-            rows.append((name, label, r.file_bytes, r.accuracy, c.latency_ms, c.batch_latency_ms,
-                         b.latency_ms / c.latency_ms, b.batch_latency_ms / c.batch_latency_ms))
+        run = runs_root / f"{name}-{args.target}"
+        t0 = time.time()
+        summary = squeezer("search", "--model", name, "--budget", BUDGETS.get(name, "2MB"), "--target", args.target,
+                           "--trials", str(args.trials), "--trial-steps", str(args.trial_steps), "--base-epochs",
+                           str(args.base_epochs), "--final-epochs", str(args.final_epochs), "--seed", "0",
+                           "--threads", "1", "--quiet", "--run", str(run))
+        t_search = time.time() - t0
+        chosen = squeezer("export", str(run), "--format", "onnx", "--out", str(run / "export" / "model.onnx"))
+        chosen = chosen["artifacts"][0]
+        base_ld = load_checkpoint(run / "base" / "model.pt")
+        base_metrics = json.loads((run / "base" / "metrics.json").read_text())
+        base = export_model(base_ld, "onnx", run / "export" / "base_fp32.onnx", data=data,
+                            reported={"test_accuracy": base_metrics.get("test_accuracy")})
+        best = load_checkpoint(run / "best" / "model.pt")
+        plain = run / "export" / "model_plain_qdq.onnx"
+        export_onnx(deploy_model(best.model, mean=data.mean, std=data.std), plain, data.input_shape,
+                    fold_weights=False)
+        arts = {"fp32 base": base.path, "chosen": Path(chosen["path"]), "chosen, plain QDQ": plain}
+        sessions = {k: session(p) for k, p in arts.items()}
+        rng = np.random.default_rng(0)
+        lat1 = timed_rounds(sessions, rng.random((1, *data.input_shape), dtype=np.float32),
+                            rounds=args.rounds, repeats=args.repeats)
+        lat32 = timed_rounds(sessions, rng.random((32, *data.input_shape), dtype=np.float32),
+                             rounds=args.rounds, repeats=max(3, args.repeats // 8))
+        metrics = json.loads((run / "best" / "metrics.json").read_text())
+        for k, p in arts.items():
+            ops = Counter(op for op, _ in runtime_op_types(p))
+            acc = base.accuracy if k == "fp32 base" else chosen.get("accuracy") if k == "chosen" else None
+            rows.append((name, k, p.stat().st_size, acc, lat1[k], lat32[k], lat1["fp32 base"] / lat1[k],
+                         lat32["fp32 base"] / lat32[k], ops.get("QLinearConv", 0) + ops.get("QGemm", 0),
+                         ops.get("DequantizeLinear", 0), ops.get("QuantizeLinear", 0)))
             print(rows[-1], flush=True)
+        details.append(f"- {name}: search {t_search:.0f} s, chosen trial {(summary.get('best') or {}).get('trial', metrics.get('trial'))}"
+                       f" ({describe(best.policy.to_dict() if best.policy else None)}); reported test accuracy "
+                       f"{100 * metrics['test_accuracy']:.2f}%, ONNX {100 * chosen['accuracy']:.2f}% "
+                       f"(base {100 * base.accuracy:.2f}%); file {chosen['file_bytes']:,} B = "
+                       f"{chosen['size_ratio']:.3f}x the size model ({chosen.get('expected_bytes') or 0:,} B); "
+                       f"notes: {'; '.join(chosen.get('notes', [])) or '-'}")
     import onnxruntime
 
-    lines = ["# Export speed: exported chosen model vs exported fp32 base (host)", "",
-             f"Command: `python benchmarks/export_speed.py --models {' '.join(args.models)} --repeats {args.repeats}"
-             f" --steps {args.steps}`", "",
+    cmd = (f"python benchmarks/export_speed.py --models {' '.join(args.models)} --target {args.target} "
+           f"--trials {args.trials} --trial-steps {args.trial_steps} --base-epochs {args.base_epochs} "
+           f"--final-epochs {args.final_epochs} --rounds {args.rounds} --repeats {args.repeats}")
+    lines = ["# Export speed: exported chosen model of a search vs exported fp32 base (host)", "",
+             f"Command: `{cmd}` ({(time.time() - t_all) / 60:.1f} min in all)", "",
              f"Machine: {platform.processor() or platform.machine()}, ONNX Runtime {onnxruntime.__version__} "
              f"(CPUExecutionProvider, 1 intra-op thread), torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.",
-             "Latency: median of the repeats after 20 warm-up runs; base and chosen timed in the same run, "
-             "on a machine shared with other jobs. Accuracy: the exported ONNX file run by ONNX Runtime on "
-             "2,000 Fashion-MNIST test images (models trained only briefly: the point is speed and agreement).", "",
-             "| model | variant | ONNX bytes | ONNX acc | batch-1 ms | batch-32 ms | speed-up b1 | speed-up b32 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for n, label, size, acc, l1, l32, s1, s32 in rows:
-        lines.append(f"| {n} | {label} | {size:,} | {100 * acc:.1f}% | {l1:.3f} | {l32:.2f} | {s1:.2f}x | {s32:.2f}x |")
-    if failures:
-        lines += ["", "Verification failures (accuracy column shows nan; the file was written unverified for timing):"]
-        lines += [f"- {f}" for f in failures]
+             "Each model: `squeezer search --model M --budget B --target T ...` (fresh run folder, the CLI), "
+             "`squeezer export RUN --format onnx` (verified by ONNX Runtime on the whole Fashion-MNIST test set "
+             "against the accuracy the search reported), the run's fp32 base exported and verified the same way, "
+             "and the chosen model again in the plain QDQ form (`export_onnx(..., fold_weights=False)`: every "
+             "integer weight a runtime DequantizeLinear, as the exporter wrote before). Latency: the artifacts "
+             f"are timed interleaved in {args.rounds} rounds ({args.repeats} runs at batch 1, "
+             f"{max(3, args.repeats // 8)} at batch 32 per round, after warm-up); the median over rounds of the "
+             "per-round medians. The machine is shared with other jobs: only ratios within a run mean anything. "
+             "Runtime ops: what ORT runs per inference (its optimized graph).", "",
+             "| model | artifact | ONNX bytes | ONNX acc | batch-1 ms | batch-32 ms | speed-up b1 | speed-up b32 "
+             "| int8 kernels | runtime DQ | runtime Q |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, k, size, acc, l1, l32, s1, s32, qk, dq, q in rows:
+        a = "-" if acc is None else f"{100 * acc:.2f}%"
+        lines.append(f"| {n} | {k} | {size:,} | {a} | {l1:.3f} | {l32:.2f} | {s1:.2f}x | {s32:.2f}x | {qk} | {dq} | {q} |")
+    lines += ["", *details]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

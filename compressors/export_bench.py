@@ -46,6 +46,9 @@ class BenchResult:
             fixed batch of 1, as ExecuTorch programs do).
         per_image_ms: ``batch_latency_ms / batch``.
         predicted_ms: the cost model's batch-1 latency for ``target`` (``None`` if unavailable).
+        runtime_ops: for ONNX, how many of each op ONNX Runtime runs per inference (its optimized
+            graph): ``QLinearConv`` are int8 kernels; ``DequantizeLinear``/``QuantizeLinear`` are
+            conversions paid at every inference.
     """
 
     artifact: str
@@ -61,6 +64,7 @@ class BenchResult:
     target: str | None = None
     predicted_ms: float | None = None
     prediction_note: str | None = None
+    runtime_ops: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -186,5 +190,12 @@ def bench_artifact(path: str | Path, *, batch: int = 32, repeats: int = 30, warm
     elif kind != "pte":
         lat_b = lat1
     pred, note = predict_latency_ms(meta, target) if target else (None, None)
+    ops = None
+    if kind == "onnx":
+        from collections import Counter
+
+        from .export import runtime_op_types
+
+        ops = dict(sorted(Counter(op for op, _ in runtime_op_types(path, threads=threads)).items()))
     return BenchResult(str(path), kind, shape, batch if lat_b is not None else 1, repeats, warmup, threads, lat1, lat_b,
-                       None if lat_b is None else lat_b / batch, target, pred, note)
+                       None if lat_b is None else lat_b / batch, target, pred, note, ops)

@@ -8,6 +8,7 @@ the same as the plain QDQ form.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -89,3 +90,15 @@ def test_weight_only_int8_runs_like_fp32(tmp_path):
     ops = {op for op, _ in runtime_op_types(r.path)}
     assert not ops & {"DequantizeLinear", "QuantizeLinear", "Cast", "Mul"}
     assert r.size_ratio is not None and abs(r.size_ratio - 1) <= 0.15  # still int8-sized on disk
+
+
+def test_bench_reports_what_ort_runs(mixed, tmp_path, capsys):
+    from compressors.export_bench import bench_artifact
+    from search.cli import main
+
+    path = export_model(mixed, "onnx", tmp_path / "m.onnx").path
+    r = bench_artifact(path, batch=2, repeats=2, warmup=1, target=None)
+    assert r.runtime_ops["QLinearConv"] >= 5 and "DequantizeLinear" in r.runtime_ops  # activations only
+    assert r.runtime_ops == dict(sorted(Counter(op for op, _ in runtime_op_types(path)).items()))
+    assert main(["bench", str(path), "--batch", "2", "--repeats", "2", "--target", "none"]) == 0
+    assert f"{r.runtime_ops['QLinearConv']} int8 kernels" in capsys.readouterr().out

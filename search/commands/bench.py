@@ -53,4 +53,9 @@ def handler(args: argparse.Namespace) -> int:
               f"{r.latency_ms / r.predicted_ms:.2f})")
     elif r.prediction_note:
         print(f"  {r.prediction_note}")
+    if r.runtime_ops is not None:
+        ops = r.runtime_ops
+        print(f"  ONNX Runtime runs per inference: {ops.get('QLinearConv', 0) + ops.get('QGemm', 0)} int8 kernels, "
+              f"{ops.get('QuantizeLinear', 0)} QuantizeLinear, {ops.get('DequantizeLinear', 0)} DequantizeLinear, "
+              f"{sum(ops.values())} ops in all")
     return 0

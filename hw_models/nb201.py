@@ -13,9 +13,11 @@ measurements and by ``benchmarks/hw_fidelity.py``; measurement CSVs given to
 - Head: BN + ReLU, global average pool, Linear(64 -> classes).
 
 Runtimes eliminate dead code (:func:`live_edges`): ``dead="drop"`` removes ops whose output
-does not reach the cell output (the Raspberry Pi 4 TFLite measurements), ``dead="fold"`` also
-removes ops applied to nodes that only receive ``none`` (LiteRT on the Raspberry Pi 5),
-``dead="keep"`` keeps every non-``none`` op (the Eyeriss and FPGA simulators).
+does not reach the cell output (TFLite/LiteRT: the Raspberry Pi 4, Pixel and Raspberry Pi 5
+measurements), ``dead="fold"`` also removes ops applied to nodes that only receive ``none``
+(a converter that constant-folds zero tensors), ``dead="keep"`` keeps every non-``none`` op
+(the Eyeriss and FPGA simulators). HW-NAS-Bench-360's Raspberry Pi 5 / Pixel rows are one
+measurement per isomorphism class (:func:`unique_str`, :func:`measured_representatives`).
 
 Example:
     >>> arch = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
@@ -25,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -58,7 +60,7 @@ def live_edges(ops: Sequence[str], dead: str = "drop") -> tuple[bool, ...]:
     ``drop``: non-``none`` ops whose output reaches node 3 (a node that only receives ``none``
     is still a computed zero tensor, and ops applied to it run: HW-NAS-Bench's TFLite on the
     Raspberry Pi 4). ``fold``: additionally, zero nodes are constant-folded, so ops applied
-    to them vanish (LiteRT in HW-NAS-Bench-360 on the Raspberry Pi 5). ``keep``: every
+    to them vanish. ``keep``: every
     non-``none`` op (simulators).
     """
     if dead == "keep":
@@ -72,6 +74,57 @@ def live_edges(ops: Sequence[str], dead: str = "drop") -> tuple[bool, ...]:
         if ops[e] != "none" and reaches[j] and has_value[i]:
             reaches[i] = True
     return tuple(ops[e] != "none" and has_value[i] and reaches[j] for e, (i, j) in enumerate(EDGES))
+
+
+def unique_str(arch: str | Sequence) -> str:
+    """NAS-Bench-201's isomorphism key of a cell (``Structure.to_unique_str(consider_zero=True)``).
+
+    Node 0 is ``"0"``; every other node is the sorted ``+``-join of its incoming terms, where a
+    ``none`` edge or an edge from a zero node (``"#"``) gives ``"#"``, ``skip_connect`` passes
+    the source's string and any other op gives ``"(src)@op"``. The key of the cell is node 3's
+    string. NB-201's 15,625 cells fall into 6,466 keys. As in NB-201's own code, a node made
+    of several zero terms (``"#+#"``) is not itself treated as zero.
+
+    HW-NAS-Bench-360 (the Raspberry Pi 5 / Pixel rows of the shared data) measured one network
+    per key, the one with the lowest ``arch_idx``, and gives every architecture of the key that
+    measurement (see :func:`measured_representatives`).
+
+    Example:
+        >>> a = "|none~0|+|none~0|skip_connect~1|+|avg_pool_3x3~0|skip_connect~1|nor_conv_3x3~2|"
+        >>> b = "|none~0|+|none~0|skip_connect~1|+|avg_pool_3x3~0|nor_conv_1x1~1|nor_conv_3x3~2|"
+        >>> unique_str(a) == unique_str(b), unique_str(a)
+        (True, '#+(#+#)@nor_conv_3x3+(0)@avg_pool_3x3')
+    """
+    ops = parse_arch(arch)
+    nodes = ["0", "", "", ""]
+    for j in (1, 2, 3):
+        terms = []
+        for e, (i, jj) in enumerate(EDGES):
+            if jj != j:
+                continue
+            if ops[e] == "none" or nodes[i] == "#":
+                terms.append("#")
+            elif ops[e] == "skip_connect":
+                terms.append(nodes[i])
+            else:
+                terms.append(f"({nodes[i]})@{ops[e]}")
+        nodes[j] = "+".join(sorted(terms))
+    return nodes[3]
+
+
+def measured_representatives(archs: Mapping[int, str]) -> dict[int, int]:
+    """``arch_idx -> arch_idx`` of the network actually measured for it in HW-NAS-Bench-360:
+    the lowest index with the same :func:`unique_str` (all ``arch_idx`` of NB-201 must be given).
+
+    Example:
+        >>> measured_representatives({0: "|none~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|",
+        ...                           5: "|skip_connect~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|"})
+        {0: 0, 5: 0}
+    """
+    first: dict[str, int] = {}
+    for idx in sorted(archs):
+        first.setdefault(unique_str(archs[idx]), idx)
+    return {idx: first[unique_str(a)] for idx, a in archs.items()}
 
 
 def is_connected(ops: Sequence[str]) -> bool:

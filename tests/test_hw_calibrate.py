@@ -117,3 +117,42 @@ def test_measure_host_times_real_runtimes():
     assert rows[0].latency_ms > 0
     m = metrics([1.0, 2.0, 3.0], [1.1, 2.0, 2.5])
     assert m["n"] == 3 and 0 < m["mdape"] < 0.2
+
+
+def test_nb201_isomorphism_classes_match_the_published_count():
+    from hw_models.nb201 import OPS, measured_representatives, unique_str
+    import itertools
+
+    archs = dict(enumerate(itertools.product(OPS, repeat=6)))
+    assert len({unique_str(a) for a in archs.values()}) == 6466  # NAS-Bench-201 paper: 6,466 unique cells
+    reps = measured_representatives(archs)
+    assert all(reps[reps[i]] == reps[i] <= i for i in archs)
+    # A conv on a node made only of zero terms still counts (NB-201's own rule), a none edge does not.
+    assert unique_str(("none", "none", "skip_connect", "avg_pool_3x3", "skip_connect", "nor_conv_3x3")) == \
+        unique_str(("none", "none", "nor_conv_1x1", "avg_pool_3x3", "none", "nor_conv_3x3"))
+    assert unique_str(("skip_connect",) * 6) != unique_str(("nor_conv_1x1",) + ("skip_connect",) * 5)
+
+
+@pytest.mark.skipif(not (DATA / "nb360_pi5_cifar100_calibration.csv").is_file(), reason="shared data absent")
+def test_pi5_rows_are_one_measurement_per_isomorphism_class_and_the_shipped_a76_ranks_them():
+    """Rows sharing one measured value are exactly NB-201 isomorphism classes; predicting the
+    network that was measured (the class's lowest index) ranks the Pi 5 LiteRT rows >= 0.95."""
+    from hw_models.cost import estimate_table
+    from hw_models.nb201 import measured_representatives, unique_str
+
+    with (DATA / "nb201_archs.csv").open() as f:
+        archs = {int(r["arch_idx"]): r["arch_str"] for r in csv.DictReader(f)}
+    with (DATA / "nb360_pi5_cifar100_calibration.csv").open() as f:
+        rows = [(int(r["arch_idx"]), float(r["pi5_litert_lat_ms_median"])) for r in csv.DictReader(f)]
+    by_value: dict[float, set[str]] = {}
+    for idx, lat in rows:
+        by_value.setdefault(lat, set()).add(unique_str(archs[idx]))
+    assert sum(len(v) > 1 for v in by_value.values()) == 0
+    reps = measured_representatives(archs)
+    live = [(idx, lat) for idx, lat in rows if is_connected(parse_arch(archs[idx])) and lat >= 0.1][::8]
+    a76 = hw_models.get_target("arm-a76")
+    own = [estimate_table(nb201_table(archs[i], 100), None, a76, layers=False).latency_ms for i, _ in live]
+    rep = [estimate_table(nb201_table(archs[reps[i]], 100), None, a76, layers=False).latency_ms for i, _ in live]
+    y = [lat for _, lat in live]
+    sp_rep, sp_own = metrics(rep, y)["spearman"], metrics(own, y)["spearman"]
+    assert sp_rep >= 0.95 and sp_rep > sp_own

@@ -202,23 +202,22 @@ def random_policy(table, rng):
 
 def host_check(input_hw: int = 64, seed: int = 0, write_profile: bool = False) -> dict:
     """Calibrate ``host`` on this machine (models disjoint from the test set), then predict the
-    PyTorch-eager latency of 10 torchvision models under random structural policies."""
+    PyTorch-eager latency of 10 torchvision models under random structural policies.
+
+    Calibration and test models are timed together, round-robin (:func:`time_models`), so both
+    sets see the same machine load."""
     import copy
 
     from compressors.apply import apply_policy_
     from evaluators.models import build_model
-    from hw_models.calibrate import HOST_MODELS, HOST_PRIOR_WEIGHT, host_policies, measure_host, time_model
+    from hw_models.calibrate import HOST_MODELS, HOST_PRIOR_WEIGHT, host_instances, host_policies, time_models
     from hw_models.trace import trace
 
     shape = (3, input_hw, input_hw)
     t0 = time.time()
-    rows = measure_host(HOST_MODELS, input_shape=shape, policies=host_policies(seed))
-    host = calibrate("host", rows, energy=False, prior_weight=HOST_PRIOR_WEIGHT,
-                     source=f"measure_host (torch eager, 1 thread, CPU-time clock), {len(rows)} rows")
-    if write_profile:
-        save_target(host, ROOT / "hw_models" / "targets" / "host.yaml")
+    calib = host_instances(HOST_MODELS, input_shape=shape, policies=host_policies(seed))
     rng = np.random.default_rng(seed)
-    out = []
+    tests = []
     for name in HOST_EVAL_MODELS:
         base = build_model(name, in_channels=3, num_classes=10)
         table = trace(base, shape)
@@ -229,7 +228,16 @@ def host_check(input_hw: int = 64, seed: int = 0, write_profile: bool = False) -
         except Exception as e:  # noqa: BLE001 - report, then time the model unpruned
             print(f"  {name}: policy not applicable ({str(e)[:80]}); timing it uncompressed")
             pol, m = None, copy.deepcopy(base)
-        meas = time_model(m, shape, repeats=21, warmup=3)
+        tests.append((name, pol, table, m.eval()))
+    lats = time_models([m for *_, m in calib + tests], shape, repeats=21, warmup=3, rounds=7)
+    rows = [CalibrationRow(model=name, latency_ms=lat, input_shape=shape, policy=pol, table=table, runtime="torch")
+            for (name, pol, table, _), lat in zip(calib, lats)]
+    host = calibrate("host", rows, energy=False, prior_weight=HOST_PRIOR_WEIGHT,
+                     source=f"measure_host (torch eager, 1 thread, CPU-time clock, round-robin), {len(rows)} rows")
+    if write_profile:
+        save_target(host, ROOT / "hw_models" / "targets" / "host.yaml")
+    out = []
+    for (name, pol, table, _), meas in zip(tests, lats[len(calib):]):
         pred = estimate_table(table, pol, host, layers=False).latency_ms
         out.append({"model": name, "measured_ms": round(meas, 3), "predicted_ms": round(pred, 3),
                     "ape": round(abs(pred - meas) / meas, 3),

@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -231,33 +231,18 @@ def host_policies(seed: int = 0) -> list[Policy | None]:
             Policy(layers={"_default": LayerPolicy(prune_ratio=0.25, rank_ratio=0.5)})]
 
 
-def time_model(model: Any, input_shape: Sequence[int], *, runtime: str = "torch", repeats: int = 15,
-               warmup: int = 3, clock: str = "cpu") -> float:
-    """Median latency (ms) of one batch-1 inference after ``warmup`` runs, one thread.
-
-    ``clock="cpu"`` (default) times the process's CPU time: with one compute thread this is
-    the inference's own time, unaffected by other processes competing for the cores (a shared
-    machine inflates wall time by 2-3x at random); ``clock="wall"`` times wall-clock time.
-    """
+def _runner(model: Any, input_shape: Sequence[int], runtime: str) -> Callable[[], Any]:
+    """A zero-argument callable running one batch-1 inference of ``model`` in ``runtime``."""
     import torch
 
-    if clock not in ("cpu", "wall"):
-        raise ValueError(f"`clock in ('cpu', 'wall')` must hold, but got clock={clock!r}")
-    now = time.process_time if clock == "cpu" else time.perf_counter
-
-    torch.set_num_threads(1)
-    model = model.eval()
     x = torch.randn(1, *input_shape)
     if runtime == "torch":
-        with torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-            ts = []
-            for _ in range(repeats):
-                t0 = now()
-                model(x)
-                ts.append(now() - t0)
-        return float(np.median(ts) * 1e3)
+        model = model.eval()
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return model(x)
+        return run
     if runtime == "onnxruntime":
         import io
 
@@ -266,41 +251,73 @@ def time_model(model: Any, input_shape: Sequence[int], *, runtime: str = "torch"
         except ImportError as e:  # pragma: no cover - a declared dependency
             raise ImportError("measuring ONNX Runtime needs the 'onnxruntime' package") from e
         buf = io.BytesIO()
-        torch.onnx.export(model, (x,), buf, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
+        torch.onnx.export(model.eval(), (x,), buf, input_names=["x"], output_names=["y"], opset_version=17,
+                          dynamo=False)
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1
         sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
         feed = {"x": x.numpy()}
-        for _ in range(warmup):
-            sess.run(None, feed)
-        ts = []
-        for _ in range(repeats):
-            t0 = now()
-            sess.run(None, feed)
-            ts.append(now() - t0)
-        return float(np.median(ts) * 1e3)
+        return lambda: sess.run(None, feed)
     raise ValueError(f"`runtime in ('torch', 'onnxruntime')` must hold, but got runtime={runtime!r}")
 
 
-def measure_host(models: Sequence[str] = HOST_MODELS, *, input_shape: Sequence[int] = (3, 64, 64),
-                 policies: Sequence[Policy | None] | None = None, runtime: str = "torch", repeats: int = 15,
-                 warmup: int = 3, out_path: str | Path | None = None, num_classes: int = 10,
-                 seed: int = 0) -> list[CalibrationRow]:
-    """Time ``models`` (each under each policy) on this machine; optionally fit and write a profile.
+def time_models(models: Sequence[Any], input_shape: Sequence[int], *, runtime: str = "torch", repeats: int = 15,
+                warmup: int = 3, rounds: int = 5, clock: str = "cpu") -> list[float]:
+    """Median batch-1 latency (ms) of each model, one thread, timed round-robin.
 
-    Args:
-        models: model names (see :func:`evaluators.models.build_model`).
-        input_shape: ``(C, H, W)``.
-        policies: policies applied (structure only: eager float execution) before timing.
-        runtime: ``torch`` (eager) or ``onnxruntime``.
-        repeats: timed runs (the median is kept).
-        warmup: untimed runs first.
-        out_path: when given, calibrate the ``host`` target on the rows and save it there.
+    The ``repeats`` timed runs of every model are spread over ``rounds`` passes over all the
+    models (after ``warmup`` untimed runs each), so a change in machine load during the
+    measurement hits every model alike instead of whichever was timed last: calibration rows
+    and the rows they must predict are measured under the same conditions.
 
-    Returns:
-        The measured rows (with traced tables).
+    ``clock="cpu"`` (default) times the process's CPU time: with one compute thread this is the
+    inference's own time, less affected by other processes competing for the cores than wall
+    time; ``clock="wall"`` times wall-clock time.
+
+    Example:
+        >>> from evaluators.models import build_model
+        >>> ms = time_models([build_model("lenet5", in_channels=1, num_classes=10)], (1, 28, 28), repeats=3)
+        >>> len(ms) == 1 and 0 < ms[0] < 1000
+        True
     """
+    import torch
+
+    if clock not in ("cpu", "wall"):
+        raise ValueError(f"`clock in ('cpu', 'wall')` must hold, but got clock={clock!r}")
+    if repeats < 1 or rounds < 1:
+        raise ValueError(f"`repeats >= 1 and rounds >= 1` must hold, but got repeats={repeats}, rounds={rounds}")
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    torch.set_num_threads(1)
+    runs = [_runner(m, input_shape, runtime) for m in models]
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    ts: list[list[float]] = [[] for _ in runs]
+    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(min(rounds, repeats))]
+    for n in per_round:
+        for k, run in enumerate(runs):
+            for _ in range(n):
+                t0 = now()
+                run()
+                ts[k].append(now() - t0)
+    return [float(np.median(t) * 1e3) for t in ts]
+
+
+def time_model(model: Any, input_shape: Sequence[int], *, runtime: str = "torch", repeats: int = 15,
+               warmup: int = 3, clock: str = "cpu") -> float:
+    """Median latency (ms) of one batch-1 inference after ``warmup`` runs, one thread
+    (:func:`time_models` of one model)."""
+    return time_models([model], input_shape, runtime=runtime, repeats=repeats, warmup=warmup, rounds=1,
+                       clock=clock)[0]
+
+
+def host_instances(models: Sequence[str] = HOST_MODELS, *, input_shape: Sequence[int] = (3, 64, 64),
+                   policies: Sequence[Policy | None] | None = None, num_classes: int = 10,
+                   seed: int = 0) -> list[tuple[str, Policy | None, Any, Any]]:
+    """``(name, policy, traced table, compressed module)`` for every model under every policy it
+    takes (structure only: fake quantization is a training-time artefact, the deployable
+    structure is what runs)."""
     import copy
 
     import torch
@@ -312,20 +329,46 @@ def measure_host(models: Sequence[str] = HOST_MODELS, *, input_shape: Sequence[i
 
     torch.manual_seed(seed)
     policies = list(policies) if policies is not None else [None]
-    rows: list[CalibrationRow] = []
+    out = []
     for name in models:
         base = build_model(name, in_channels=int(input_shape[0]), num_classes=num_classes)
         table = trace(base, tuple(input_shape))
         for pol in policies:
             m = copy.deepcopy(base)
             if pol is not None:
-                try:  # fake quantization is a training-time artefact: time the deployable structure
+                try:
                     apply_policy_(m, pol, tuple(input_shape), skip_quantization=True)
                 except Exception:  # noqa: BLE001 - a policy this model cannot take is skipped
                     continue
-            lat = time_model(m, input_shape, runtime=runtime, repeats=repeats, warmup=warmup)
-            rows.append(CalibrationRow(model=name, latency_ms=lat, input_shape=tuple(input_shape),
-                                       num_classes=num_classes, policy=pol, table=table, runtime=runtime))
+            out.append((name, pol, table, m.eval()))
+    return out
+
+
+def measure_host(models: Sequence[str] = HOST_MODELS, *, input_shape: Sequence[int] = (3, 64, 64),
+                 policies: Sequence[Policy | None] | None = None, runtime: str = "torch", repeats: int = 15,
+                 warmup: int = 3, rounds: int = 5, out_path: str | Path | None = None, num_classes: int = 10,
+                 seed: int = 0) -> list[CalibrationRow]:
+    """Time ``models`` (each under each policy) on this machine; optionally fit and write a profile.
+
+    Args:
+        models: model names (see :func:`evaluators.models.build_model`).
+        input_shape: ``(C, H, W)``.
+        policies: policies applied (structure only: eager float execution) before timing.
+        runtime: ``torch`` (eager) or ``onnxruntime``.
+        repeats: timed runs (the median is kept).
+        warmup: untimed runs first.
+        rounds: passes over all models the repeats are spread over (see :func:`time_models`).
+        out_path: when given, calibrate the ``host`` target on the rows and save it there.
+
+    Returns:
+        The measured rows (with traced tables).
+    """
+    inst = host_instances(models, input_shape=input_shape, policies=policies, num_classes=num_classes, seed=seed)
+    lats = time_models([m for *_, m in inst], input_shape, runtime=runtime, repeats=repeats, warmup=warmup,
+                       rounds=rounds)
+    rows = [CalibrationRow(model=name, latency_ms=lat, input_shape=tuple(input_shape), num_classes=num_classes,
+                           policy=pol, table=table, runtime=runtime)
+            for (name, pol, table, _), lat in zip(inst, lats)]
     if out_path is not None:
         fitted = calibrate("host", rows, energy=False, prior_weight=HOST_PRIOR_WEIGHT,
                            source=f"measure_host ({runtime}) on this machine")

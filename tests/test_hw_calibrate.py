@@ -119,6 +119,30 @@ def test_measure_host_times_real_runtimes():
     assert m["n"] == 3 and 0 < m["mdape"] < 0.2
 
 
+def test_time_models_interleaves_models_so_load_drift_hits_all_alike():
+    import torch
+
+    from hw_models.calibrate import time_models
+
+    calls: list[str] = []
+
+    class Tagged(torch.nn.Module):
+        def __init__(self, tag: str) -> None:
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return x
+
+    ms = time_models([Tagged("a"), Tagged("b")], (1, 4, 4), repeats=4, warmup=1, rounds=2)
+    assert len(ms) == 2 and all(m >= 0 for m in ms)
+    timed = calls[2:]  # after one warm-up run each
+    assert timed == ["a", "a", "b", "b", "a", "a", "b", "b"]
+    with pytest.raises(ValueError, match="rounds"):
+        time_models([Tagged("a")], (1, 4, 4), rounds=0)
+
+
 def test_nb201_isomorphism_classes_match_the_published_count():
     from hw_models.nb201 import OPS, measured_representatives, unique_str
     import itertools

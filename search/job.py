@@ -292,7 +292,7 @@ def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool, space: SearchS
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(cfg, run_dir)
-    if storage is not None:  # e.g. the Ray backend's proxy to the run's storage
+    if storage is not None:  # a storage object the caller built (any Optuna BaseStorage)
         return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=make_sampler(cfg, space=space),
                                    directions=["maximize", "minimize"], load_if_exists=True)
     with warnings.catch_warnings():
@@ -316,6 +316,8 @@ def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool, space: SearchS
                     storage = storages.RDBStorage(
                         url, heartbeat_interval=15, grace_period=60, **retry,
                         engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
+                if url.startswith("sqlite:///"):
+                    sqlite_wal(storage)
                 return optuna.create_study(study_name=STUDY_NAME, storage=storage,
                                            sampler=make_sampler(cfg, space=space),
                                            directions=["maximize", "minimize"], load_if_exists=True)
@@ -327,6 +329,28 @@ def open_study(cfg: SearchConfig, run_dir: Path, *, create: bool, space: SearchS
                     break
                 time.sleep(0.5 * (attempt + 1))
     raise UserError(f"cannot open storage {url}: {str(last).splitlines()[0]}") from None
+
+
+def sqlite_wal(storage) -> None:
+    """Put a SQLite study in WAL mode with ``synchronous=NORMAL`` (for this storage's connections).
+
+    Optuna commits every ``suggest_*`` and attribute separately (~80 per trial here); in
+    SQLite's default mode each commit waits for an fsync (~20 ms on this machine's disk,
+    1.5 s per trial). In WAL mode with ``synchronous=NORMAL`` a commit is a write to the
+    log, still atomic and durable against a killed process; only a power loss can roll back
+    the last commits (SQLite's documented trade-off), and resume re-runs what that loses.
+    Several processes of one host share the file as before (WAL needs a local disk, not NFS).
+    """
+    from sqlalchemy import event
+
+    def on_connect(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # connections opened while creating the schema get the pragmas too
 
 
 def evaluated_trials(study) -> list:
@@ -398,11 +422,17 @@ def _pid_alive(pid: int) -> bool:
 def reap_dead_trials(study, run_dir: Path | None = None, *, dead_workers: set[str] | None = None) -> int:
     """Fail RUNNING trials whose worker process on this host is gone, and re-queue them.
 
+    A trial whose ``trials/NNNN.json`` already holds its finished result (the process died
+    after writing it, before the study committed the trial) is instead told to the study
+    from the file (:func:`recover_from_trial_file`): nothing computed is trained again.
+
     A trial killed between its creation and its first attribute has no ``worker``: it is
     reaped when no other worker of the run is alive on this host (the run's own SQLite
     storage) or when it is older than 10 minutes. ``dead_workers`` (``host:pid``) are
-    workers known dead elsewhere (the Ray backend's lost actors). Trials of other hosts
-    are otherwise left to Optuna's heartbeat (they fail after the grace period).
+    workers known dead elsewhere (the Ray backend's lost actors). A trial whose ``driver``
+    (the Ray backend's driver process, which asked for it) is dead on this host is reaped
+    too. Trials of other hosts are otherwise left to Optuna's heartbeat.
+    Returns the number of trials re-queued or recovered.
     """
     import datetime
 
@@ -412,21 +442,74 @@ def reap_dead_trials(study, run_dir: Path | None = None, *, dead_workers: set[st
     n = 0
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     alone = None
+
+    def dead_here(ident: str) -> bool:
+        h, _, pid = ident.rpartition(":")
+        return h == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
     for t in running:
-        w = t.user_attrs.get("worker", "")
-        h, _, pid = w.rpartition(":")
+        w, d = t.user_attrs.get("worker", ""), t.user_attrs.get("driver", "")
         orphan = False
-        if not w and run_dir is not None:
+        if not w and not d and run_dir is not None:
             if alone is None:
                 alone = other_live_workers(run_dir) == 0
             age = (datetime.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0.0
             orphan = (alone and not _shared_storage(study)) or age > 600
-        if orphan or (dead_workers and w in dead_workers) or \
-                (h == host and pid.isdigit() and not _pid_alive(int(pid)) and int(pid) != os.getpid()):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={"retried_from": t.number}, skip_if_exists=False)
+        if orphan or (dead_workers and w in dead_workers) or dead_here(w) or dead_here(d):
             n += 1
+            if run_dir is not None and recover_from_trial_file(study, t, run_dir):
+                continue
+            fail_and_requeue(study, t)
     return n
+
+
+def fail_and_requeue(study, trial) -> None:
+    """Mark a RUNNING trial FAIL and enqueue its params again (the same policy runs later)."""
+    import optuna
+
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    study.enqueue_trial(dict(trial.params), user_attrs={"retried_from": trial.number}, skip_if_exists=False)
+
+
+def recover_from_trial_file(study, trial, run_dir: Path) -> bool:
+    """Tell the study a RUNNING ``trial``'s result from its ``trials/NNNN.json``, if that holds one.
+
+    The file is written just before the study commits a trial; a kill in between leaves a
+    finished result on disk and a RUNNING trial in the study. The file counts only if it
+    is this trial's (same worker, same priced size: a folder reused with a new ``--storage``
+    has files of other trials under the same numbers). Returns whether it recovered.
+    """
+    import optuna
+
+    try:
+        rec = json.loads((Path(run_dir) / "trials" / f"{trial.number:04d}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    ua, metrics = trial.user_attrs, rec.get("metrics") or {}
+    if rec.get("number") != trial.number or rec.get("worker") != ua.get("worker") or \
+            (ua.get("cost") or {}).get("size_bytes") != metrics.get("size_bytes"):
+        return False
+    status = rec.get("status")
+    attrs: dict[str, Any] = {"recovered_from_file": True}
+    if status == "over_budget":
+        attrs["evaluated"] = False
+        state, values = optuna.trial.TrialState.COMPLETE, [0.0, float(metrics["latency_ms"])]
+    elif status in ("evaluated", "pruned"):
+        result = {"status": status, "val_accuracy": metrics.get("val_accuracy"), "steps": rec.get("steps"),
+                  "train_seconds": rec.get("train_seconds"), "rung_accuracy": rec.get("rung_accuracy") or {},
+                  "pruned_at": rec.get("pruned_at", rec.get("steps"))}
+        if status == "evaluated" and result["val_accuracy"] is None:
+            return False
+        attrs.update(result_attrs(result))
+        state = optuna.trial.TrialState.COMPLETE if status == "evaluated" else optuna.trial.TrialState.PRUNED
+        values = [float(result["val_accuracy"]), float(metrics["latency_ms"])] if status == "evaluated" else None
+    else:
+        return False
+    for k, v in attrs.items():
+        study._storage.set_trial_user_attr(trial._trial_id, k, v)
+    study._storage.set_trial_state_values(trial._trial_id, state, values)
+    log.info("trial %d: recovered its %s result from %s", trial.number, status, f"trials/{trial.number:04d}.json")
+    return True
 
 
 def _shared_storage(study) -> bool:
@@ -500,84 +583,136 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def sample_trial(ctx: Context, trial) -> tuple[Policy, Any, dict[str, float]]:
+    """Ask ``trial`` for a policy (narrowed by sensitivity) and price it on the target.
+
+    Records the cost and the constraints on the trial (what the sampler learns from).
+    """
+    from .sensitivity import NarrowedTrial
+
+    narrowed = ctx.extra.get("narrowed") or {}
+    policy = ctx.space.sample(NarrowedTrial(trial, narrowed) if narrowed else trial)
+    cost = ctx.estimate(policy)
+    named = named_constraints(cost, ctx.cfg, target_sram(ctx.target))
+    _tell_constraints(trial, named)
+    trial.set_user_attr("cost", cost_dict(cost))
+    return policy, cost, named
+
+
+class _StopAtRung(Exception):
+    pass
+
+
+def train_trial(ctx: Context, number: int, policy: Policy, *, on_rung=None, bar=None) -> dict[str, Any]:
+    """Trial work: apply ``policy`` to a copy of the base model, short fine-tune, validation accuracy.
+
+    ``on_rung(step, acc, rung_acc) -> bool`` is called at each rung step; True stops the
+    trial there (multi-fidelity). Returns ``status`` ("evaluated" | "pruned"),
+    ``val_accuracy`` (None when stopped), ``rung_accuracy``, ``steps``, ``train_seconds``
+    (the time of all of the above: what "trial work" means in the scaling numbers).
+    """
+    cfg = ctx.cfg
+    t0 = time.time()
+    seed_everything(cfg.seed + number)
+    model = copy.deepcopy(ctx.base)
+    batches = ctx.trial_train.first_batches(8, cfg.batch_size, seed=number)
+    apply_policy_(model, policy, ctx.input_shape, data=batches)
+    rungs = set(cfg.rung_steps)
+    steps_done = 0
+    rung_acc: dict[str, float] = {}
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        nonlocal steps_done
+        steps_done = step
+        if bar is not None:
+            bar.set_postfix_str(f"trial {number}: step {step}/{total} loss {loss:.3f}")
+        if step in rungs and step < total and on_rung is not None:
+            if "rung_val" not in ctx.extra:
+                ctx.extra["rung_val"] = ctx.data.val.subset(min(cfg.rung_val_size, len(ctx.data.val)), seed=cfg.seed)
+            rung_acc[str(step)] = evaluate(model, ctx.extra["rung_val"])
+            if on_rung(step, rung_acc[str(step)], dict(rung_acc)):
+                raise _StopAtRung
+
+    distill = policy.distill if cfg.distill else None
+    out: dict[str, Any] = {"status": "evaluated", "val_accuracy": None}
+    try:
+        train(model, ctx.trial_train, max_steps=cfg.trial_steps, epochs=10, lr=cfg.trial_lr,
+              batch_size=cfg.batch_size, teacher=ctx.base if distill else None, distill=distill,
+              seed=cfg.seed + number, progress=on_step, step_hook=sparsity_step_hook(model))
+    except _StopAtRung:
+        out.update(status="pruned", pruned_at=steps_done)
+    else:
+        out["val_accuracy"] = evaluate(model, ctx.data.val)
+    return {**out, "rung_accuracy": rung_acc, "steps": steps_done, "train_seconds": round(time.time() - t0, 3)}
+
+
+def trial_record(number: int, worker: str | None, policy: Policy, cost, cons: list[float],
+                 result: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``trials/NNNN.json`` record (``result`` from :func:`train_trial`; None = over budget)."""
+    rec: dict[str, Any] = {"number": number, "worker": worker, "policy": policy.to_dict(),
+                           "metrics": cost_dict(cost), "constraints": cons}
+    if result is None:
+        return {**rec, "status": "over_budget"}
+    if result["val_accuracy"] is not None:
+        rec["metrics"] = {**rec["metrics"], "val_accuracy": result["val_accuracy"]}
+    rec.update(status=result["status"], rung_accuracy=result["rung_accuracy"], steps=result["steps"],
+               train_seconds=result["train_seconds"])
+    if "pruned_at" in result:
+        rec["pruned_at"] = result["pruned_at"]
+    return rec
+
+
+def result_attrs(result: dict[str, Any]) -> dict[str, Any]:
+    """User attributes a finished trial carries (from :func:`train_trial`'s result)."""
+    attrs: dict[str, Any] = {"train_seconds": result["train_seconds"], "steps": result["steps"]}
+    if result["rung_accuracy"]:
+        attrs["rung_acc"] = dict(result["rung_accuracy"])
+    if result["status"] == "pruned":
+        attrs["pruned_at"] = result["pruned_at"]
+    else:
+        attrs.update(evaluated=True, val_accuracy=result["val_accuracy"])
+    return attrs
+
+
+def write_trial_file(run_dir: Path, rec: dict[str, Any]) -> None:
+    _write_json(Path(run_dir) / "trials" / f"{rec['number']:04d}.json", rec)
+
+
 def make_objective(ctx: Context, *, bar=None):
     import optuna
 
-    cfg, sram = ctx.cfg, target_sram(ctx.target)
-
-    rungs = set(cfg.rung_steps)
+    cfg = ctx.cfg
 
     def objective(trial: optuna.Trial):
-        from .sensitivity import NarrowedTrial
-
         trial.set_user_attr("worker", worker_id())
-        narrowed = ctx.extra.get("narrowed") or {}
-        policy = ctx.space.sample(NarrowedTrial(trial, narrowed) if narrowed else trial)
-        cost = ctx.estimate(policy)
-        named = named_constraints(cost, cfg, sram)
+        policy, cost, named = sample_trial(ctx, trial)
         cons = list(named.values())
-        _tell_constraints(trial, named)
-        trial.set_user_attr("cost", cost_dict(cost))
-        record: dict[str, Any] = {"number": trial.number, "worker": worker_id(), "policy": policy.to_dict(),
-                                  "metrics": cost_dict(cost), "constraints": cons}
         if max(cons) > 0:
             # Over budget: rejected by the cost model, no training (the sampler learns from it).
             trial.set_user_attr("evaluated", False)
-            record["status"] = "over_budget"
-            _write_json(ctx.run_dir / "trials" / f"{trial.number:04d}.json", record)
+            write_trial_file(ctx.run_dir, trial_record(trial.number, worker_id(), policy, cost, cons, None))
             return 0.0, float(cost.latency_ms)
         if not _claim(ctx, trial):
             # Enough trials trained or in training elsewhere (concurrent workers): not counted.
             trial.set_user_attr("surplus", True)
             trial.study.stop()
             raise optuna.TrialPruned("the asked number of trials is reached")
-        t0 = time.time()
-        seed_everything(cfg.seed + trial.number)
-        model = copy.deepcopy(ctx.base)
-        batches = ctx.trial_train.first_batches(8, cfg.batch_size, seed=trial.number)
-        apply_policy_(model, policy, ctx.input_shape, data=batches)
-        steps_done = 0
-        rung_acc: dict[str, float] = {}
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            nonlocal steps_done
-            steps_done = step
-            if bar is not None:
-                bar.set_postfix_str(f"trial {trial.number}: step {step}/{total} loss {loss:.3f}")
-            if step in rungs and step < total:
-                # Multi-fidelity: report accuracy at this rung; stop if below the best 1/eta there.
-                if "rung_val" not in ctx.extra:
-                    ctx.extra["rung_val"] = ctx.data.val.subset(min(cfg.rung_val_size, len(ctx.data.val)),
-                                                                seed=cfg.seed)
-                rung_acc[str(step)] = evaluate(model, ctx.extra["rung_val"])
-                trial.set_user_attr("rung_acc", dict(rung_acc))
-                if should_stop_at_rung(trial.study, trial.number, step, rung_acc[str(step)], cfg):
-                    trial.set_user_attr("pruned_at", step)
-                    raise optuna.TrialPruned(f"validation accuracy {rung_acc[str(step)]:.4f} at step {step} "
-                                             f"is below the best 1/{cfg.prune_eta} of its rung")
+        def on_rung(step: int, acc: float, rung_acc: dict[str, float]) -> bool:
+            # Published at once: concurrent workers compare against it at their rungs.
+            trial.set_user_attr("rung_acc", rung_acc)
+            return should_stop_at_rung(trial.study, trial.number, step, acc, cfg)
 
-        distill = policy.distill if cfg.distill else None
-        try:
-            train(model, ctx.trial_train, max_steps=cfg.trial_steps, epochs=10, lr=cfg.trial_lr,
-                  batch_size=cfg.batch_size, teacher=ctx.base if distill else None, distill=distill,
-                  seed=cfg.seed + trial.number, progress=on_step, step_hook=sparsity_step_hook(model))
-        except optuna.TrialPruned:
-            seconds = time.time() - t0
-            trial.set_user_attr("train_seconds", round(seconds, 2))
-            trial.set_user_attr("steps", steps_done)
-            record.update(status="pruned", rung_accuracy=rung_acc, train_seconds=round(seconds, 2), steps=steps_done)
-            _write_json(ctx.run_dir / "trials" / f"{trial.number:04d}.json", record)
-            raise
-        acc = evaluate(model, ctx.data.val)
-        seconds = time.time() - t0
-        trial.set_user_attr("evaluated", True)
-        trial.set_user_attr("val_accuracy", acc)
-        trial.set_user_attr("train_seconds", round(seconds, 2))
-        trial.set_user_attr("steps", steps_done)
-        record.update(status="evaluated", metrics={**cost_dict(cost), "val_accuracy": acc}, rung_accuracy=rung_acc,
-                      train_seconds=round(seconds, 2), steps=steps_done)
-        _write_json(ctx.run_dir / "trials" / f"{trial.number:04d}.json", record)
-        return acc, float(cost.latency_ms)
+        result = train_trial(ctx, trial.number, policy, on_rung=on_rung, bar=bar)
+        # The file first: if the process dies before Optuna commits the trial, resume
+        # recovers the result from it (recover_from_trial_file) instead of training again.
+        write_trial_file(ctx.run_dir, trial_record(trial.number, worker_id(), policy, cost, cons, result))
+        for k, v in result_attrs(result).items():
+            trial.set_user_attr(k, v)
+        if result["status"] == "pruned":
+            raise optuna.TrialPruned(f"validation accuracy {result['rung_accuracy'][str(result['pruned_at'])]:.4f} "
+                                     f"at step {result['pruned_at']} is below the best 1/{cfg.prune_eta} of its rung")
+        return result["val_accuracy"], float(cost.latency_ms)
 
     return objective
 
@@ -588,11 +723,30 @@ def should_stop_at_rung(study, number: int, step: int, acc: float, cfg: SearchCo
     ``rung_min_trials`` trials reached it, so the first ones always go on)."""
     peers = [t.user_attrs["rung_acc"][str(step)] for t in study.get_trials(deepcopy=False)
              if t.number != number and str(step) in (t.user_attrs.get("rung_acc") or {})]
-    vals = sorted(peers + [acc], reverse=True)
+    return rung_says_stop(peers, acc, cfg)
+
+
+def rung_says_stop(peers: list[float], acc: float, cfg: SearchConfig) -> bool:
+    """The rung rule of :func:`should_stop_at_rung` given the other trials' accuracies there."""
+    vals = sorted(list(peers) + [acc], reverse=True)
     if len(vals) < cfg.rung_min_trials:
         return False
     k = max(1, len(vals) // cfg.prune_eta)
     return acc < vals[k - 1]
+
+
+def try_claim(ctx: Context, study, trial_number: int) -> bool | None:
+    """One claim attempt under the run's lock: True = ``trial_number`` may train (the caller
+    marks it ``training``), False = enough trials trained, None = the last places are held by
+    trials in training elsewhere (wait and retry)."""
+    import optuna
+
+    trained = len(trained_trials(study))
+    if trained >= ctx.cfg.trials:
+        return False
+    busy = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.user_attrs.get("training") and t.number != trial_number]
+    return True if trained + len(busy) < ctx.cfg.trials else None
 
 
 def _claim(ctx: Context, trial) -> bool:
@@ -601,20 +755,15 @@ def _claim(ctx: Context, trial) -> bool:
     Concurrent workers of one run take turns under a file lock; a worker whose peers hold the
     last places waits for them (a peer that dies is reaped and its place freed).
     """
-    import optuna
-
     from .sensitivity import file_lock
 
     while True:
         with file_lock(ctx.run_dir / ".claim.lock"):
-            trained = len(trained_trials(trial.study))
-            if trained >= ctx.cfg.trials:
-                return False
-            busy = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                    if t.user_attrs.get("training") and t.number != trial.number]
-            if trained + len(busy) < ctx.cfg.trials:
+            ok = try_claim(ctx, trial.study, trial.number)
+            if ok:
                 trial.set_user_attr("training", True)
-                return True
+            if ok is not None:
+                return ok
         reap_dead_trials(trial.study, ctx.run_dir)
         time.sleep(1.0)
 
@@ -629,7 +778,7 @@ def run_trials(ctx: Context, study, *, progress: bool = True) -> None:
     hold_worker_lock(ctx.run_dir)
     reaped = reap_dead_trials(study, ctx.run_dir)
     if reaped:
-        log.info("re-queued %d trial(s) whose worker died", reaped)
+        log.info("re-queued or recovered %d trial(s) whose worker died", reaped)
     done = len(trained_trials(study))
     exhausted = getattr(study.sampler, "exhausted", None)
     if done >= cfg.trials or (exhausted is not None and exhausted(study)):

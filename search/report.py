@@ -3,7 +3,9 @@
 ``report(run_dir)`` returns a JSON-ready dict (a stable interface: ``base`` and ``best``
 objects with ``size_bytes``, ``latency_ms``, ``energy_mj``, ``test_accuracy`` (and
 ``val_accuracy`` for ``best``), and ``trials``, a list with ``number``, ``state`` (Optuna's
-state name), ``values``, ``params`` and ``worker``); ``format_report`` renders it for people.
+state name), ``status`` (:func:`trial_status`), ``values``, ``params``, ``worker``, ``val_accuracy``
+and, for early-stopped trials, ``pruned_at`` and ``rung_accuracy``); ``format_report`` renders it
+for people.
 """
 
 from __future__ import annotations
@@ -57,10 +59,13 @@ def report(run_dir: str | Path) -> dict[str, Any]:
     rows = []
     for t in trials:
         ua = t.user_attrs
+        rung = {int(k): v for k, v in (ua.get("rung_acc") or {}).items()}
         rows.append({"number": t.number, "state": t.state.name, "values": list(t.values) if t.values else None,
-                     "params": dict(t.params), "worker": ua.get("worker"),
+                     "params": dict(t.params), "worker": ua.get("worker"), "status": trial_status(t),
                      "evaluated": bool(ua.get("evaluated", False)), "constraints": ua.get("constraints"),
                      "cost": ua.get("cost"), "val_accuracy": ua.get("val_accuracy"),
+                     "pruned_at": ua.get("pruned_at"),
+                     "rung_accuracy": {str(k): rung[k] for k in sorted(rung)},
                      "train_seconds": ua.get("train_seconds"),
                      "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
                      "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None})
@@ -74,6 +79,28 @@ def report(run_dir: str | Path) -> dict[str, Any]:
 
     rep["hypervolume"] = report_hypervolume(rep)
     return rep
+
+
+def trial_status(t) -> str:
+    """What happened to a trial, in words: ``trained``, ``over budget`` (rejected by the cost
+    model, never trained), ``stopped`` (early-stopped at a rung), ``surplus`` (not needed: the
+    asked count was reached), ``failed`` (its worker died; re-queued), ``running``, ``queued``."""
+    ua, state = t.user_attrs, t.state.name
+    if state == "COMPLETE":
+        return "trained" if ua.get("evaluated") else "over budget"
+    if state == "PRUNED":
+        return "stopped" if "pruned_at" in ua else "surplus"
+    return {"FAIL": "failed", "RUNNING": "running", "WAITING": "queued"}.get(state, state.lower())
+
+
+def _accuracy_cell(t: dict[str, Any]) -> str:
+    """Validation accuracy; a stopped trial shows its last rung's accuracy and step."""
+    if t["val_accuracy"] is not None:
+        return f"{t['val_accuracy']:.4f}"
+    if t.get("status") == "stopped" and t.get("rung_accuracy"):
+        step, acc = list(t["rung_accuracy"].items())[-1]
+        return f"{acc:.4f}@{step}"
+    return "-"
 
 
 def format_report(rep: dict[str, Any], *, max_trials: int = 30) -> str:
@@ -100,16 +127,19 @@ def format_report(rep: dict[str, Any], *, max_trials: int = 30) -> str:
             lines.append(f"  distillation: {d['method']} T={d['temperature']:.2f} alpha={d['alpha']:.2f}")
         lines.append("")
     trials = rep["trials"]
-    n_eval = sum(1 for t in trials if t["evaluated"])
-    lines.append(f"trials: {len(trials)} sampled, {n_eval} trained, "
-                 f"{sum(1 for t in trials if t['state'] == 'COMPLETE' and not t['evaluated'])} rejected by the cost model")
-    lines.append(f"  {'#':>4} {'state':<9} {'val acc':>8} {'latency ms':>11} {'size':>10} {'s':>6}  worker")
+    count = {k: sum(1 for t in trials if t.get("status") == k) for k in ("trained", "stopped", "over budget")}
+    lines.append(f"trials: {len(trials)} sampled, {count['trained'] + count['stopped']} trained "
+                 f"({count['stopped']} stopped early at a rung), {count['over budget']} rejected by the cost model")
+    lines.append(f"  {'#':>4} {'status':<12} {'val acc':>11} {'latency ms':>11} {'size':>10} {'s':>6}  worker")
     for t in trials[-max_trials:]:
-        acc = f"{t['val_accuracy']:.4f}" if t["val_accuracy"] is not None else ("over" if t["cost"] else "-")
+        status = t.get("status") or t["state"].lower()
+        if status == "stopped" and t.get("pruned_at") is not None:
+            status = f"stopped@{t['pruned_at']}"
         lat = f"{t['cost']['latency_ms']:.3f}" if t["cost"] else "-"
         size = format_bytes(t["cost"]["size_bytes"]) if t["cost"] else "-"
         secs = f"{t['train_seconds']:.0f}" if t["train_seconds"] else "-"
-        lines.append(f"  {t['number']:>4} {t['state']:<9} {acc:>8} {lat:>11} {size:>10} {secs:>6}  {t['worker'] or ''}")
+        lines.append(f"  {t['number']:>4} {status:<12} {_accuracy_cell(t):>11} {lat:>11} {size:>10} {secs:>6}  "
+                     f"{t['worker'] or ''}")
     return "\n".join(lines)
 
 

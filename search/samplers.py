@@ -59,7 +59,8 @@ class UniformGridSampler(BaseSampler):
                 if t.number != trial.number and t.state != TrialState.FAIL}
         free = [i for i in range(len(self.grid)) if i not in used]
         if not free:
-            study.stop()
+            if getattr(study._thread_local, "in_optimize_loop", False):  # ask-and-tell callers check exhausted()
+                study.stop()
             gid = trial.number % len(self.grid)
         else:
             gid = free[0]

@@ -112,30 +112,62 @@ def describe(policy: dict | None) -> str:
     return ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) + f"; {pruned} pruned"
 
 
+def compare(arts: dict[str, Path], shape, args) -> list[str]:
+    """Markdown rows: the artifacts timed interleaved, speed-ups against the first one."""
+    sessions = {k: session(p) for k, p in arts.items()}
+    rng = np.random.default_rng(0)
+    lat1 = timed_rounds(sessions, rng.random((1, *shape), dtype=np.float32), rounds=args.rounds, repeats=args.repeats)
+    lat32 = timed_rounds(sessions, rng.random((32, *shape), dtype=np.float32), rounds=args.rounds,
+                         repeats=max(3, args.repeats // 8))
+    ref = next(iter(arts))
+    lines = ["| artifact | ONNX bytes | batch-1 ms | batch-32 ms | speed-up b1 | speed-up b32 | int8 kernels "
+             "| runtime DQ |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, p in arts.items():
+        ops = Counter(op for op, _ in runtime_op_types(p))
+        lines.append(f"| {k} | {p.stat().st_size:,} | {lat1[k]:.3f} | {lat32[k]:.2f} | {lat1[ref] / lat1[k]:.2f}x | "
+                     f"{lat32[ref] / lat32[k]:.2f}x | {ops.get('QLinearConv', 0) + ops.get('QGemm', 0)} | "
+                     f"{ops.get('DequantizeLinear', 0)} |")
+    return lines
+
+
 def time_trial(run: Path, args) -> int:
     """A non-chosen trial of a finished run (e.g. a mixed policy) vs the run's exported fp32 base."""
     out = squeezer("export", str(run), "--trial", str(args.trial), "--finetune", str(args.finetune), "--format", "onnx",
                    "--out", str(run / "export" / f"trial{args.trial}.onnx"))["artifacts"][0]
     base = run / "export" / "base_fp32.onnx"
     if not base.is_file():
-        data = load_dataset("fashion-mnist")
-        export_model(load_checkpoint(run / "base" / "model.pt"), "onnx", base, data=data)
-    arts = {"fp32 base": base, f"trial {args.trial}": Path(out["path"])}
-    sessions = {k: session(p) for k, p in arts.items()}
-    shape = load_checkpoint(run / "base" / "model.pt").input_shape
-    rng = np.random.default_rng(0)
-    lat1 = timed_rounds(sessions, rng.random((1, *shape), dtype=np.float32), rounds=args.rounds, repeats=args.repeats)
-    lat32 = timed_rounds(sessions, rng.random((32, *shape), dtype=np.float32), rounds=args.rounds,
-                         repeats=max(3, args.repeats // 8))
+        export_model(load_checkpoint(run / "base" / "model.pt"), "onnx", base, data=load_dataset("fashion-mnist"))
     pol = json.loads((run / "trials" / f"{args.trial:04d}.json").read_text()).get("policy")
     lines = [f"Trial {args.trial}: {describe(pol)}; ONNX accuracy {100 * out['accuracy']:.2f}% (PyTorch "
              f"{100 * out['torch_accuracy']:.2f}%), file {out['file_bytes']:,} B = {out['size_ratio']:.3f}x the size "
-             "model.", "", "| artifact | batch-1 ms | batch-32 ms | speed-up b1 | speed-up b32 | int8 kernels | runtime DQ |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for k, p in arts.items():
-        ops = Counter(op for op, _ in runtime_op_types(p))
-        lines.append(f"| {k} | {lat1[k]:.3f} | {lat32[k]:.2f} | {lat1['fp32 base'] / lat1[k]:.2f}x | "
-                     f"{lat32['fp32 base'] / lat32[k]:.2f}x | {ops.get('QLinearConv', 0)} | {ops.get('DequantizeLinear', 0)} |")
+             "model.", ""]
+    lines += compare({"fp32 base": base, f"trial {args.trial}": Path(out["path"])},
+                     load_checkpoint(run / "base" / "model.pt").input_shape, args)
+    print("\n".join(lines))
+    return 0
+
+
+def time_existing(run: Path, args) -> int:
+    """The chosen model of an existing run folder (read only): exported now, in the plain QDQ form,
+    and the file exported before (``RUN/export/model.onnx``, if any), against its fp32 base."""
+    out_dir = Path(args.runs or tempfile.mkdtemp(prefix="export_existing_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    new = squeezer("export", str(run), "--format", "onnx", "--out", str(out_dir / "model.onnx"))["artifacts"][0]
+    data = load_dataset("fashion-mnist")
+    base = run / "export" / "base_fp32.onnx"
+    if not base.is_file():
+        base = export_model(load_checkpoint(run / "base" / "model.pt"), "onnx", out_dir / "base_fp32.onnx",
+                            data=data).path
+    best = load_checkpoint(run / "best" / "model.pt")
+    plain = out_dir / "model_plain_qdq.onnx"
+    export_onnx(deploy_model(best.model, mean=data.mean, std=data.std), plain, data.input_shape, fold_weights=False)
+    arts = {"fp32 base": base, "chosen, exported now": Path(new["path"]), "chosen, plain QDQ": plain}
+    if (run / "export" / "model.onnx").is_file():
+        arts["chosen, file exported before"] = run / "export" / "model.onnx"
+    lines = [f"Chosen: {describe(best.policy.to_dict() if best.policy else None)}; ONNX accuracy "
+             f"{100 * new['accuracy']:.2f}% (reported {100 * new['reported_accuracy']:.2f}%), file "
+             f"{new['file_bytes']:,} B = {new['size_ratio']:.3f}x the size model.", ""]
+    lines += compare(arts, best.input_shape, args)
     print("\n".join(lines))
     return 0
 
@@ -155,11 +187,15 @@ def main() -> int:
     ap.add_argument("--trial-of", metavar="RUN", help="only export trial --trial of this run folder (fine-tuned "
                                                       "--finetune epochs) and time it against the run's fp32 base")
     ap.add_argument("--trial", type=int, default=1)
+    ap.add_argument("--existing", metavar="RUN", help="only re-export the chosen model of this (finished) run folder "
+                                                      "into --runs and time it against the run's fp32 base")
     ap.add_argument("--finetune", type=float, default=0.2)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.trial_of:
         return time_trial(Path(args.trial_of), args)
+    if args.existing:
+        return time_existing(Path(args.existing), args)
     runs_root = Path(args.runs or tempfile.mkdtemp(prefix="export_speed_"))
     data = load_dataset("fashion-mnist")
     rows, details = [], []

@@ -140,6 +140,16 @@ def scaling(args, model, budget) -> dict:
                         "tail_idle_seconds": info["tail_idle_seconds"],
                         "outside_trial_share_without_tail": info["outside_trial_share_without_tail"],
                         "slot_seconds": info["slot_seconds"]}
+    # The Optuna backend (trials in this process) for reference: its share of the search loop.
+    cfg = _cfg(args, model, budget, "optuna1", trials=args.scaling_trials, rungs=None, sensitivity=False,
+               sampler=args.scaling_sampler, final_epochs=0.0)
+    summary = job.search(cfg, progress=False)
+    study = optuna.load_study(study_name=job.STUDY_NAME, storage=job.storage_url(cfg, Path(cfg.run)))
+    trained = job.trained_trials(study)
+    busy = sum(t.user_attrs.get("train_seconds", 0.0) for t in trained)
+    out["optuna_backend"] = {"trials": len(trained), "search_seconds": summary["search_seconds"],
+                             "trial_work_seconds": round(busy, 2),
+                             "outside_trial_share": round(1 - busy / summary["search_seconds"], 4)}
     out["ratio_2_vs_1"] = round(out[2]["trials_per_hour"] / out[1]["trials_per_hour"], 3)
     out["ratio_2_vs_1_after_startup"] = round(out[2]["trials_per_hour_after_startup"] /
                                               out[1]["trials_per_hour_after_startup"], 3)

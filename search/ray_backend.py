@@ -249,7 +249,7 @@ def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
             with file_lock(run_dir / ".claim.lock"):
                 ok = job.try_claim(ctx, study, s.trial.number)
                 if ok:
-                    slot = idle.pop()
+                    slot = idle.pop(0)  # the longest idle first: trials spread over the workers
                     s.trial.set_user_attr("worker", slot.info["worker"])
                     s.trial.set_user_attr("training", True)
             seconds["record"] += time.time() - t0
@@ -309,8 +309,10 @@ def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
         bar.refresh()
 
     t_end = time.time()
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")  # ask-and-tell: no heartbeat thread
-    try:
+
+    def loop() -> None:
+        """Sample ahead, dispatch, record results, until the count is reached or nothing is left."""
+        nonlocal t_end
         while True:
             if not idle and not inflight and not starting:
                 if not slots:
@@ -347,6 +349,11 @@ def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
                     del starting[ref]
                     log.warning("ray: a worker did not start within %g s (%d CPU each); going on with %d",
                                 start_timeout, threads, len(idle) + len(inflight))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")  # ask-and-tell
+            loop()
     finally:
         bar.close()
         # Trials not finished here go back to the queue (a normal end leaves only surplus ones).

@@ -37,7 +37,7 @@ def test_two_nodes_share_one_study_in_the_run_folder(cluster, tmp_path):
     from search.report import report
 
     run = tmp_path / "r"
-    summary = job.search(_cfg(run), progress=False)
+    summary = job.search(_cfg(run, trial_steps=16), progress=False)  # long enough for both workers to join
     info = json.loads((run / "ray_workers.json").read_text())
     assert len({w["node_id"] for w in info["workers"]}) == 2          # one worker per node
     workers = {w["worker"] for w in info["workers"]}

@@ -1,14 +1,18 @@
-"""Multi-fidelity: trials report validation accuracy at rungs; a bad one stops early."""
+"""Multi-fidelity: trials report validation accuracy at rungs; a bad one stops early, and
+``squeezer report`` shows it as stopped at its rung with the accuracy it reported there,
+never as over budget."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import optuna
 import pytest
 
 from search import job
 from search.config import SearchConfig
+from search.report import format_report, report
 
 
 def test_rung_rule_keeps_the_best_fraction():
@@ -35,6 +39,7 @@ def test_a_destructive_policy_is_stopped_at_the_first_rung(tmp_path):
                        sensitivity=False, seed=1, run=str(tmp_path / "run"))
     run = tmp_path / "run"
     ctx = job.prepare(cfg, run, progress=False)
+    cfg.save(run / "config.yaml")
     study = job.open_study(cfg, run, create=True, space=ctx.space)
     sp = ctx.space
     good = sp.params_for(sp.uniform_policy(prune_ratio=0.0, weight_bits=8, act_bits=8))
@@ -52,3 +57,14 @@ def test_a_destructive_policy_is_stopped_at_the_first_rung(tmp_path):
     assert rec["rung_accuracy"]["4"] < first.user_attrs["rung_acc"]["4"]
     # Stopped trials count as trained: exactly the asked-for number ran, no more.
     assert len(job.trained_trials(study)) == 3 and len(trials) == 3
+
+    rep = report(run)
+    rows = {t["number"]: t for t in rep["trials"]}
+    assert [rows[n]["status"] for n in (0, 1, 2)] == ["trained", "trained", "stopped"]
+    assert rows[2]["pruned_at"] == 4 and rows[2]["val_accuracy"] is None
+    assert rows[2]["rung_accuracy"] == {"4": last.user_attrs["rung_acc"]["4"]}
+    text = format_report(rep)
+    line = next(ln for ln in text.splitlines() if re.match(r"\s+2 ", ln))
+    assert "over" not in line and "stopped@4" in line
+    assert f"{last.user_attrs['rung_acc']['4']:.4f}@4" in line       # the accuracy it stopped with
+    assert "3 trained (1 stopped early at a rung), 0 rejected by the cost model" in text

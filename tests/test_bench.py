@@ -11,7 +11,7 @@ from compressors.export import export_model
 from compressors.export_bench import BenchError, bench_artifact
 from compressors.policy import LayerPolicy, Policy
 from search.cli import main
-from export_helpers import compressed
+from conftest import compressed
 
 torch.set_num_threads(1)
 POLICY = Policy(layers={"_default": LayerPolicy(prune_ratio=0.5, weight_bits=8)})

@@ -13,7 +13,7 @@ from compressors.export import (EXPORT_FORMATS, SIZE_TOLERANCE, MissingExtraErro
                                 compare_runtime, export_model, onnx_runner)
 from compressors.policy import LayerPolicy, Policy, PolicyError
 from search.cli import main
-from export_helpers import compressed, fmnist, make_run
+from conftest import compressed, fmnist_subset, make_run
 
 torch.set_num_threads(1)
 
@@ -26,12 +26,12 @@ MIXED = Policy(layers={"_default": LayerPolicy(prune_ratio=0.25, weight_bits=4, 
 
 
 def _raw(x: torch.Tensor) -> np.ndarray:
-    d = fmnist()
+    d = fmnist_subset()
     return (x * d.std[0] + d.mean[0]).numpy()
 
 
 def _logits(ld, path, n: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    x = fmnist().test.x[:n]
+    x = fmnist_subset().test.x[:n]
     with torch.no_grad():
         ref = ld.model(x).numpy()
     return onnx_runner(path)(_raw(x)), ref
@@ -48,7 +48,7 @@ def _logits(ld, path, n: int = 256) -> tuple[np.ndarray, np.ndarray]:
 def test_onnx_round_trip_matches_pytorch(tmp_path, name, policy, atol):
     steps = 60 if name == "lenet5" else 20
     ld = compressed(name, policy, base_steps=steps, steps=4)
-    r = export_model(ld, "onnx", tmp_path / "m.onnx", data=fmnist())
+    r = export_model(ld, "onnx", tmp_path / "m.onnx", data=fmnist_subset())
     out, ref = _logits(ld, r.path)
     if atol is not None:
         np.testing.assert_allclose(out, ref, atol=atol * max(1.0, np.abs(ref).max()), rtol=0)
@@ -77,7 +77,7 @@ def test_onnx_graph_holds_integers_folded_bn_and_raw_input(tmp_path):
                 and i.dims[2] == 3]                               # no float 3x3 kernels left
     meta = {p.key: p.value for p in m.metadata_props}
     assert Policy.from_dict(json.loads(meta["squeezer.policy"])) == MIXED
-    assert json.loads(meta["squeezer.normalization"])["mean"] == list(fmnist().mean)
+    assert json.loads(meta["squeezer.normalization"])["mean"] == list(fmnist_subset().mean)
     # Zeros of the sparse layers are stored (dense) in the integer codes.
     q = next(i for i in m.graph.initializer if i.name == "model.layer1.0.conv2.0.wq")
     codes = onnx.numpy_helper.to_array(q).astype(np.int8)
@@ -89,7 +89,7 @@ def test_int8_onnx_size_within_tolerance_of_packed_size(tmp_path):
     from compressors.packing import pack_model
 
     ld = compressed("resnet20", QUANT8_ACT, base_steps=20, steps=4)
-    r = export_model(ld, "onnx", tmp_path / "m.onnx", data=fmnist())
+    r = export_model(ld, "onnx", tmp_path / "m.onnx", data=fmnist_subset())
     packed = len(pack_model(ld.model))
     assert r.expected_bytes == packed
     assert abs(r.file_bytes / packed - 1) <= SIZE_TOLERANCE
@@ -104,7 +104,7 @@ def test_int8_onnx_size_within_tolerance_of_packed_size(tmp_path):
 
 def test_torchscript_and_state_dict_round_trip(tmp_path):
     ld = compressed("lenet5", MIXED)
-    d = fmnist()
+    d = fmnist_subset()
     ts = export_model(ld, "torchscript", tmp_path / "m.pt", data=d)
     assert abs(ts.accuracy - ts.torch_accuracy) <= 0.005
     x = d.test.x[:64]
@@ -138,7 +138,7 @@ def test_old_policy_schema_is_migrated_and_unknown_rejected(tmp_path):
 
 def test_verification_mismatch_raises(tmp_path):
     ld = compressed("lenet5", QUANT8)
-    d = fmnist()
+    d = fmnist_subset()
     ok = export_model(ld, "onnx", tmp_path / "a.onnx", data=d)
     with pytest.raises(VerificationError, match="differs from the accuracy the search reported"):
         export_model(ld, "onnx", tmp_path / "b.onnx", data=d, reported={"test_accuracy": ok.torch_accuracy + 0.02})
@@ -161,7 +161,7 @@ def test_pte_missing_extra_names_the_extra(tmp_path, monkeypatch):
 @pytest.mark.skipif(not __import__("compressors.export_pte", fromlist=["x"]).executorch_available(),
                     reason="executorch not installed (pip install squeezer[executorch])")
 def test_pte_runs_in_executorch_runtime(tmp_path):
-    r = export_model(compressed("lenet5", QUANT8_ACT), "pte", tmp_path / "m.pte", data=fmnist())
+    r = export_model(compressed("lenet5", QUANT8_ACT), "pte", tmp_path / "m.pte", data=fmnist_subset())
     assert r.path.stat().st_size > 0 and abs(r.accuracy - r.torch_accuracy) <= 0.005
     assert json.loads(r.extra_paths[0].read_text())["squeezer.model"] == "lenet5"
 

@@ -18,7 +18,7 @@ import torch
 from compressors.export import deploy_model, export_model, export_onnx, onnx_runner, runtime_op_types
 from compressors.policy import LayerPolicy as LP
 from compressors.policy import Policy
-from export_helpers import compressed, fmnist
+from conftest import compressed, fmnist_subset
 
 torch.set_num_threads(1)
 
@@ -40,7 +40,7 @@ def mixed():
 
 
 def test_mixed_policy_runs_no_weight_dequantize_and_fuses_int8_layers(mixed, tmp_path):
-    r = export_model(mixed, "onnx", tmp_path / "m.onnx", data=fmnist())
+    r = export_model(mixed, "onnx", tmp_path / "m.onnx", data=fmnist_subset())
     assert abs(r.accuracy - r.torch_accuracy) <= 0.005               # verified by ORT on the test set
     assert _runtime_weight_dq(r.path) == []                          # nothing dequantized per inference
     ops = [op for op, _ in runtime_op_types(r.path)]
@@ -57,7 +57,7 @@ def test_mixed_policy_runs_no_weight_dequantize_and_fuses_int8_layers(mixed, tmp
 
 def test_folding_changes_speed_not_numbers(mixed, tmp_path):
     """The plain QDQ form (every weight a runtime DequantizeLinear) computes the same logits."""
-    d = fmnist()
+    d = fmnist_subset()
     dep = deploy_model(mixed.model, mean=d.mean, std=d.std)
     export_onnx(dep, tmp_path / "plain.onnx", d.input_shape, fold_weights=False)
     export_onnx(dep, tmp_path / "fast.onnx", d.input_shape)
@@ -86,7 +86,7 @@ def test_weight_only_int8_runs_like_fp32(tmp_path):
     """Weight-only int8 (no int8 kernel possible): ORT runs the same ops as for the fp32 model."""
     ld = compressed("mobilenet_v2_050", Policy(layers={"_default": LP(prune_ratio=0.5, weight_bits=8)}),
                     base_steps=20, steps=2)
-    r = export_model(ld, "onnx", tmp_path / "w8.onnx", data=fmnist())
+    r = export_model(ld, "onnx", tmp_path / "w8.onnx", data=fmnist_subset())
     ops = {op for op, _ in runtime_op_types(r.path)}
     assert not ops & {"DequantizeLinear", "QuantizeLinear", "Cast", "Mul"}
     assert r.size_ratio is not None and abs(r.size_ratio - 1) <= 0.15  # still int8-sized on disk

@@ -76,20 +76,6 @@ def load_archs(data: Path) -> dict[int, tuple[str, float]]:
         return {int(r["arch_idx"]): (r["arch_str"], float(r["macs_M"])) for r in csv.DictReader(f)}
 
 
-_REPS: dict[int, dict[int, int]] = {}
-
-
-def measured_arch(idx: int, archs: dict, rule: str) -> int:
-    """The ``arch_idx`` whose network produced the row of ``idx`` (HW-NAS-Bench-360 measured one
-    network per NB-201 isomorphism class and copied its figures to the class: ``class-min``)."""
-    if rule == "self":
-        return idx
-    reps = _REPS.get(id(archs))
-    if reps is None:
-        reps = _REPS[id(archs)] = measured_representatives({i: a for i, (a, _) in archs.items()})
-    return reps[idx]
-
-
 class Tables:
     """NAS-Bench-201 layer tables, cached on disk (tracing is ~0.1 s per network)."""
 
@@ -119,7 +105,9 @@ class Tables:
             self.dirty = False
 
 
-def device_rows(key: str, data: Path, archs: dict, tables: Tables, seed: int = 0):
+def device_rows(key: str, data: Path, archs: dict, reps: dict[int, int], tables: Tables, seed: int = 0):
+    """Calibration rows of one device; ``reps`` maps an ``arch_idx`` to the network measured for it
+    (:func:`hw_models.nb201.measured_representatives`), used where the device's rule is ``class-min``."""
     fname, lcol, ecol, _, classes, dead, sample, measured = DEVICES[key]
     with (data / fname).open() as f:
         raw = [r for r in csv.DictReader(f)]
@@ -128,7 +116,7 @@ def device_rows(key: str, data: Path, archs: dict, tables: Tables, seed: int = 0
         raw = [raw[i] for i in sorted(rng.choice(len(raw), sample, replace=False))]
     rows, macs, dropped = [], [], 0
     for r in raw:
-        idx = measured_arch(int(r["arch_idx"]), archs, measured)
+        idx = reps[int(r["arch_idx"])] if measured == "class-min" else int(r["arch_idx"])
         arch, macs_m = archs[idx]
         lat = float(r[lcol])
         if not is_connected(parse_arch(arch)) or lat < 0.1:
@@ -313,12 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.time()
     archs = load_archs(args.data)
+    reps = measured_representatives({i: a for i, (a, _) in archs.items()})
     tables = Tables(CACHE)
     results: dict = {}
     print(f"{'device':16s} {'metric':8s} {'rows':>5s} | {'Spearman':>8s} {'MdAPE':>7s} {'<=20%':>6s} | "
           f"{'line Sp':>8s} {'line Md':>7s} {'line 20':>7s} | {'live Sp':>8s} {'live Md':>7s} {'live 20':>7s}")
     for key in args.devices:
-        rows, macs, dropped = device_rows(key, args.data, archs, tables)
+        rows, macs, dropped = device_rows(key, args.data, archs, reps, tables)
         tables.save()
         res = cross_validate(key, rows, macs, args.folds)
         res["dropped_disconnected"] = dropped

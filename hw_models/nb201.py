@@ -121,10 +121,11 @@ def measured_representatives(archs: Mapping[int, str]) -> dict[int, int]:
         ...                           5: "|skip_connect~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|"})
         {0: 0, 5: 0}
     """
+    key = {idx: unique_str(a) for idx, a in archs.items()}
     first: dict[str, int] = {}
-    for idx in sorted(archs):
-        first.setdefault(unique_str(archs[idx]), idx)
-    return {idx: first[unique_str(a)] for idx, a in archs.items()}
+    for idx in sorted(key):
+        first.setdefault(key[idx], idx)
+    return {idx: first[k] for idx, k in key.items()}
 
 
 def is_connected(ops: Sequence[str]) -> bool:

@@ -464,11 +464,17 @@ def reap_dead_trials(study, run_dir: Path | None = None, *, dead_workers: set[st
 
 
 def fail_and_requeue(study, trial) -> None:
-    """Mark a RUNNING trial FAIL and enqueue its params again (the same policy runs later)."""
+    """Mark a RUNNING trial FAIL and enqueue its params again (the same policy runs later).
+
+    A trial killed while its policy was still being sampled (the Ray driver asks, then
+    samples) holds only the params drawn so far: those, plus any it was enqueued with, are
+    re-queued and the retry draws the rest.
+    """
     import optuna
 
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
     study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-    study.enqueue_trial(dict(trial.params), user_attrs={"retried_from": trial.number}, skip_if_exists=False)
+    study.enqueue_trial(params, user_attrs={"retried_from": trial.number}, skip_if_exists=False)
 
 
 def recover_from_trial_file(study, trial, run_dir: Path) -> bool:

@@ -48,10 +48,11 @@ def _assert_exact_and_unique(study, asked: int) -> None:
     assert len(trained) == asked                                       # exactly the asked-for count
     assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
     # No policy trained twice: a trial failed by the kill ran again at most once, and never
-    # next to a recovered copy of itself.
+    # next to a recovered copy of itself. The retry keeps every param the failed trial had
+    # drawn (a kill mid-sampling leaves only some; the retry draws the rest).
     for f in (t for t in study.trials if t.state.name == "FAIL"):
         again = [t for t in trained if t.user_attrs.get("retried_from") == f.number]
-        assert len(again) <= 1 and all(t.params == f.params for t in again)
+        assert len(again) <= 1 and all(t.params.items() >= f.params.items() for t in again)
 
 
 def _started(pid: int) -> str | None:
@@ -193,3 +194,25 @@ def test_a_trial_file_of_another_study_is_not_recovered(tmp_path):
     assert recover_from_trial_file(study, frozen, tmp_path)
     done = study.trials[0]
     assert done.state.name == "COMPLETE" and done.values == [0.9, 1.0] and done.user_attrs["evaluated"]
+
+
+def test_a_trial_killed_mid_sampling_is_requeued_with_what_it_had():
+    """The Ray driver asks a trial and then samples it; a kill in between leaves some params.
+    The retry keeps those and the params it was enqueued with, and draws only the rest."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from search.job import fail_and_requeue
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"a": 3, "c": 0.25})
+    t = study.ask()
+    t.suggest_int("a", 0, 7)
+    t.suggest_float("b", 0.0, 1.0)                                      # drawn; "c" never reached
+    b = t.params["b"]
+    fail_and_requeue(study, study.trials[0])
+    assert study.trials[0].state.name == "FAIL"
+    retry = study.ask({"a": IntDistribution(0, 7), "b": FloatDistribution(0.0, 1.0),
+                       "c": FloatDistribution(0.0, 1.0), "d": FloatDistribution(0.0, 1.0)})
+    assert retry.number == 1 and retry.user_attrs["retried_from"] == 0
+    assert retry.params["a"] == 3 and retry.params["b"] == b and retry.params["c"] == 0.25
+    assert "d" in retry.params                                          # the rest is drawn afresh

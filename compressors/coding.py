@@ -166,3 +166,99 @@ def decode_tensor(blob: bytes, shape: Sequence[int] | torch.Size | None = None) 
     book = {s: format(c, f"0{ln}b") for s, (c, ln) in table.items()}
     out = torch.tensor(huffman_decode(book, blob[_HEADER.size + span:], n) if n else [], dtype=torch.int64)
     return out.reshape(tuple(shape)) if shape is not None else out
+
+
+# --- relative indices of a sparse layer's non-zeros (Deep Compression, Han et al. 2016, §3) ---
+
+#: Gap caps tried per tensor; the encoder keeps the one with the smallest blob.
+RELATIVE_INDEX_CAPS = (3, 7, 15, 31, 63)
+
+
+def relative_index_symbols(keep: np.ndarray, cap: int) -> np.ndarray:
+    """The gap symbols of the kept positions of a flat mask ``keep``.
+
+    Each kept position is written as the number of dropped positions before it (since the
+    previous kept one); a gap of ``cap`` or more first emits the escape symbol ``cap``
+    ("skip ``cap`` positions, no weight here") as often as needed, like Han et al.'s filler
+    zeros but without storing a weight for it.
+
+    Example:
+        >>> relative_index_symbols(np.array([1, 0, 0, 1, 0, 0, 0, 0, 0, 1], bool), cap=3).tolist()
+        [0, 2, 3, 2]
+    """
+    pos = np.flatnonzero(np.asarray(keep, dtype=bool).ravel())
+    if pos.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    gaps = np.diff(np.concatenate([[-1], pos])) - 1
+    n_esc = gaps // cap
+    out = np.full(int(n_esc.sum()) + gaps.size, cap, dtype=np.int64)
+    out[np.cumsum(n_esc + 1) - 1] = gaps % cap
+    return out
+
+
+def encode_positions(keep: np.ndarray) -> bytes:
+    """Huffman-coded relative indices of a flat mask: ``uint8 cap`` + :func:`encode_tensor` of the gaps.
+
+    Replaces the 1-bit-per-weight bitmap of a sparse layer when a policy asks for Huffman
+    coding: at 85% sparsity the gaps cost ~4 bits per kept weight instead of ~6.7. Where the
+    bitmap is smaller (dense masks, above ~35% kept) it is written instead, after a 0 byte.
+
+    Example:
+        >>> keep = np.random.default_rng(0).random(1000) < 0.15
+        >>> blob = encode_positions(keep)
+        >>> bool((decode_positions(blob, keep.size) == keep).all()), len(blob) < (keep.size + 7) // 8
+        (True, True)
+    """
+    best = None
+    for cap in RELATIVE_INDEX_CAPS:
+        sym = relative_index_symbols(keep, cap)
+        if best is None or huffman_bytes(sym) < huffman_bytes(best[1]):
+            best = (cap, sym)
+    cap, sym = best
+    keep = np.asarray(keep, dtype=bool).ravel()
+    if huffman_bytes(sym) >= (keep.size + 7) // 8:
+        return b"\x00" + np.packbits(keep.astype(np.uint8), bitorder="little").tobytes()
+    return bytes([cap]) + encode_tensor(sym)
+
+
+def decode_positions(blob: bytes, numel: int) -> np.ndarray:
+    """Inverse of :func:`encode_positions`: the flat boolean mask of ``numel`` positions."""
+    cap = blob[0]
+    if cap == 0:
+        return np.unpackbits(np.frombuffer(blob[1:], dtype=np.uint8), bitorder="little")[:numel].astype(bool)
+    keep = np.zeros(numel, dtype=bool)
+    pos = 0
+    for s in decode_tensor(blob[1:]).tolist():
+        if s == cap:
+            pos += cap
+        else:
+            pos += s
+            keep[pos] = True
+            pos += 1
+    return keep
+
+
+def relative_index_estimate(numel: int, nnz: int) -> int:
+    """Expected bytes of :func:`encode_positions` for ``nnz`` kept of ``numel`` positions at random.
+
+    Gaps of independently kept positions are geometric with ``p = nnz / numel``: a gap's
+    remainder ``r < cap`` has weight ``(1-p)**r`` and each kept weight carries on average
+    ``q / (1 - q)`` escapes, ``q = (1-p)**cap``. The Huffman code is built on these expected
+    counts (the size model's estimate; the packer's exact figure comes from the real mask).
+    """
+    bitmap = 1 + (numel + 7) // 8
+    if nnz <= 0:
+        return min(bitmap, 1 + _HEADER.size)
+    if nnz >= numel:
+        return bitmap
+    p = nnz / numel
+    best = bitmap
+    for cap in RELATIVE_INDEX_CAPS:
+        q = (1 - p) ** cap
+        w = np.array([(1 - p) ** r * p / (1 - q) for r in range(cap)] + [q / (1 - q)]) * nnz
+        freqs = {s: max(1, int(round(c))) for s, c in enumerate(w)}
+        lengths = code_lengths(freqs)
+        bits = sum(w[s] * lengths[s] for s in freqs)
+        size = 1 + _HEADER.size + (cap + 1) + math.ceil(bits / 8)
+        best = min(best, size)
+    return int(best)

@@ -14,8 +14,12 @@ it is rebuilt from the model name and the policy, as export does):
   - quantized (``QuantizedTensor`` from the quantizer's ``encode``): the codes bit-packed
     little-endian at ``bits`` each, ``ceil(n * bits / 8)`` bytes, then the fp32 per-output-
     channel scale (``4 * O``); with a codebook (weight sharing) also the fp32 codebook (``4 * K``).
+    Codebook quantizers whose scale is all ones (:func:`unit_scale`: k-means, BIRCH, spectral,
+    TTQ) store no scale unless a BatchNorm folds into the layer.
   - unstructured sparsity (a ``WeightMask`` parametrization): a bitmap of ``ceil(numel / 8)``
-    bytes first, then only the non-zeros' values/codes, ``n = numel - floor(numel * sparsity)``.
+    bytes first, then only the non-zeros' values/codes, ``n = numel - floor(numel * sparsity)``;
+    with Huffman coding the positions are relative indices instead
+    (:func:`compressors.coding.encode_positions`, Deep Compression's format).
 - **bias**: fp32, ``4 * O`` if the layer has a bias **or** is followed by a BatchNorm that folds
   into it (the BN's only input is this layer and the layer has no other reader).
 - **BatchNorm that does not fold**: scale and shift in fp32, ``8 * C``.
@@ -25,8 +29,9 @@ it is rebuilt from the model name and the policy, as export does):
 - **product quantization** (``sharing="pq"``): the sub-vector indices bit-packed at ``bits``
   and the float32 sub-codebooks (no per-channel scale), after the bitmap if sparse.
 - **Huffman coding** (``coding="huffman"``): each quantized tensor's codes are replaced by
-  :func:`compressors.coding.encode_tensor` (header, code-length table, bit stream); the size
-  model only estimates this (from the code entropy), so it is exact at pack time only.
+  :func:`compressors.coding.encode_tensor` (header, code-length table, bit stream) and a sparse
+  layer's bitmap by Huffman-coded relative indices; the size model only estimates these (from
+  the code entropy and geometric gaps), so it is exact at pack time only.
 
 Example:
     >>> from torch import nn
@@ -125,7 +130,12 @@ def _pack_weight(module: nn.Module, coding: str | None, bn_scale: np.ndarray | N
     parts: list[bytes] = []
     if mask is not None:
         keep = mask.mask.detach().reshape(-1).bool().cpu().numpy()
-        parts.append(np.packbits(keep.astype(np.uint8), bitorder="little").tobytes())
+        if coding == "huffman":
+            from .coding import encode_positions
+
+            parts.append(encode_positions(keep))
+        else:
+            parts.append(np.packbits(keep.astype(np.uint8), bitorder="little").tobytes())
     if quant is None:
         if bn_scale is not None:
             w = w * torch.as_tensor(bn_scale, dtype=w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
@@ -149,13 +159,23 @@ def _pack_weight(module: nn.Module, coding: str | None, bn_scale: np.ndarray | N
     if keep is not None:
         codes = codes[keep]
     parts.append(_encode_codes(codes, qt.bits, qt.signed, coding))
-    scale = qt.scale.detach().reshape(-1).float().cpu().numpy()
-    if bn_scale is not None:
-        scale = scale * bn_scale
-    parts.append(scale.astype(np.float32).tobytes())
+    if not (unit_scale(quant) and bn_scale is None):
+        scale = qt.scale.detach().reshape(-1).float().cpu().numpy()
+        if bn_scale is not None:
+            scale = scale * bn_scale
+        parts.append(scale.astype(np.float32).tobytes())
     if qt.codebook is not None:
         parts.append(qt.codebook.detach().reshape(-1).float().cpu().numpy().astype(np.float32).tobytes())
     return b"".join(parts)
+
+
+def unit_scale(quant: Any) -> bool:
+    """Whether ``quant``'s per-channel scale is all ones by construction (k-means / BIRCH /
+    spectral codebooks, trained ternary): the codebook holds the values, so no scale is
+    stored unless a BatchNorm folds into the layer (then the BN's per-channel scale is)."""
+    from .quantize import CodebookQuantizer, TTQQuantizer
+
+    return isinstance(quant, (CodebookQuantizer, TTQQuantizer))
 
 
 def _encode_codes(codes: np.ndarray, bits: int, signed: bool, coding: str | None) -> bytes:

@@ -155,7 +155,7 @@ class CostModel(Protocol):
 # --- size rules (shared with compressors.packing) -------------------------------------------
 
 def weight_storage_bytes(numel: int, out_channels: int, *, weight_bits: int | None, sparsity: float = 0.0,
-                         codebook: int | None = None) -> int:
+                         codebook: int | None = None, scale: bool = True) -> int:
     """Stored bytes of one weight tensor under the packing format (see :mod:`compressors.packing`).
 
     Args:
@@ -164,6 +164,8 @@ def weight_storage_bytes(numel: int, out_channels: int, *, weight_bits: int | No
         weight_bits: code width; ``None`` = fp32, 16 = fp16 (when there is no codebook).
         sparsity: fraction zeroed (``floor(numel * sparsity)`` elements); > 0 adds a bitmap.
         codebook: codebook entries ``K`` (weight sharing, non-uniform levels), or ``None``.
+        scale: whether the fp32 per-channel scale is stored (not for unit-scale codebooks
+            without a folded BatchNorm, see :func:`unit_scale`).
     """
     from compressors.sparsity import n_zero
 
@@ -177,8 +179,18 @@ def weight_storage_bytes(numel: int, out_channels: int, *, weight_bits: int | No
         body = 2 * nnz
     else:
         bits = weight_bits if weight_bits is not None else max(1, math.ceil(math.log2(codebook or 2)))
-        body = (nnz * bits + 7) // 8 + 4 * out_channels + (4 * codebook if codebook else 0)
+        body = (nnz * bits + 7) // 8 + 4 * out_channels * scale + (4 * codebook if codebook else 0)
     return body + bitmap
+
+
+def unit_scale(lp: LayerPolicy) -> bool:
+    """Whether the layer's quantizer has an all-ones per-channel scale (the codebook holds the
+    values: k-means / BIRCH / spectral sharing, the ``kmeans`` and ``ttq`` quantizers); such
+    a scale is stored only where a BatchNorm folds into the layer
+    (:func:`compressors.packing.unit_scale` is the packer's side)."""
+    if lp.sharing is not None:
+        return lp.sharing != "pq"
+    return lp.weight_bits is not None and lp.weight_bits != 16 and lp.quantizer in ("kmeans", "ttq")
 
 
 def _pq_bytes(numel: int, out_channels: int, bits: int, k: int, sparsity: float, subvector: int = 4) -> int:
@@ -260,6 +272,7 @@ class _Op:
     lp: LayerPolicy | None = None
     stored: int = 0                   # packed bytes (exact size model)
     bias_out: int = 0                 # channels of a stored bias
+    bn_folded: bool = False           # a BatchNorm folds into this op (its scale is stored)
     kernel: tuple[int, int] = (1, 1)
     zero_cost: bool = False           # folded BN / fused activation / view
     alias: bool = False               # output shares its input's buffer
@@ -354,13 +367,13 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
                         in_per_group=in_c)
                 b = _Op(f"{l.name}.1", l.kind, (a.name,), out_c, l.out_hw, macs=out_c * hw * r,
                         cls=_compute_class(l.kind, (1, 1), 1), numel=out_c * r, lp=lp, bias_out=bias_c,
-                        in_per_group=r)
+                        in_per_group=r, bn_folded=l.name in folded_into)
                 ops += [a, b]
                 rename[l.name] = b.name
                 continue
             ops.append(_Op(l.name, l.kind, ins, out_c, l.out_hw, macs=out_c * hw * per_out,
                            cls=_compute_class(l.kind, l.kernel, groups), numel=out_c * per_out, lp=lp,
-                           bias_out=bias_c, kernel=l.kernel,
+                           bias_out=bias_c, kernel=l.kernel, bn_folded=l.name in folded_into,
                            in_per_group=1 if l.kind == "dwconv2d" else max(1, in_c // max(1, groups))))
             continue
         op = _Op(l.name, l.kind, ins, out_c, l.out_hw, kernel=l.kernel)
@@ -600,13 +613,17 @@ def _breakdown(table: LayerTable, policy: Policy, target: Target) -> _Breakdown:
             exact = exact and ok
             if pq:
                 w = _pq_bytes(op.numel, op.out_channels, wbits or 8, k or 2, lp.sparsity)
-            elif huffman and wbits is not None:
-                exact = False
-                w = _huffman_estimate(op.numel, op.out_channels, wbits, lp.sparsity, k)
+                if huffman:  # the packer Huffman-codes the sub-vector indices and positions too
+                    exact = False
             else:
-                w = weight_storage_bytes(op.numel, op.out_channels,
-                                         weight_bits=wbits if wbits is not None else lp.weight_bits,
-                                         sparsity=lp.sparsity, codebook=k)
+                scale = op.bn_folded or not unit_scale(lp)
+                if huffman and wbits is not None:
+                    exact = False
+                    w = _huffman_estimate(op.numel, op.out_channels, wbits, lp.sparsity, k, scale=scale)
+                else:
+                    w = weight_storage_bytes(op.numel, op.out_channels,
+                                             weight_bits=wbits if wbits is not None else lp.weight_bits,
+                                             sparsity=lp.sparsity, codebook=k, scale=scale)
             op.stored = w + 4 * op.bias_out + (8 if lp.act_bits is not None and lp.act_bits < 16 else 0)
             params += op.numel + op.bias_out
         size += op.stored
@@ -616,17 +633,20 @@ def _breakdown(table: LayerTable, policy: Policy, target: Target) -> _Breakdown:
     return _Breakdown(run_ops, terms_all, e_c, e_m, moved_all, levels, cb, obytes, size, exact, peak, params)
 
 
-def _huffman_estimate(numel: int, out_channels: int, bits: int, sparsity: float, codebook: int | None) -> int:
+def _huffman_estimate(numel: int, out_channels: int, bits: int, sparsity: float, codebook: int | None,
+                      scale: bool = True) -> int:
     """Entropy estimate of a Huffman-coded tensor (:func:`compressors.coding.encode_tensor` layout:
-    10-byte header, one length byte per symbol of the span, the bit stream)."""
+    10-byte header, one length byte per symbol of the span, the bit stream); a sparse tensor's
+    positions as Huffman-coded relative indices (:func:`compressors.coding.relative_index_estimate`)."""
+    from compressors.coding import relative_index_estimate
     from compressors.sparsity import n_zero
 
     nnz = numel - n_zero(numel, sparsity) if sparsity > 0 else numel
-    bitmap = (numel + 7) // 8 if sparsity > 0 else 0
+    bitmap = relative_index_estimate(numel, nnz) if sparsity > 0 else 0
     span = codebook if codebook else 2 ** bits
     stream = int(math.ceil(nnz * (_entropy_bits(bits) if not codebook else min(bits, math.log2(max(codebook, 2))))
                            / 8))
-    return 10 + span + stream + 4 * out_channels + (4 * codebook if codebook else 0) + bitmap
+    return 10 + span + stream + 4 * out_channels * scale + (4 * codebook if codebook else 0) + bitmap
 
 
 def _peak_memory(ops: list[_Op], tbytes: Mapping[str, int], outputs: Sequence[str]) -> int:

@@ -899,15 +899,11 @@ def _finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
     return metrics
 
 
-def _packed_size(model: nn.Module, policy: Policy) -> int | None:
-    try:
-        from compressors.packing import pack_model
-    except ImportError:
-        return None
-    try:
-        return len(pack_model(model, policy=policy))
-    except TypeError:
-        return len(pack_model(model))
+def _packed_size(model: nn.Module, policy: Policy) -> int:
+    """Exact stored bytes of the final model, Huffman-coded where the policy says so."""
+    from compressors.packing import pack_model
+
+    return len(pack_model(model, coding=policy.coding))
 
 
 class optuna_fixed:

@@ -98,3 +98,52 @@ def test_bit_packing_is_dense_and_huffman_is_estimated(resnet20):
     assert not est.size_exact
     assert huff < plain
     assert abs(est.size_bytes - huff) / huff < 0.35
+
+
+def test_relative_indices_round_trip_and_beat_the_bitmap_on_a_pruned_layer(trained_lenet):
+    """Deep Compression's sparse format: gaps between kept weights, Huffman-coded, escapes for long gaps."""
+    import numpy as np
+
+    from compressors.coding import decode_positions, encode_positions, relative_index_estimate, relative_index_symbols
+
+    assert relative_index_symbols(np.array([0, 0, 0, 0, 0, 0, 0, 1, 1], bool), 3).tolist() == [3, 3, 1, 0]
+    w = trained_lenet.classifier[1].weight.detach().abs().reshape(-1).numpy()   # fc1, 48,000 weights
+    for density in (0.05, 0.15, 0.3):
+        keep = w >= np.quantile(w, 1 - density)                                  # a real magnitude mask
+        blob = encode_positions(keep)
+        assert (decode_positions(blob, keep.size) == keep).all()
+        bitmap = (keep.size + 7) // 8
+        assert len(blob) < bitmap * (0.75 if density <= 0.15 else 0.95)
+        est = relative_index_estimate(keep.size, int(keep.sum()))
+        assert abs(est - len(blob)) / len(blob) < 0.1
+    dense = np.random.default_rng(0).random(1000) < 0.67                        # 67% kept at random: bitmap wins
+    blob = encode_positions(dense)
+    assert len(blob) == 1 + 125 and (decode_positions(blob, 1000) == dense).all()
+
+
+def test_unit_scale_codebooks_store_no_scale_without_a_folded_bn(trained_lenet):
+    """LeNet-5 has no BatchNorm: a k-means layer stores codes + codebook + bias, no per-channel scale."""
+    m = copy.deepcopy(trained_lenet)
+    pol = Policy(layers={"_default": LP(weight_bits=8), "classifier.1": LP(sharing="kmeans", weight_bits=4)})
+    apply_policy_(m, pol, (1, 28, 28))
+    fc1 = m.classifier[1]
+    other = copy.deepcopy(trained_lenet)
+    apply_policy_(other, Policy(layers={"_default": LP(weight_bits=8)}), (1, 28, 28))
+    lsq8_fc1 = 48_000 + 4 * 120 + 4 * 120                                       # int8 codes + scale + bias
+    kmeans_fc1 = 48_000 * 4 // 8 + 4 * 16 + 4 * 120                            # 4-bit codes + codebook + bias
+    assert fc1.out_features == 120
+    assert len(pack_model(other)) - len(pack_model(m)) == lsq8_fc1 - kmeans_fc1
+    table = hw_models.trace(trained_lenet, (1, 28, 28))
+    assert hw_models.estimate_table(table, pol, "arm-a72").size_bytes == len(pack_model(m))
+
+
+def test_huffman_sparse_sizes_estimated_close_and_below_bitmap(trained_lenet):
+    pol = Policy(layers={"_default": LP(sparsity=0.85, sharing="kmeans", weight_bits=4)})
+    m = copy.deepcopy(trained_lenet)
+    apply_policy_(m, pol, (1, 28, 28))
+    plain, huff = len(pack_model(m)), len(pack_model(m, coding="huffman"))
+    est = hw_models.estimate_table(hw_models.trace(trained_lenet, (1, 28, 28)),
+                                   Policy(layers=pol.layers, coding="huffman"), "arm-a72")
+    assert not est.size_exact
+    assert huff < 0.8 * plain
+    assert abs(est.size_bytes - huff) / huff < 0.15

@@ -49,6 +49,9 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", help="tpe (default, multi-objective), nsga2, random, grid (uniform policies)")
     g.add_argument("--rungs", help="fine-tune steps where trials report validation accuracy and the worst "
                                    "stop early, e.g. 20,40 (default: no early stopping)")
+    g.add_argument("--tolerance", type=float, dest="tolerance_pp",
+                   help="choose the fastest feasible trial within this many validation accuracy points of the "
+                        "most accurate one (0.5; 0 = the most accurate)")
     g.add_argument("--no-sensitivity", action="store_true",
                    help="skip the per-layer sensitivity probes that narrow the space and seed the search")
     g.add_argument("--sensitivity-threshold", type=float, dest="sensitivity_threshold_pp",
@@ -79,7 +82,7 @@ def _config_from_args(args: argparse.Namespace):
     cli = {k: getattr(args, k) for k in ("model", "checkpoint", "dataset", "data_root", "budget", "target",
                                          "max_latency_ms", "max_energy_mj", "timeout", "run", "seed",
                                          "storage", "sampler", "base_epochs", "trial_steps", "final_epochs",
-                                         "criterion", "quantizer", "threads", "rungs", "sensitivity_threshold_pp",
+                                         "criterion", "quantizer", "threads", "rungs", "sensitivity_threshold_pp", "tolerance_pp",
                                          "backend", "workers", "address")
            if getattr(args, k, None) is not None}
     if getattr(args, "trials", None) is not None:

@@ -49,11 +49,17 @@ class SearchConfig:
     distill: bool = True
     threads: int | None = None
     # Multi-fidelity: validation accuracy at these fine-tune steps ("20,40"); a trial below
-    # the best 1/prune_eta of those that reached a rung stops there (asynchronous successive halving).
+    # the best 1/prune_eta of those at least as fast (on the target) that reached a rung stops
+    # there (asynchronous successive halving per latency class: a faster, less accurate trial
+    # is not judged against slower ones).
     rungs: str | None = None
     prune_eta: int = 3
     rung_min_trials: int = 3
     rung_val_size: int = 1000
+    rung_latency_class: bool = True   # False: plain successive halving over all trials at a rung
+    # The chosen trial: the fastest feasible one whose validation accuracy is within this many
+    # points of the best feasible one (0 = the most accurate).
+    tolerance_pp: float = 0.5
     # Sensitivity first: per-layer probes narrow the space (drop choices losing > threshold).
     sensitivity: bool = True
     sensitivity_threshold_pp: float = 10.0
@@ -76,6 +82,8 @@ class SearchConfig:
             raise ValueError(f"`trial_steps >= 1` must hold, but got trial_steps={self.trial_steps}")
         if self.rungs is not None:
             object.__setattr__(self, "rungs", _parse_rungs(self.rungs, self.trial_steps))
+        if not isinstance(self.tolerance_pp, (int, float)) or not 0 <= self.tolerance_pp <= 100:
+            raise ValueError(f"`0 <= tolerance <= 100` (accuracy points) must hold, but got {self.tolerance_pp!r}")
         if self.prune_eta < 2:
             raise ValueError(f"`prune_eta >= 2` must hold, but got prune_eta={self.prune_eta}")
         if not isinstance(self.workers, int) or self.workers < 1:

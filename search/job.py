@@ -214,6 +214,12 @@ def prepare(cfg: SearchConfig, run_dir: Path, *, progress: bool = True) -> Conte
         arch = build_model(cfg.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
     except ValueError as e:
         raise UserError(str(e)) from None
+    try:
+        with torch.no_grad():
+            arch.eval()(torch.zeros(1, *data.input_shape))
+    except RuntimeError as e:
+        raise UserError(f"model {cfg.model} cannot run on {cfg.dataset}'s {'x'.join(map(str, data.input_shape))} "
+                        f"inputs: {str(e).splitlines()[0]}") from None
     table = hw_models.trace(arch, data.input_shape)
     wbits, abits = target_bits(target)
     space = SearchSpace.build(arch, data.input_shape, weight_bits=wbits, act_bits=abits, distill=cfg.distill,
@@ -707,7 +713,8 @@ def make_objective(ctx: Context, *, bar=None):
         def on_rung(step: int, acc: float, rung_acc: dict[str, float]) -> bool:
             # Published at once: concurrent workers compare against it at their rungs.
             trial.set_user_attr("rung_acc", rung_acc)
-            return should_stop_at_rung(trial.study, trial.number, step, acc, cfg)
+            return should_stop_at_rung(trial.study, trial.number, step, acc, cfg,
+                                       float(cost.latency_ms) if cfg.rung_latency_class else None)
 
         result = train_trial(ctx, trial.number, policy, on_rung=on_rung, bar=bar)
         # The file first: if the process dies before Optuna commits the trial, resume
@@ -717,23 +724,38 @@ def make_objective(ctx: Context, *, bar=None):
             trial.set_user_attr(k, v)
         if result["status"] == "pruned":
             raise optuna.TrialPruned(f"validation accuracy {result['rung_accuracy'][str(result['pruned_at'])]:.4f} "
-                                     f"at step {result['pruned_at']} is below the best 1/{cfg.prune_eta} of its rung")
+                                     f"at step {result['pruned_at']} is below the best 1/{cfg.prune_eta} of its rung "
+                                     "(among trials at least as fast)")
         return result["val_accuracy"], float(cost.latency_ms)
 
     return objective
 
 
-def should_stop_at_rung(study, number: int, step: int, acc: float, cfg: SearchConfig) -> bool:
-    """Asynchronous successive halving on accuracy: stop unless ``acc`` is in the best
-    ``1/prune_eta`` of the accuracies any trial reported at this ``step`` (decided only once
-    ``rung_min_trials`` trials reached it, so the first ones always go on)."""
-    peers = [t.user_attrs["rung_acc"][str(step)] for t in study.get_trials(deepcopy=False)
+#: Peers up to this much slower still count as "as fast" at a rung (cost-model resolution:
+#: e.g. 4- and 8-bit weights both compute at int8 on ARM and differ only in bytes read).
+RUNG_LATENCY_SLACK = 0.05
+
+
+def should_stop_at_rung(study, number: int, step: int, acc: float, cfg: SearchConfig,
+                        latency_ms: float | None = None) -> bool:
+    """Asynchronous successive halving on accuracy within a latency class: stop unless ``acc``
+    is in the best ``1/prune_eta`` of the accuracies reported at this ``step`` by the trials at
+    least as fast as this one (``latency_ms`` on the target, within ``RUNG_LATENCY_SLACK``; all
+    trials when None). Decided only
+    once ``rung_min_trials`` such trials reached the rung, so the first ones, and the fastest,
+    go on: a fast policy that learns slower is not stopped by slower, more accurate ones.
+    (``rung_latency_class: false`` in a config gives plain successive halving.)"""
+    peers = [(t.user_attrs["rung_acc"][str(step)], (t.user_attrs.get("cost") or {}).get("latency_ms"))
+             for t in study.get_trials(deepcopy=False)
              if t.number != number and str(step) in (t.user_attrs.get("rung_acc") or {})]
-    return rung_says_stop(peers, acc, cfg)
+    return rung_says_stop(peers, acc, cfg, latency_ms)
 
 
-def rung_says_stop(peers: list[float], acc: float, cfg: SearchConfig) -> bool:
-    """The rung rule of :func:`should_stop_at_rung` given the other trials' accuracies there."""
+def rung_says_stop(peers: list[tuple[float, float | None]], acc: float, cfg: SearchConfig,
+                   latency_ms: float | None = None) -> bool:
+    """The rung rule of :func:`should_stop_at_rung` given the other trials' ``(accuracy,
+    latency_ms)`` there."""
+    peers = [a for a, lat in peers if latency_ms is None or lat is None or lat <= latency_ms * (1 + RUNG_LATENCY_SLACK)]
     vals = sorted(list(peers) + [acc], reverse=True)
     if len(vals) < cfg.rung_min_trials:
         return False
@@ -828,12 +850,16 @@ def pareto_front(trials: list) -> list:
     return sorted(front, key=lambda t: t.values[1])
 
 
-def choose_best(study) -> tuple[Any, str]:
-    """Best feasible trial by validation accuracy (ties: lower latency); else the least infeasible."""
+def choose_best(study, tolerance_pp: float = 0.0) -> tuple[Any, str]:
+    """The chosen trial: the fastest feasible one whose validation accuracy is within
+    ``tolerance_pp`` points of the best feasible accuracy (ties: the more accurate); with no
+    feasible trial, the least infeasible one."""
     trials = evaluated_trials(study)
     feasible = [t for t in trials if max(t.user_attrs.get("constraints", [0])) <= 0]
     if feasible:
-        return max(feasible, key=lambda t: (round(t.values[0], 4), -t.values[1])), "feasible"
+        best = max(round(t.values[0], 4) for t in feasible)
+        near = [t for t in feasible if round(t.values[0], 4) >= best - tolerance_pp / 100 - 1e-9]
+        return min(near, key=lambda t: (t.values[1], -t.values[0])), "feasible"
     import optuna
 
     allc = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -862,7 +888,7 @@ def _finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
     metrics_path = best_dir / "metrics.json"
     if metrics_path.is_file():
         return json.loads(metrics_path.read_text())
-    trial, status = choose_best(study)
+    trial, status = choose_best(study, cfg.tolerance_pp)
     policy = ctx.space.sample(optuna_fixed(trial))
     cost = ctx.estimate(policy)
     if status != "feasible":

@@ -62,17 +62,20 @@ class RungBoard:
     Optuna backend); it starts from the rung accuracies already in the study.
     """
 
-    def __init__(self, cfg: dict[str, Any], known: dict[int, dict[str, float]]) -> None:
+    def __init__(self, cfg: dict[str, Any], known: dict[int, tuple[dict[str, float], float | None]]) -> None:
         from .config import SearchConfig
 
-        self.cfg, self.acc = SearchConfig.from_dict(cfg), {int(n): dict(r) for n, r in known.items()}
+        self.cfg = SearchConfig.from_dict(cfg)
+        self.acc = {int(n): dict(r) for n, (r, _) in known.items()}
+        self.latency = {int(n): lat for n, (_, lat) in known.items()}
 
-    def report(self, number: int, step: int, acc: float) -> bool:
+    def report(self, number: int, step: int, acc: float, latency_ms: float | None = None) -> bool:
         from .job import rung_says_stop
 
         self.acc.setdefault(number, {})[str(step)] = acc
-        peers = [r[str(step)] for n, r in self.acc.items() if n != number and str(step) in r]
-        return rung_says_stop(peers, acc, self.cfg)
+        self.latency[number] = latency_ms
+        peers = [(r[str(step)], self.latency.get(n)) for n, r in self.acc.items() if n != number and str(step) in r]
+        return rung_says_stop(peers, acc, self.cfg, latency_ms)
 
 
 class TrialWorker:
@@ -116,8 +119,10 @@ class TrialWorker:
         policy = self.ctx.space.policy_from_params(params)
         on_rung = None
         if self.board is not None:
+            latency = float(self.ctx.estimate(policy).latency_ms) if self.ctx.cfg.rung_latency_class else None
+
             def on_rung(step: int, acc: float, rung_acc: dict[str, float]) -> bool:
-                return ray.get(self.board.report.remote(number, step, acc))
+                return ray.get(self.board.report.remote(number, step, acc, latency))
         return job.train_trial(self.ctx, number, policy, on_rung=on_rung)
 
 
@@ -191,8 +196,8 @@ def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     board = None
     if cfg.rung_steps:
-        known = {t.number: t.user_attrs["rung_acc"] for t in study.get_trials(deepcopy=False)
-                 if t.user_attrs.get("rung_acc")}
+        known = {t.number: (t.user_attrs["rung_acc"], (t.user_attrs.get("cost") or {}).get("latency_ms"))
+                 for t in study.get_trials(deepcopy=False) if t.user_attrs.get("rung_acc")}
         board = ray.remote(num_cpus=0)(RungBoard).options(scheduling_strategy=here).remote(cfg.to_dict(), known)
     files = {rel: (run_dir / rel).read_bytes() for rel in RUN_FILES if (run_dir / rel).is_file()}
     payload = {"cfg": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "run_name": run_dir.name, "files": files}

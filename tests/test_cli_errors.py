@@ -46,6 +46,14 @@ def test_zero_trials(tmp_path):
     one_line_error(run("search", "--trials", "many", "--run", str(tmp_path / "r"), cwd=tmp_path), "malformed --trials")
 
 
+def test_bad_tolerance_and_a_model_too_big_for_the_inputs(tmp_path):
+    one_line_error(run("search", "--tolerance", "-3", "--run", str(tmp_path / "r"), cwd=tmp_path),
+                   r"0 <= tolerance <= 100")
+    one_line_error(run("search", "--model", "lenet5", "--dataset", "digits", "--run", str(tmp_path / "r"), cwd=tmp_path),
+                   r"model lenet5 cannot run on digits's 1x8x8 inputs")
+    assert not (tmp_path / "r" / "study.db").exists()                    # stopped before any work
+
+
 def test_budget_below_smallest_reachable_size_names_that_size(tmp_path):
     r = run("search", "--model", "resnet20", "--dataset", "digits", "--budget", "1kB", "--base-epochs", "1",
             "--run", str(tmp_path / "r"), cwd=tmp_path)

@@ -27,6 +27,35 @@ def test_rung_rule_keeps_the_best_fraction():
     assert cfg.rung_steps == (5, 10)
 
 
+def test_rung_rule_judges_a_trial_against_trials_at_least_as_fast():
+    cfg = SearchConfig(trial_steps=20, rungs="5,10", prune_eta=2, rung_min_trials=3)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, lat in ((0.9, 10.0), (0.85, 8.0), (0.6, 3.0)):
+        t = study.ask()
+        t.set_user_attr("rung_acc", {"5": acc})
+        t.set_user_attr("cost", {"latency_ms": lat})
+    assert job.should_stop_at_rung(study, 99, 5, 0.7, cfg)                   # all trials count: below the best 2
+    assert job.should_stop_at_rung(study, 99, 5, 0.7, cfg, latency_ms=12.0)  # slower than all: the same
+    assert not job.should_stop_at_rung(study, 99, 5, 0.7, cfg, latency_ms=4.0)   # only the 3 ms one is as fast
+    assert job.should_stop_at_rung(study, 99, 5, 0.7, cfg, latency_ms=7.7)   # 8 ms is within the 5% slack
+    assert not job.should_stop_at_rung(study, 99, 5, 0.1, cfg, latency_ms=2.0)   # the fastest always goes on
+    assert job.should_stop_at_rung(study, 99, 5, 0.5, cfg, latency_ms=9.0)   # 8 ms and 3 ms peers beat it
+
+
+def test_the_chosen_trial_is_the_fastest_within_the_tolerance():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, lat, cons in ((0.910, 10.0, -1.0), (0.906, 6.0, -1.0), (0.899, 3.0, -1.0), (0.95, 1.0, 5.0)):
+        t = study.ask()
+        t.set_user_attr("evaluated", True)
+        t.set_user_attr("constraints", [cons])
+        study.tell(t, [acc, lat])
+    assert job.choose_best(study, 0.0)[0].values == [0.910, 10.0]       # the most accurate feasible
+    assert job.choose_best(study, 0.5)[0].values == [0.906, 6.0]        # 0.4 pp less, 40% faster
+    assert job.choose_best(study, 2.0)[0].values == [0.899, 3.0]        # never the infeasible 1 ms one
+    with pytest.raises(ValueError, match="tolerance"):
+        SearchConfig(tolerance_pp=-1)
+
+
 @pytest.mark.parametrize("rungs", ["0,5", "5,5", "30", "a,b"])
 def test_bad_rungs_are_rejected(rungs):
     with pytest.raises(ValueError, match="rungs"):
@@ -36,7 +65,8 @@ def test_bad_rungs_are_rejected(rungs):
 def test_a_destructive_policy_is_stopped_at_the_first_rung(tmp_path):
     cfg = SearchConfig(model="resnet20", dataset="digits", budget="2MB", base_epochs=4, trial_steps=16,
                        rungs="4,8", prune_eta=2, rung_min_trials=2, trials=3, sampler="random",
-                       sensitivity=False, seed=1, run=str(tmp_path / "run"))
+                       sensitivity=False, seed=1, run=str(tmp_path / "run"),
+                       rung_latency_class=False)  # the bad policy is faster: compare with all trials
     run = tmp_path / "run"
     ctx = job.prepare(cfg, run, progress=False)
     cfg.save(run / "config.yaml")

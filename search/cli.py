@@ -82,8 +82,8 @@ def _config_from_args(args: argparse.Namespace):
     cli = {k: getattr(args, k) for k in ("model", "checkpoint", "dataset", "data_root", "budget", "target",
                                          "max_latency_ms", "max_energy_mj", "timeout", "run", "seed",
                                          "storage", "sampler", "base_epochs", "trial_steps", "final_epochs",
-                                         "criterion", "quantizer", "threads", "rungs", "sensitivity_threshold_pp", "tolerance_pp",
-                                         "backend", "workers", "address")
+                                         "criterion", "quantizer", "threads", "rungs", "sensitivity_threshold_pp",
+                                         "tolerance_pp", "backend", "workers", "address")
            if getattr(args, k, None) is not None}
     if getattr(args, "trials", None) is not None:
         try:

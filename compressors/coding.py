@@ -209,14 +209,13 @@ def encode_positions(keep: np.ndarray) -> bytes:
         >>> bool((decode_positions(blob, keep.size) == keep).all()), len(blob) < (keep.size + 7) // 8
         (True, True)
     """
-    best = None
+    keep = np.asarray(keep, dtype=bool).ravel()
+    sized = []
     for cap in RELATIVE_INDEX_CAPS:
         sym = relative_index_symbols(keep, cap)
-        if best is None or huffman_bytes(sym) < huffman_bytes(best[1]):
-            best = (cap, sym)
-    cap, sym = best
-    keep = np.asarray(keep, dtype=bool).ravel()
-    if huffman_bytes(sym) >= (keep.size + 7) // 8:
+        sized.append((huffman_bytes(sym), cap, sym))
+    size, cap, sym = min(sized, key=lambda t: t[:2])  # the smallest blob; ties: the smaller cap
+    if size >= (keep.size + 7) // 8:
         return b"\x00" + np.packbits(keep.astype(np.uint8), bitorder="little").tobytes()
     return bytes([cap]) + encode_tensor(sym)
 

@@ -741,14 +741,17 @@ def should_stop_at_rung(study, number: int, step: int, acc: float, cfg: SearchCo
     """Asynchronous successive halving on accuracy within a latency class: stop unless ``acc``
     is in the best ``1/prune_eta`` of the accuracies reported at this ``step`` by the trials at
     least as fast as this one (``latency_ms`` on the target, within ``RUNG_LATENCY_SLACK``; all
-    trials when None). Decided only
-    once ``rung_min_trials`` such trials reached the rung, so the first ones, and the fastest,
-    go on: a fast policy that learns slower is not stopped by slower, more accurate ones.
+    trials when None). Decided only once ``rung_min_trials`` such trials reached the rung, so
+    the first ones, and the fastest, go on: a fast policy that learns slower is not stopped by slower, more accurate ones.
     (``rung_latency_class: false`` in a config gives plain successive halving.)"""
-    peers = [(t.user_attrs["rung_acc"][str(step)], (t.user_attrs.get("cost") or {}).get("latency_ms"))
-             for t in study.get_trials(deepcopy=False)
+    peers = [(t.user_attrs["rung_acc"][str(step)], priced_latency(t)) for t in study.get_trials(deepcopy=False)
              if t.number != number and str(step) in (t.user_attrs.get("rung_acc") or {})]
     return rung_says_stop(peers, acc, cfg, latency_ms)
+
+
+def priced_latency(trial) -> float | None:
+    """The target latency (ms) the cost model priced ``trial``'s policy at (None before pricing)."""
+    return (trial.user_attrs.get("cost") or {}).get("latency_ms")
 
 
 def rung_says_stop(peers: list[tuple[float, float | None]], acc: float, cfg: SearchConfig,

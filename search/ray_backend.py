@@ -111,7 +111,8 @@ class TrialWorker:
         return {"worker": worker_id(), "node": socket.gethostname(),
                 "node_id": ray.get_runtime_context().get_node_id(), "prepare_seconds": round(time.time() - t0, 2)}
 
-    def train(self, number: int, params: dict[str, Any]) -> dict[str, Any]:
+    def train(self, number: int, params: dict[str, Any], latency_ms: float | None = None) -> dict[str, Any]:
+        """Train trial ``number``; ``latency_ms`` is its price on the target (the driver's), for the rungs."""
         import ray
 
         from . import job
@@ -119,7 +120,7 @@ class TrialWorker:
         policy = self.ctx.space.policy_from_params(params)
         on_rung = None
         if self.board is not None:
-            latency = float(self.ctx.estimate(policy).latency_ms) if self.ctx.cfg.rung_latency_class else None
+            latency = latency_ms if self.ctx.cfg.rung_latency_class else None
 
             def on_rung(step: int, acc: float, rung_acc: dict[str, float]) -> bool:
                 return ray.get(self.board.report.remote(number, step, acc, latency))
@@ -196,7 +197,7 @@ def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     board = None
     if cfg.rung_steps:
-        known = {t.number: (t.user_attrs["rung_acc"], (t.user_attrs.get("cost") or {}).get("latency_ms"))
+        known = {t.number: (t.user_attrs["rung_acc"], job.priced_latency(t))
                  for t in study.get_trials(deepcopy=False) if t.user_attrs.get("rung_acc")}
         board = ray.remote(num_cpus=0)(RungBoard).options(scheduling_strategy=here).remote(cfg.to_dict(), known)
     files = {rel: (run_dir / rel).read_bytes() for rel in RUN_FILES if (run_dir / rel).is_file()}
@@ -264,7 +265,7 @@ def run_trials_ray(ctx, study, *, progress: bool = True) -> dict[str, Any]:
                 full = True
                 return
             queue.popleft()
-            inflight[slot.actor.train.remote(s.trial.number, s.trial.params)] = (slot, s)
+            inflight[slot.actor.train.remote(s.trial.number, s.trial.params, float(s.cost.latency_ms))] = (slot, s)
 
     def started_one(ref) -> None:
         w, _ = starting.pop(ref)

@@ -112,37 +112,60 @@ def describe(policy: dict | None) -> str:
     return ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) + f"; {pruned} pruned"
 
 
-def compare(arts: dict[str, Path], shape, args) -> list[str]:
-    """Markdown rows: the artifacts timed interleaved, speed-ups against the first one."""
+def measure(arts: dict[str, Path], shape, args) -> dict[str, dict[str, float]]:
+    """Each artifact timed interleaved (batch 1 and 32), speed-ups against the first one, and what
+    ONNX Runtime runs per inference (int8 kernels, runtime DQ / Q)."""
     sessions = {k: session(p) for k, p in arts.items()}
     rng = np.random.default_rng(0)
     lat1 = timed_rounds(sessions, rng.random((1, *shape), dtype=np.float32), rounds=args.rounds, repeats=args.repeats)
     lat32 = timed_rounds(sessions, rng.random((32, *shape), dtype=np.float32), rounds=args.rounds,
                          repeats=max(3, args.repeats // 8))
     ref = next(iter(arts))
-    lines = ["| artifact | ONNX bytes | batch-1 ms | batch-32 ms | speed-up b1 | speed-up b32 | int8 kernels "
-             "| runtime DQ |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = {}
     for k, p in arts.items():
         ops = Counter(op for op, _ in runtime_op_types(p))
-        lines.append(f"| {k} | {p.stat().st_size:,} | {lat1[k]:.3f} | {lat32[k]:.2f} | {lat1[ref] / lat1[k]:.2f}x | "
-                     f"{lat32[ref] / lat32[k]:.2f}x | {ops.get('QLinearConv', 0) + ops.get('QGemm', 0)} | "
-                     f"{ops.get('DequantizeLinear', 0)} |")
+        out[k] = {"bytes": p.stat().st_size, "b1": lat1[k], "b32": lat32[k], "s1": lat1[ref] / lat1[k],
+                  "s32": lat32[ref] / lat32[k], "int8": ops.get("QLinearConv", 0) + ops.get("QGemm", 0),
+                  "dq": ops.get("DequantizeLinear", 0), "q": ops.get("QuantizeLinear", 0)}
+    return out
+
+
+def compare(arts: dict[str, Path], shape, args) -> list[str]:
+    """Markdown rows of :func:`measure`."""
+    lines = ["| artifact | ONNX bytes | batch-1 ms | batch-32 ms | speed-up b1 | speed-up b32 | int8 kernels "
+             "| runtime DQ |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, m in measure(arts, shape, args).items():
+        lines.append(f"| {k} | {m['bytes']:,} | {m['b1']:.3f} | {m['b32']:.2f} | {m['s1']:.2f}x | {m['s32']:.2f}x | "
+                     f"{m['int8']} | {m['dq']} |")
     return lines
+
+
+def plain_qdq(best, data, path: Path) -> Path:
+    """The chosen model in the plain QDQ form (every integer weight a runtime DequantizeLinear)."""
+    export_onnx(deploy_model(best.model, mean=data.mean, std=data.std), path, data.input_shape, fold_weights=False)
+    return path
+
+
+def base_onnx(run: Path, dest: Path, data):
+    """The run's exported fp32 base (``RUN/export/base_fp32.onnx`` if there, else exported to ``dest``) and the
+    base checkpoint's input shape."""
+    base = load_checkpoint(run / "base" / "model.pt")
+    path = run / "export" / "base_fp32.onnx"
+    if not path.is_file():
+        path = export_model(base, "onnx", dest, data=data).path
+    return path, base.input_shape
 
 
 def time_trial(run: Path, args) -> int:
     """A non-chosen trial of a finished run (e.g. a mixed policy) vs the run's exported fp32 base."""
     out = squeezer("export", str(run), "--trial", str(args.trial), "--finetune", str(args.finetune), "--format", "onnx",
                    "--out", str(run / "export" / f"trial{args.trial}.onnx"))["artifacts"][0]
-    base = run / "export" / "base_fp32.onnx"
-    if not base.is_file():
-        export_model(load_checkpoint(run / "base" / "model.pt"), "onnx", base, data=load_dataset("fashion-mnist"))
+    base, shape = base_onnx(run, run / "export" / "base_fp32.onnx", load_dataset("fashion-mnist"))
     pol = json.loads((run / "trials" / f"{args.trial:04d}.json").read_text()).get("policy")
     lines = [f"Trial {args.trial}: {describe(pol)}; ONNX accuracy {100 * out['accuracy']:.2f}% (PyTorch "
              f"{100 * out['torch_accuracy']:.2f}%), file {out['file_bytes']:,} B = {out['size_ratio']:.3f}x the size "
              "model.", ""]
-    lines += compare({"fp32 base": base, f"trial {args.trial}": Path(out["path"])},
-                     load_checkpoint(run / "base" / "model.pt").input_shape, args)
+    lines += compare({"fp32 base": base, f"trial {args.trial}": Path(out["path"])}, shape, args)
     print("\n".join(lines))
     return 0
 
@@ -154,14 +177,10 @@ def time_existing(run: Path, args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     new = squeezer("export", str(run), "--format", "onnx", "--out", str(out_dir / "model.onnx"))["artifacts"][0]
     data = load_dataset("fashion-mnist")
-    base = run / "export" / "base_fp32.onnx"
-    if not base.is_file():
-        base = export_model(load_checkpoint(run / "base" / "model.pt"), "onnx", out_dir / "base_fp32.onnx",
-                            data=data).path
+    base, _ = base_onnx(run, out_dir / "base_fp32.onnx", data)
     best = load_checkpoint(run / "best" / "model.pt")
-    plain = out_dir / "model_plain_qdq.onnx"
-    export_onnx(deploy_model(best.model, mean=data.mean, std=data.std), plain, data.input_shape, fold_weights=False)
-    arts = {"fp32 base": base, "chosen, exported now": Path(new["path"]), "chosen, plain QDQ": plain}
+    arts = {"fp32 base": base, "chosen, exported now": Path(new["path"]),
+            "chosen, plain QDQ": plain_qdq(best, data, out_dir / "model_plain_qdq.onnx")}
     if (run / "export" / "model.onnx").is_file():
         arts["chosen, file exported before"] = run / "export" / "model.onnx"
     lines = [f"Chosen: {describe(best.policy.to_dict() if best.policy else None)}; ONNX accuracy "
@@ -215,23 +234,12 @@ def main() -> int:
         base = export_model(base_ld, "onnx", run / "export" / "base_fp32.onnx", data=data,
                             reported={"test_accuracy": base_metrics.get("test_accuracy")})
         best = load_checkpoint(run / "best" / "model.pt")
-        plain = run / "export" / "model_plain_qdq.onnx"
-        export_onnx(deploy_model(best.model, mean=data.mean, std=data.std), plain, data.input_shape,
-                    fold_weights=False)
-        arts = {"fp32 base": base.path, "chosen": Path(chosen["path"]), "chosen, plain QDQ": plain}
-        sessions = {k: session(p) for k, p in arts.items()}
-        rng = np.random.default_rng(0)
-        lat1 = timed_rounds(sessions, rng.random((1, *data.input_shape), dtype=np.float32),
-                            rounds=args.rounds, repeats=args.repeats)
-        lat32 = timed_rounds(sessions, rng.random((32, *data.input_shape), dtype=np.float32),
-                             rounds=args.rounds, repeats=max(3, args.repeats // 8))
+        arts = {"fp32 base": base.path, "chosen": Path(chosen["path"]),
+                "chosen, plain QDQ": plain_qdq(best, data, run / "export" / "model_plain_qdq.onnx")}
         metrics = json.loads((run / "best" / "metrics.json").read_text())
-        for k, p in arts.items():
-            ops = Counter(op for op, _ in runtime_op_types(p))
+        for k, m in measure(arts, data.input_shape, args).items():
             acc = base.accuracy if k == "fp32 base" else chosen.get("accuracy") if k == "chosen" else None
-            rows.append((name, k, p.stat().st_size, acc, lat1[k], lat32[k], lat1["fp32 base"] / lat1[k],
-                         lat32["fp32 base"] / lat32[k], ops.get("QLinearConv", 0) + ops.get("QGemm", 0),
-                         ops.get("DequantizeLinear", 0), ops.get("QuantizeLinear", 0)))
+            rows.append((name, k, m["bytes"], acc, m["b1"], m["b32"], m["s1"], m["s32"], m["int8"], m["dq"], m["q"]))
             print(rows[-1], flush=True)
         details.append(f"- {name}: search {t_search:.0f} s, chosen trial {(summary.get('best') or {}).get('trial', metrics.get('trial'))}"
                        f" ({describe(best.policy.to_dict() if best.policy else None)}); reported test accuracy "

@@ -160,6 +160,15 @@ def measure_base(base: nn.Module, data: Any) -> dict[str, Any]:
     return {"accuracy": evaluate(base, data.test), "val_accuracy": evaluate(base, data.val), **cost(base, None)}
 
 
+def tested_pick(runs: dict[Any, tuple[nn.Module, dict]], pick: Any, data: Any, config: dict) -> dict[str, Any]:
+    """The candidate chosen on validation, evaluated once on the test set, with every candidate's
+    validation accuracy and size (the record of the choice)."""
+    m, r = runs[pick]
+    return {**r, "accuracy": evaluate(m, data.test), "config": config,
+            "candidates": {str(k): {"val_accuracy": v[1]["val_accuracy"], "size_bytes": v[1]["size_bytes"]}
+                           for k, v in runs.items()}}
+
+
 def epochs(args: argparse.Namespace, full: float) -> float:
     """Fine-tune epochs: as given for the full run, a small fraction for ``--quick``."""
     return min(full, 0.25) if args.quick else full
@@ -189,12 +198,8 @@ def exp_lenet_prune_qat(data, args) -> list[dict]:
     ok = [k for k in runs if 100 * (b["val_accuracy"] - runs[k][1]["val_accuracy"]) <= 0.5]
     pick = (min(ok, key=lambda k: runs[k][1]["size_bytes"]) if ok
             else max(runs, key=lambda k: runs[k][1]["val_accuracy"]))
-    m, r = runs[pick]
     ratio, fc1_bits, bits = pick
-    r = {**r, "accuracy": evaluate(m, data.test),
-         "config": {"prune_ratio": ratio, "fc1_bits": fc1_bits, "bits": bits},
-         "candidates": {str(k): {"val_accuracy": v[1]["val_accuracy"], "size_bytes": v[1]["size_bytes"]}
-                        for k, v in runs.items()}}
+    r = tested_pick(runs, pick, data, {"prune_ratio": ratio, "fc1_bits": fc1_bits, "bits": bits})
     x = b["size_bytes"] / r["size_bytes"]
     wbits = f"{bits}-bit" if fc1_bits == bits else f"{bits}-bit (fc1 {fc1_bits}-bit)"
     return [row(f"LeNet-5 pruning + QAT (taylor {ratio:.0%} -> retrain -> LSQ {wbits} -> retrain, KD)",
@@ -284,10 +289,7 @@ def exp_deep_compression(data, args) -> list[dict]:
         log(f"deep compression layout {layout}: val {runs[layout][1]['val_accuracy']:.4f}, "
             f"{b['size_bytes'] / runs[layout][1]['size_bytes']:.1f}x")
     pick = max(runs, key=lambda k: runs[k][1]["val_accuracy"])  # chosen on validation, never on test
-    m, r = runs[pick]
-    r = {**r, "accuracy": evaluate(m, data.test), "config": {"layout": pick, "policy": dc_policy(pick).to_dict()},
-         "candidates": {k: {"val_accuracy": v[1]["val_accuracy"], "size_bytes": v[1]["size_bytes"]}
-                        for k, v in runs.items()}}
+    r = tested_pick(runs, pick, data, {"layout": pick, "policy": dc_policy(pick).to_dict()})
     x = b["size_bytes"] / r["size_bytes"]
     prune, sparsity, bits = DC_LAYOUTS[pick]
     label = (f"LeNet-5 Deep Compression, layout {pick} (taylor channels {prune}, gradual DNS {sparsity}, "

@@ -156,6 +156,28 @@ def scaling(args, model, budget) -> dict:
     return out
 
 
+def verdict(rows: list[dict], equal_pp: float = 0.5) -> list[dict]:
+    """The issue's goal per (model, budget): ours vs the best uniform policy.
+
+    Met if ours has >= 1 pp more test accuracy, or >= 25% lower latency at equal accuracy
+    (ours at most ``equal_pp`` points below uniform: about the noise of one 10,000-image test
+    set, and the tool's own selection tolerance). Later rows replace earlier ones of the same
+    (model, budget, method), so re-runs of one method merge with the baselines they share.
+    """
+    last = {(r["model"], r["budget"], r["method"]): r for r in rows}
+    out = []
+    for (model, budget) in dict.fromkeys((m, b) for m, b, _ in last):
+        ours, uni = last.get((model, budget, "ours")), last.get((model, budget, "uniform"))
+        if not ours or not uni:
+            continue
+        gain = round(100 * (ours["test_accuracy"] - uni["test_accuracy"]), 2)
+        faster = round(1 - ours["latency_ms"] / uni["latency_ms"], 3)
+        met = gain >= 1.0 or (faster >= 0.25 and gain >= -equal_pp)
+        out.append({"model": model, "budget": budget, "accuracy_gain_pp": gain, "latency_reduction": faster,
+                    "size_ratio": round(ours["size_bytes"] / uni["size_bytes"], 3), "met": met})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet20,mobilenet_v2")
@@ -174,7 +196,15 @@ def main(argv=None) -> int:
     p.add_argument("--scaling-trials", type=int, default=6, help="trials per scaling run (0 = skip scaling)")
     p.add_argument("--scaling-sampler", default="random", help="sampler of the scaling runs (tpe costs the driver more)")
     p.add_argument("--out", default="runs/bench_search")
+    p.add_argument("--verdict", nargs="+", metavar="RESULTS_JSON",
+                   help="only print the goal check of these results.json files (later rows replace earlier)")
+    p.add_argument("--equal-pp", type=float, default=0.5, help="'equal accuracy' band for the latency goal (pp)")
     args = p.parse_args(argv)
+    if args.verdict:
+        rows = [r for f in args.verdict for r in json.loads(Path(f).read_text())["rows"]]
+        for v in verdict(rows, args.equal_pp):
+            print(json.dumps(v))
+        return 0
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -203,6 +233,9 @@ def main(argv=None) -> int:
         model, budget = args.models.split(",")[0], args.budgets.split(",")[0]
         results["scaling"] = {"model": model, "budget": budget, **scaling(args, model, budget)}
         print(json.dumps(results["scaling"]), flush=True)
+    results["verdict"] = verdict(results["rows"], args.equal_pp)
+    for v in results["verdict"]:
+        print(json.dumps(v), flush=True)
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     return 0
 

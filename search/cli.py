@@ -56,6 +56,9 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
                    help="skip the per-layer sensitivity probes that narrow the space and seed the search")
     g.add_argument("--sensitivity-threshold", type=float, dest="sensitivity_threshold_pp",
                    help="drop a layer's choice that alone loses more than this many accuracy points (10)")
+    g.add_argument("--latency-seeds", dest="latency_seeds",
+                   help="also seed policies cut to these fractions of the guided seed's latency, least accuracy "
+                        "loss per ms first (0.75,0.6; none = off)")
     g.add_argument("--backend", help="optuna (default: trials in this process) or ray (a Ray cluster)")
     g.add_argument("--workers", type=int, help="parallel trial workers for --backend ray (1)")
     g.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local one)")
@@ -83,7 +86,7 @@ def _config_from_args(args: argparse.Namespace):
                                          "max_latency_ms", "max_energy_mj", "timeout", "run", "seed",
                                          "storage", "sampler", "base_epochs", "trial_steps", "final_epochs",
                                          "criterion", "quantizer", "threads", "rungs", "sensitivity_threshold_pp",
-                                         "tolerance_pp", "backend", "workers", "address")
+                                         "tolerance_pp", "latency_seeds", "backend", "workers", "address")
            if getattr(args, k, None) is not None}
     if getattr(args, "trials", None) is not None:
         try:

@@ -63,6 +63,9 @@ class SearchConfig:
     # Sensitivity first: per-layer probes narrow the space (drop choices losing > threshold).
     sensitivity: bool = True
     sensitivity_threshold_pp: float = 10.0
+    # Latency seeds: from the sensitivity-guided seed, cut latency (least loss per ms) to these
+    # fractions of its latency, one seed each ("none": no latency seeds).
+    latency_seeds: str | None = "0.75,0.6"
     # Distributed: --backend ray with this many workers (one trial each) on --address.
     workers: int = 1
     address: str | None = None
@@ -84,6 +87,8 @@ class SearchConfig:
             object.__setattr__(self, "rungs", _parse_rungs(self.rungs, self.trial_steps))
         if not isinstance(self.tolerance_pp, (int, float)) or not 0 <= self.tolerance_pp <= 100:
             raise ValueError(f"`0 <= tolerance <= 100` (accuracy points) must hold, but got {self.tolerance_pp!r}")
+        if self.latency_seeds is not None:
+            object.__setattr__(self, "latency_seeds", _parse_fractions(self.latency_seeds))
         if self.prune_eta < 2:
             raise ValueError(f"`prune_eta >= 2` must hold, but got prune_eta={self.prune_eta}")
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -97,6 +102,11 @@ class SearchConfig:
     def rung_steps(self) -> tuple[int, ...]:
         """Fine-tune steps at which a trial reports validation accuracy (may stop there)."""
         return tuple(int(s) for s in self.rungs.split(",")) if self.rungs else ()
+
+    @property
+    def latency_seed_fractions(self) -> tuple[float, ...]:
+        """``latency_seeds`` as numbers, largest first (empty: no latency seeds)."""
+        return tuple(float(f) for f in self.latency_seeds.split(",")) if self.latency_seeds else ()
 
     @property
     def budget_bytes(self) -> int:
@@ -138,21 +148,36 @@ class SearchConfig:
         return replace(self, **changes)
 
 
+def _numbers(text: Any, kind: type, malformed: str) -> list:
+    """``"a,b"`` or a list -> numbers of ``kind``; ``ValueError(malformed)`` if one is not."""
+    parts = [str(p) for p in text] if isinstance(text, (list, tuple)) else \
+        [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        return [kind(p) for p in parts]
+    except ValueError:
+        raise ValueError(malformed) from None
+
+
 def _parse_rungs(text: Any, trial_steps: int) -> str | None:
     """``"20,40"`` (or a list) -> canonical ``"20,40"``: increasing steps in ``[1, trial_steps)``."""
-    if isinstance(text, (list, tuple)):
-        parts = [str(p) for p in text]
-    else:
-        parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    try:
-        steps = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"malformed rungs {text!r}; expected increasing fine-tune steps such as 20,40") from None
+    steps = _numbers(text, int, f"malformed rungs {text!r}; expected increasing fine-tune steps such as 20,40")
     if not steps:
         return None
     if any(b <= a for a, b in zip(steps, steps[1:])) or steps[0] < 1 or steps[-1] >= trial_steps:
         raise ValueError(f"`0 < rung steps increasing < trial_steps={trial_steps}` must hold, but got rungs={text!r}")
     return ",".join(str(s) for s in steps)
+
+
+def _parse_fractions(text: Any) -> str | None:
+    """``"0.75,0.6"`` (or a list) -> canonical ``"0.75,0.6"``: fractions in (0, 1), largest first."""
+    if str(text).strip().lower() in ("none", "off"):
+        return None
+    vals = _numbers(text, float, f"malformed latency seeds {text!r}; expected fractions such as 0.75,0.6")
+    if not vals:
+        return None
+    if any(not 0 < v < 1 for v in vals):
+        raise ValueError(f"`0 < latency seed fraction < 1` must hold, but got latency_seeds={text!r}")
+    return ",".join(f"{v:g}" for v in sorted(set(vals), reverse=True))
 
 
 def worker_id() -> str:

@@ -577,15 +577,62 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
             cost = ctx.estimate(pol)
             return max(constraints_of(cost, ctx.cfg, sram)) <= 0, float(cost.size_bytes)
 
+        guided = []
         for per_byte in (True, False):
             params = guided_params(sp, sens, fits, narrowed=narrowed, per_byte=per_byte,
                                    act_bits=8 if 8 in sp.act_bits else None)
             if params is not None:
+                guided.append(params)
                 pol = sp.policy_from_params(params)
                 if pol not in seeds:
                     seeds.append(pol)
                     study.enqueue_trial(params, user_attrs={"seed_policy": "sensitivity"})
+        if guided:
+            for params in latency_seeds(ctx, sens, guided[0], narrowed, seeds):
+                pol = sp.policy_from_params(params)
+                if pol not in seeds:
+                    seeds.append(pol)
+                    study.enqueue_trial(params, user_attrs={"seed_policy": "sensitivity-latency"})
     return seeds
+
+
+def latency_seeds(ctx: Context, sens: dict[str, Any], start: dict[str, Any], narrowed: dict[str, list],
+                  seeds: list[Policy] = ()) -> list[dict[str, Any]]:
+    """From the sensitivity-guided policy that meets the budget, go on cutting latency on the
+    target: the least accuracy loss per millisecond saved, one step at a time, until the
+    latency is ``cfg.latency_seeds`` times the reference (each fraction one seed; all within
+    budget). The reference is the fastest of ``start`` and the other ``seeds`` the probes
+    predict to lose at most 1 point more than ``start`` (e.g. uniform int8 where the budget
+    lets the guided seed keep fp32 layers).
+
+    The budget alone says nothing about speed: where it barely binds, these seeds put trials
+    on the fast end of the front, so the tolerance rule can pick a faster policy that loses
+    little accuracy.
+    """
+    from .sensitivity import guided_params, predicted_loss, project_params
+
+    fractions = ctx.cfg.latency_seed_fractions
+    if not fractions:
+        return []
+    sp, sram = ctx.space, target_sram(ctx.target)
+    limit = predicted_loss(sens, start) + 1.0
+    ref = float(ctx.estimate(sp.policy_from_params(start)).latency_ms)
+    for pol in seeds:
+        if predicted_loss(sens, project_params(sp.params_for(pol), narrowed)) <= limit:
+            ref = min(ref, float(ctx.estimate(pol).latency_ms))
+    out = []
+    for frac in fractions:
+        def fits(pol, goal=frac * ref):
+            cost = ctx.estimate(pol)
+            lat = float(cost.latency_ms)
+            return max(constraints_of(cost, ctx.cfg, sram)) <= 0 and lat <= goal, lat
+
+        params = guided_params(sp, sens, fits, narrowed=narrowed, start=start, act_steps=True,
+                               act_bits=8 if 8 in sp.act_bits else None)
+        if params is not None:
+            out.append(params)
+            start = params  # the next (smaller) fraction goes on from here
+    return out
 
 
 def _write_json(path: Path, obj: Any) -> None:

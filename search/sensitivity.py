@@ -203,10 +203,16 @@ class NarrowedTrial:
 
 
 def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list] | None = None,
-                  act_bits: int | None = 8, per_byte: bool = True, max_steps: int = 2000) -> dict[str, Any] | None:
+                  act_bits: int | None = 8, per_byte: bool = True, max_steps: int = 2000,
+                  start: dict[str, Any] | None = None, act_steps: bool = False) -> dict[str, Any] | None:
     """Greedy: start from the mildest setting (8-bit where allowed) and apply, one at a time,
-    the cheapest next step (least accuracy loss, per byte saved if ``per_byte``) until
+    the cheapest next step (least accuracy loss, per unit saved if ``per_byte``) until
     ``fits(policy)`` holds. Returns the params, or ``None`` if the budget is never met.
+
+    ``fits(policy) -> (ok, amount)``: ``amount`` is what the steps must reduce (bytes for a
+    size budget, milliseconds for a latency target). ``start``: begin from these params
+    instead (e.g. a seed that already meets the budget, to go on cutting latency).
+    ``act_steps``: also consider lowering activation bits (they change latency, not size).
     """
     choices = space_choices(space)
     narrowed = narrowed or {}
@@ -216,12 +222,16 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
     cur: dict[str, Any] = {}
     for d, cs in allowed.items():
         kind = d.split(":", 1)[0]
-        if kind == "abits" and act_bits in cs:
+        if start is not None and start.get(d, object()) in cs:
+            cur[d] = start[d]
+        elif kind == "abits" and act_bits in cs:
             cur[d] = act_bits
         else:
             cur[d] = min(cs, key=lambda c: _aggressiveness(d, c))
     if space.distill:
         cur["kd_temperature"], cur["kd_alpha"] = 4.0, 0.5
+        if start is not None:
+            cur.update({k: start[k] for k in ("kd_temperature", "kd_alpha") if k in start})
     ladder = {d: sorted(cs, key=lambda c: _aggressiveness(d, c)) for d, cs in allowed.items()}
 
     def size_of(p):
@@ -232,7 +242,7 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
     while not ok and steps < max_steps:
         best = None
         for d, lad in ladder.items():
-            if d.startswith("abits:"):
+            if d.startswith("abits:") and not act_steps:
                 continue  # activation bits do not change the stored size
             i = lad.index(cur[d]) if cur[d] in lad else 0
             if i + 1 >= len(lad):
@@ -254,6 +264,13 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
         ok, size = size_of(cur)
         steps += 1
     return cur if ok else None
+
+
+def predicted_loss(sens: dict[str, Any], params: dict[str, Any]) -> float:
+    """Accuracy points ``params`` would lose by the probes, summed over its dimensions (additive
+    model, no fine-tune: a ranking, not a forecast)."""
+    probes = sens.get("probes", {})
+    return float(sum(max(0.0, probes[d].get(_key(v), 0.0)) for d, v in params.items() if d in probes))
 
 
 @contextmanager

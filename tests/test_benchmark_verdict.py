@@ -1,0 +1,37 @@
+"""The goal check of ``benchmarks/search_vs_baselines.py`` (ours vs the best uniform policy)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location(
+    "search_vs_baselines", Path(__file__).resolve().parents[1] / "benchmarks" / "search_vs_baselines.py")
+svb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(svb)
+
+
+def row(method, acc, lat, size=100, model="m", budget="1MB"):
+    return {"model": model, "budget": budget, "method": method, "test_accuracy": acc, "latency_ms": lat,
+            "size_bytes": size}
+
+
+def test_one_point_more_accuracy_meets_the_goal_and_less_does_not():
+    v = svb.verdict([row("uniform", 0.870, 4.0), row("ours", 0.880, 5.0)])
+    assert v == [{"model": "m", "budget": "1MB", "accuracy_gain_pp": 1.0, "latency_reduction": -0.25,
+                  "size_ratio": 1.0, "met": True}]
+    assert not svb.verdict([row("uniform", 0.870, 4.0), row("ours", 0.8799, 5.0)])[0]["met"]
+
+
+def test_a_quarter_less_latency_meets_it_only_at_equal_accuracy():
+    assert svb.verdict([row("uniform", 0.870, 4.0), row("ours", 0.866, 3.0)])[0]["met"]           # -0.4 pp
+    assert not svb.verdict([row("uniform", 0.870, 4.0), row("ours", 0.860, 3.0)])[0]["met"]       # -1.0 pp
+    assert not svb.verdict([row("uniform", 0.870, 4.0), row("ours", 0.870, 3.1)])[0]["met"]       # 22.5% only
+    assert not svb.verdict([row("uniform", 0.870, 4.0), row("ours", 0.866, 3.0)], equal_pp=0.2)[0]["met"]
+
+
+def test_later_rows_replace_earlier_ones_and_incomplete_pairs_are_skipped():
+    rows = [row("uniform", 0.870, 4.0), row("ours", 0.860, 4.0), row("random", 0.9, 1.0),
+            row("ours", 0.885, 4.0), row("ours", 0.9, 1.0, budget="2MB")]
+    v = svb.verdict(rows)
+    assert [(x["budget"], x["accuracy_gain_pp"], x["met"]) for x in v] == [("1MB", 1.5, True)]

@@ -35,3 +35,13 @@ def test_later_rows_replace_earlier_ones_and_incomplete_pairs_are_skipped():
             row("ours", 0.885, 4.0), row("ours", 0.9, 1.0, budget="2MB")]
     v = svb.verdict(rows)
     assert [(x["budget"], x["accuracy_gain_pp"], x["met"]) for x in v] == [("1MB", 1.5, True)]
+
+
+def test_the_latency_limited_search_can_meet_the_latency_half():
+    base = [row("uniform", 0.870, 4.0), row("ours", 0.872, 4.5)]
+    assert not svb.verdict(base)[0]["met"]
+    fast = row("ours_fast", 0.867, 2.9)
+    v = svb.verdict(base + [{**fast, "status": "feasible"}])[0]
+    assert (v["fast_accuracy_gain_pp"], v["fast_latency_reduction"], v["met"]) == (-0.3, 0.275, True)
+    assert not svb.verdict(base + [{**fast, "status": "infeasible"}])[0]["met"]   # it found nothing that fast
+    assert not svb.verdict(base + [{**fast, "test_accuracy": 0.86, "status": "feasible"}])[0]["met"]

@@ -1007,8 +1007,13 @@ def new_run_dir(cfg: SearchConfig, root: Path = Path("runs")) -> Path:
     return root / f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.target.replace('/', '_').replace('.yaml', '')}-{stamp}"
 
 
-def search(cfg: SearchConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or continue) the main job in ``cfg.run``; return the summary."""
+def search(cfg: SearchConfig, *, progress: bool = True, extend=None) -> dict[str, Any]:
+    """Run (or continue) the main job in ``cfg.run``; return the summary.
+
+    ``extend(study) -> int``: asked after the trials, before the final stage: how many more
+    trained trials to run (0 = none; asked again after those), e.g. to spend a fine-tune step
+    budget that rung-stopped trials left unspent. ``config.yaml`` records the final count.
+    """
     run_dir = new_run_dir(cfg)
     cfg = cfg.with_(run=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1021,7 +1026,7 @@ def search(cfg: SearchConfig, *, progress: bool = True) -> dict[str, Any]:
             raise UserError(f"run folder {run_dir} holds a different search ({', '.join(sorted(diff))} differ); "
                             f"use 'squeezer resume {run_dir}' or another --run")
     cfg.save(cfg_path)
-    return _run(cfg, run_dir, progress=progress, fresh=True)
+    return _run(cfg, run_dir, progress=progress, fresh=True, extend=extend)
 
 
 def resume(run_dir: str | Path, *, trials: int | None = None, progress: bool = True,
@@ -1051,7 +1056,7 @@ def resume(run_dir: str | Path, *, trials: int | None = None, progress: bool = T
     return _run(cfg, run_dir, progress=progress, fresh=False)
 
 
-def _run(cfg: SearchConfig, run_dir: Path, *, progress: bool, fresh: bool) -> dict[str, Any]:
+def _run(cfg: SearchConfig, run_dir: Path, *, progress: bool, fresh: bool, extend=None) -> dict[str, Any]:
     t0 = time.time()
     ctx = prepare(cfg, run_dir, progress=progress)
     sensitivity_first(ctx, progress=progress)
@@ -1064,12 +1069,18 @@ def _run(cfg: SearchConfig, run_dir: Path, *, progress: bool, fresh: bool) -> di
             log.info("search space: %d dimensions (%d layers, %d channel groups); %d seed policies",
                      ctx.space.n_dims, len(ctx.space.layers), len(ctx.space.groups), len(seeds))
     t_search = time.time()
-    if cfg.backend == "ray":
-        from .ray_backend import run_trials_ray
+    while True:
+        if cfg.backend == "ray":
+            from .ray_backend import run_trials_ray
 
-        run_trials_ray(ctx, study, progress=progress)
-    else:
-        run_trials(ctx, study, progress=progress)
+            run_trials_ray(ctx, study, progress=progress)
+        else:
+            run_trials(ctx, study, progress=progress)
+        more = extend(study) if extend is not None else 0
+        if more <= 0:
+            break
+        ctx.cfg = cfg = cfg.with_(trials=cfg.trials + int(more))
+        cfg.save(run_dir / "config.yaml")
     search_seconds = time.time() - t_search
     best = finish(ctx, study, progress=progress)
     summary = {"run": str(run_dir), "base": ctx.base_metrics, "best": best,

@@ -45,3 +45,9 @@ def test_the_latency_limited_search_can_meet_the_latency_half():
     assert (v["fast_accuracy_gain_pp"], v["fast_latency_reduction"], v["met"]) == (-0.3, 0.275, True)
     assert not svb.verdict(base + [{**fast, "status": "infeasible"}])[0]["met"]   # it found nothing that fast
     assert not svb.verdict(base + [{**fast, "test_accuracy": 0.86, "status": "feasible"}])[0]["met"]
+
+
+def test_ours_given_randoms_fine_tune_steps_can_meet_the_accuracy_half():
+    base = [row("uniform", 0.870, 4.0), row("ours", 0.876, 4.5)]
+    assert svb.verdict(base + [row("ours_matched", 0.881, 4.4)])[0]["met"]
+    assert not svb.verdict(base + [row("ours_matched", 0.878, 4.4)])[0]["met"]

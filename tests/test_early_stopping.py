@@ -100,3 +100,21 @@ def test_a_destructive_policy_is_stopped_at_the_first_rung(tmp_path):
     assert "over" not in line and "stopped@4" in line
     assert f"{last.user_attrs['rung_acc']['4']:.4f}@4" in line       # the accuracy it stopped with
     assert f"3 trained ({states.count('stopped')} stopped early at a rung), 0 rejected by the cost model" in text
+
+
+def test_extend_runs_more_trials_before_the_final_stage(tmp_path):
+    """``search(extend=)``: e.g. spend the fine-tune steps that rung-stopped trials left unspent."""
+    cfg = SearchConfig(model="resnet20", dataset="digits", budget="2MB", base_epochs=4, trial_steps=8,
+                       trials=2, sampler="random", sensitivity=False, seed=1, final_epochs=0.05,
+                       run=str(tmp_path / "run"))
+    asked = []
+
+    def extend(study):
+        asked.append(len(job.trained_trials(study)))
+        return 2 if len(asked) == 1 else 0
+
+    summary = job.search(cfg, progress=False, extend=extend)
+    assert asked == [2, 4]                            # asked after the first 2 trials, then after 2 more
+    assert summary["trials"] == 4
+    assert SearchConfig.load(tmp_path / "run" / "config.yaml").trials == 4      # resume sees the real count
+    assert summary["best"]["test_accuracy"] is not None                        # the final stage ran once, after

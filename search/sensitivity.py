@@ -234,10 +234,10 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
             cur.update({k: start[k] for k in ("kd_temperature", "kd_alpha") if k in start})
     ladder = {d: sorted(cs, key=lambda c: _aggressiveness(d, c)) for d, cs in allowed.items()}
 
-    def size_of(p):
+    def check(p):
         return fits(space.policy_from_params(p))
 
-    ok, size = size_of(cur)
+    ok, amount = check(cur)
     steps = 0
     while not ok and steps < max_steps:
         best = None
@@ -250,18 +250,18 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
             nxt = lad[i + 1]
             loss = max(0.0, probes.get(d, {}).get(_key(nxt), 0.0)) + 1e-3
             trial_p = {**cur, d: nxt}
-            _, s = size_of(trial_p)
-            saved = size - s
+            _, a = check(trial_p)
+            saved = amount - a
             if saved <= 0:
                 continue
             score = loss / saved if per_byte else loss
             if best is None or score < best[0]:
-                best = (score, d, nxt, s)
+                best = (score, d, nxt)
         if best is None:
             return None
-        _, d, nxt, s = best
+        _, d, nxt = best
         cur[d] = nxt
-        ok, size = size_of(cur)
+        ok, amount = check(cur)
         steps += 1
     return cur if ok else None
 

@@ -124,10 +124,10 @@ def write_html(rep: dict[str, Any], path: str | Path, *, image: str = "pareto.pn
     for t in rep.get("trials", []):
         c = t.get("cost") or {}
         acc = f"{t['val_accuracy']:.4f}" if t.get("val_accuracy") is not None else ""
+        lat = f"{c['latency_ms']:.4}" if c else ""
         rows.append(f"<tr><td>{t['number']}</td><td>{html.escape(t['state'])}</td><td>{acc}</td>"
-                    f"<td>{c.get('latency_ms', ''):.4}</td><td>{c.get('size_bytes', '')}</td>"
-                    f"<td>{html.escape(str(t.get('worker') or ''))}</td></tr>" if c else
-                    f"<tr><td>{t['number']}</td><td>{html.escape(t['state'])}</td><td>{acc}</td><td></td><td></td>"
+                    f"<td>{lat}</td><td>{c.get('size_bytes', '')}</td>"
+                    f"<td>{html.escape(str(t.get('origin') or ''))}</td>"
                     f"<td>{html.escape(str(t.get('worker') or ''))}</td></tr>")
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>squeezer report: {html.escape(str(rep.get('run')))}</title>
@@ -141,7 +141,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} pre{{background:
 <img src="{html.escape(image)}" alt="Pareto plot" style="max-width:100%">
 <h2>Summary</h2><pre>{html.escape(format_report(rep))}</pre>
 <h2>All trials</h2><table><tr><th>#</th><th>state</th><th>val acc</th><th>latency ms</th><th>size B</th>
-<th>worker</th></tr>{''.join(rows)}</table></body></html>
+<th>from</th><th>worker</th></tr>{''.join(rows)}</table></body></html>
 """
     Path(path).write_text(doc)
 

@@ -3,7 +3,8 @@
 ``report(run_dir)`` returns a JSON-ready dict (a stable interface: ``base`` and ``best``
 objects with ``size_bytes``, ``latency_ms``, ``energy_mj``, ``test_accuracy`` (and
 ``val_accuracy`` for ``best``), and ``trials``, a list with ``number``, ``state`` (Optuna's
-state name), ``status`` (:func:`trial_status`), ``values``, ``params``, ``worker``, ``val_accuracy``
+state name), ``status`` (:func:`trial_status`), ``origin`` (``sampler``, or ``seed:uniform``,
+``seed:sensitivity``, ``seed:sensitivity-latency``), ``values``, ``params``, ``worker``, ``val_accuracy``
 and, for early-stopped trials, ``pruned_at`` and ``rung_accuracy``); ``format_report`` renders it
 for people.
 """
@@ -62,6 +63,7 @@ def report(run_dir: str | Path) -> dict[str, Any]:
         rung = {int(k): v for k, v in (ua.get("rung_acc") or {}).items()}
         rows.append({"number": t.number, "state": t.state.name, "values": list(t.values) if t.values else None,
                      "params": dict(t.params), "worker": ua.get("worker"), "status": trial_status(t),
+                     "origin": f"seed:{ua['seed_policy']}" if ua.get("seed_policy") else "sampler",
                      "evaluated": bool(ua.get("evaluated", False)), "constraints": ua.get("constraints"),
                      "cost": ua.get("cost"), "val_accuracy": ua.get("val_accuracy"),
                      "pruned_at": ua.get("pruned_at"),
@@ -130,7 +132,8 @@ def format_report(rep: dict[str, Any], *, max_trials: int = 30) -> str:
     count = {k: sum(1 for t in trials if t.get("status") == k) for k in ("trained", "stopped", "over budget")}
     lines.append(f"trials: {len(trials)} sampled, {count['trained'] + count['stopped']} trained "
                  f"({count['stopped']} stopped early at a rung), {count['over budget']} rejected by the cost model")
-    lines.append(f"  {'#':>4} {'status':<12} {'val acc':>11} {'latency ms':>11} {'size':>10} {'s':>6}  worker")
+    lines.append(f"  {'#':>4} {'status':<12} {'val acc':>11} {'latency ms':>11} {'size':>10} {'s':>6}  "
+                 f"{'from':<24} worker")
     for t in trials[-max_trials:]:
         status = t.get("status") or t["state"].lower()
         if status == "stopped" and t.get("pruned_at") is not None:
@@ -139,7 +142,7 @@ def format_report(rep: dict[str, Any], *, max_trials: int = 30) -> str:
         size = format_bytes(t["cost"]["size_bytes"]) if t["cost"] else "-"
         secs = f"{t['train_seconds']:.0f}" if t["train_seconds"] else "-"
         lines.append(f"  {t['number']:>4} {status:<12} {_accuracy_cell(t):>11} {lat:>11} {size:>10} {secs:>6}  "
-                     f"{t['worker'] or ''}")
+                     f"{t.get('origin', ''):<24} {t['worker'] or ''}")
     return "\n".join(lines)
 
 

@@ -44,6 +44,11 @@ def test_report_files_plot_what_the_json_says(run):
     assert rep["files"]["pareto_png"] == str(png)
     text = page.read_text()
     assert 'src="pareto.png"' in text and f"{rep['hypervolume']['value']:.4f}" in text
+    # The page's trial table says where each trial came from (no sensitivity here: seeds are uniform).
+    for t in rep["trials"]:
+        assert f"<tr><td>{t['number']}</td>" in text
+        assert t["origin"] in ("sampler", "seed:uniform")
+    assert text.count("<td>seed:uniform</td>") == sum(t["origin"] == "seed:uniform" for t in rep["trials"]) >= 1
 
     plotted = write_report_files(report(run), run)["plotted"]
     evaluated = [t for t in rep["trials"] if t["state"] == "COMPLETE" and t["evaluated"]]

@@ -62,8 +62,10 @@ def test_report_json_is_a_stable_interface(finished_run):
     states = {t["state"] for t in rep["trials"]}
     assert states <= {"COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING"} and "COMPLETE" in states
     for t in rep["trials"]:
-        assert {"number", "state", "values", "params", "worker"} <= set(t)
+        assert {"number", "state", "values", "params", "worker", "origin"} <= set(t)
         assert ":" in t["worker"]
+        assert t["origin"] in ("sampler", "seed:uniform", "seed:sensitivity", "seed:sensitivity-latency")
+    assert rep["trials"][0]["origin"].startswith("seed:")          # the search starts from its seeds
     evaluated = [t for t in rep["trials"] if t["evaluated"]]
     assert len(evaluated) == 3
     # Trial files mirror the study.
@@ -72,6 +74,8 @@ def test_report_json_is_a_stable_interface(finished_run):
         assert rec["number"] == t["number"] and rec["policy"]["schema"] == "squeezer.policy/1"
     text = squeezer("report", str(run), cwd=run.parent).stdout
     assert "Pareto front" in text and "chosen policy" in text
+    row0 = next(ln for ln in text.splitlines() if ln.startswith("     0 "))
+    assert rep["trials"][0]["origin"] in row0
 
 
 def test_resume_after_kill_keeps_finished_trials(tmp_path):

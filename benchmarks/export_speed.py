@@ -146,26 +146,27 @@ def plain_qdq(best, data, path: Path) -> Path:
     return path
 
 
-def base_onnx(run: Path, dest: Path, data):
-    """The run's exported fp32 base (``RUN/export/base_fp32.onnx`` if there, else exported to ``dest``) and the
-    base checkpoint's input shape."""
-    base = load_checkpoint(run / "base" / "model.pt")
+def base_onnx(run: Path, dest: Path, data=None) -> Path:
+    """The run's exported fp32 base: ``RUN/export/base_fp32.onnx`` if there, else exported to ``dest``
+    (only then are the base checkpoint and, unless given, the dataset loaded)."""
     path = run / "export" / "base_fp32.onnx"
-    if not path.is_file():
-        path = export_model(base, "onnx", dest, data=data).path
-    return path, base.input_shape
+    if path.is_file():
+        return path
+    return export_model(load_checkpoint(run / "base" / "model.pt"), "onnx", dest,
+                        data=data if data is not None else load_dataset("fashion-mnist")).path
 
 
 def time_trial(run: Path, args) -> int:
     """A non-chosen trial of a finished run (e.g. a mixed policy) vs the run's exported fp32 base."""
     out = squeezer("export", str(run), "--trial", str(args.trial), "--finetune", str(args.finetune), "--format", "onnx",
                    "--out", str(run / "export" / f"trial{args.trial}.onnx"))["artifacts"][0]
-    base, shape = base_onnx(run, run / "export" / "base_fp32.onnx", load_dataset("fashion-mnist"))
+    base = base_onnx(run, run / "export" / "base_fp32.onnx")
     pol = json.loads((run / "trials" / f"{args.trial:04d}.json").read_text()).get("policy")
     lines = [f"Trial {args.trial}: {describe(pol)}; ONNX accuracy {100 * out['accuracy']:.2f}% (PyTorch "
              f"{100 * out['torch_accuracy']:.2f}%), file {out['file_bytes']:,} B = {out['size_ratio']:.3f}x the size "
              "model.", ""]
-    lines += compare({"fp32 base": base, f"trial {args.trial}": Path(out["path"])}, shape, args)
+    lines += compare({"fp32 base": base, f"trial {args.trial}": Path(out["path"])},
+                     load_checkpoint(run / "base" / "model.pt").input_shape, args)
     print("\n".join(lines))
     return 0
 
@@ -177,7 +178,7 @@ def time_existing(run: Path, args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     new = squeezer("export", str(run), "--format", "onnx", "--out", str(out_dir / "model.onnx"))["artifacts"][0]
     data = load_dataset("fashion-mnist")
-    base, _ = base_onnx(run, out_dir / "base_fp32.onnx", data)
+    base = base_onnx(run, out_dir / "base_fp32.onnx", data)
     best = load_checkpoint(run / "best" / "model.pt")
     arts = {"fp32 base": base, "chosen, exported now": Path(new["path"]),
             "chosen, plain QDQ": plain_qdq(best, data, out_dir / "model_plain_qdq.onnx")}

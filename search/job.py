@@ -577,8 +577,8 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
             cost = ctx.estimate(pol)
             return max(constraints_of(cost, ctx.cfg, sram)) <= 0, float(cost.size_bytes)
 
-        log.info("seeds: sensitivity-guided policies that meet the budget, then latency cuts "
-                 "(cost model only, no training)")
+        log.info("seeds: sensitivity-guided policies that meet the budget%s (cost model only, no training)",
+                 ", then latency cuts" if ctx.cfg.latency_seed_fractions else "")
         guided = []
         for per_byte in (True, False):
             params = guided_params(sp, sens, fits, narrowed=narrowed, per_byte=per_byte,

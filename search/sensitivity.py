@@ -248,7 +248,7 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
             if i + 1 >= len(lad):
                 continue
             nxt = lad[i + 1]
-            loss = max(0.0, probes.get(d, {}).get(_key(nxt), 0.0)) + 1e-3
+            loss = _choice_loss(probes, d, nxt) + 1e-3
             trial_p = {**cur, d: nxt}
             _, a = check(trial_p)
             saved = amount - a
@@ -270,7 +270,12 @@ def predicted_loss(sens: dict[str, Any], params: dict[str, Any]) -> float:
     """Accuracy points ``params`` would lose by the probes, summed over its dimensions (additive
     model, no fine-tune: a ranking, not a forecast)."""
     probes = sens.get("probes", {})
-    return float(sum(max(0.0, probes[d].get(_key(v), 0.0)) for d, v in params.items() if d in probes))
+    return float(sum(_choice_loss(probes, d, v) for d, v in params.items() if d in probes))
+
+
+def _choice_loss(probes: dict[str, dict[str, float]], dim: str, choice: Any) -> float:
+    """Points the probe of ``dim = choice`` lost (a gain counts as 0; unprobed: 0)."""
+    return max(0.0, probes.get(dim, {}).get(_key(choice), 0.0))
 
 
 @contextmanager

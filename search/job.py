@@ -530,6 +530,25 @@ def _shared_storage(study) -> bool:
     return not url.startswith("sqlite")
 
 
+def narrow(ctx: Context, sens: dict[str, Any], threshold_pp: float | None = None,
+           ) -> tuple[dict[str, list], list[tuple[str, Any, float]]]:
+    """The search space's narrowed choices: drop those the probes say lose more than
+    ``threshold_pp`` (the run's by default) alone, then give back the least damaging of them
+    that the run's budget and limits need (:func:`search.sensitivity.relax_narrowing`).
+    Returns ``(narrowed, readmitted)``."""
+    from .sensitivity import narrowed_choices, relax_narrowing, space_choices
+
+    thr = ctx.cfg.sensitivity_threshold_pp if threshold_pp is None else threshold_pp
+    narrowed = narrowed_choices(sens, space_choices(ctx.space), threshold_pp=thr)
+    sram = target_sram(ctx.target)
+
+    def violation(params):
+        cons = constraints_of(ctx.estimate(ctx.space.policy_from_params(params)), ctx.cfg, sram)
+        return sum(max(0.0, c) for c in cons)
+
+    return relax_narrowing(ctx.space, sens, narrowed, violation)
+
+
 def sensitivity_first(ctx: Context, *, progress: bool = True) -> None:
     """Measure (or load) per-layer sensitivity and narrow the space (``cfg.sensitivity``).
 
@@ -538,16 +557,21 @@ def sensitivity_first(ctx: Context, *, progress: bool = True) -> None:
     """
     if not ctx.cfg.sensitivity or ctx.cfg.sampler not in ("tpe", "nsga2"):
         return
-    from .sensitivity import load_or_measure, narrowed_choices, space_choices
+    from .sensitivity import load_or_measure, space_choices
 
     sens = load_or_measure(ctx, progress=progress)
     ctx.extra["sensitivity"] = sens
-    ctx.extra["narrowed"] = narrowed_choices(sens, space_choices(ctx.space),
-                                             threshold_pp=ctx.cfg.sensitivity_threshold_pp)
-    if ctx.extra["narrowed"]:
-        dropped = sum(len(space_choices(ctx.space)[d]) - len(v) for d, v in ctx.extra["narrowed"].items())
+    full = space_choices(ctx.space)
+    narrowed, readmitted = narrow(ctx, sens)
+    ctx.extra["narrowed"], ctx.extra["readmitted"] = narrowed, readmitted
+    if narrowed:
+        dropped = sum(len(full[d]) - len(v) for d, v in narrowed.items())
         log.info("sensitivity: dropped %d choice(s) losing > %g pp alone, in %d dimension(s)",
-                 dropped, ctx.cfg.sensitivity_threshold_pp, len(ctx.extra["narrowed"]))
+                 dropped, ctx.cfg.sensitivity_threshold_pp, len(narrowed))
+    if readmitted:
+        log.info("sensitivity: gave back %d dropped choice(s) (probes: up to %.0f pp lost alone, before "
+                 "fine-tuning) so that the narrowed space can still meet the constraints",
+                 len(readmitted), max(loss for _, _, loss in readmitted))
 
 
 def enqueue_seeds(ctx: Context, study) -> list[Policy]:
@@ -555,7 +579,7 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
     sensitivity-guided ones when sensitivity was measured (``sensitivity_first``)."""
     if ctx.cfg.sampler not in ("tpe", "nsga2"):
         return []  # the baselines start from nothing
-    from .sensitivity import guided_params, project_params
+    from .sensitivity import backed_off_params, guided_params, project_params
 
     narrowed = ctx.extra.get("narrowed") or {}
     sp, seeds = ctx.space, []
@@ -572,29 +596,44 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
     for pol in seeds:
         study.enqueue_trial(project_params(sp.params_for(pol), narrowed), user_attrs={"seed_policy": "uniform"})
     sens = ctx.extra.get("sensitivity")
-    if sens:
-        def fits(pol):
-            cost = ctx.estimate(pol)
-            return max(constraints_of(cost, ctx.cfg, sram)) <= 0, float(cost.size_bytes)
+    if not sens:
+        return seeds
 
-        log.info("seeds: sensitivity-guided policies that meet the budget%s (cost model only, no training)",
-                 ", then latency cuts" if ctx.cfg.latency_seed_fractions else "")
-        guided = []
-        for per_byte in (True, False):
-            params = guided_params(sp, sens, fits, narrowed=narrowed, per_byte=per_byte,
-                                   act_bits=8 if 8 in sp.act_bits else None)
+    def add(params, kind):
+        pol = sp.policy_from_params(params)
+        if pol not in seeds:
+            seeds.append(pol)
+            study.enqueue_trial(params, user_attrs={"seed_policy": kind})
+
+    # What the greedy steps reduce: bytes under a size budget alone; with a latency, energy or
+    # SRAM limit too, the summed relative violation (bytes alone can run out of steps, e.g.
+    # at a latency limit that only pruning meets).
+    multi = bool(ctx.cfg.max_latency_ms or ctx.cfg.max_energy_mj or sram)
+
+    def fits(pol):
+        cons = constraints_of(cost := ctx.estimate(pol), ctx.cfg, sram)
+        return max(cons) <= 0, (sum(max(0.0, c) for c in cons) if multi else float(cost.size_bytes))
+
+    log.info("seeds: sensitivity-guided policies that meet the budget%s (cost model only, no training)",
+             ", then latency cuts" if ctx.cfg.latency_seed_fractions else "")
+    guided = []
+    for per_byte in (True, False):
+        # 8-bit activations first; float ones where that cannot meet the limits (at tiny,
+        # heavily pruned layers, the (de)quantize ops can cost more than int8 kernels save).
+        for act in dict.fromkeys((8 if 8 in sp.act_bits else None, None)):
+            params = guided_params(sp, sens, fits, narrowed=narrowed, per_byte=per_byte, act_bits=act)
             if params is not None:
                 guided.append(params)
-                pol = sp.policy_from_params(params)
-                if pol not in seeds:
-                    seeds.append(pol)
-                    study.enqueue_trial(params, user_attrs={"seed_policy": "sensitivity"})
-        if guided:
-            for params in latency_seeds(ctx, sens, guided[0], narrowed, seeds):
-                pol = sp.policy_from_params(params)
-                if pol not in seeds:
-                    seeds.append(pol)
-                    study.enqueue_trial(params, user_attrs={"seed_policy": "sensitivity-latency"})
+                add(params, "sensitivity")
+                break
+    if not guided:  # limits the forward greedy cannot reach: back off from the extreme instead
+        params = backed_off_params(sp, sens, fits, narrowed=narrowed)
+        if params is not None:
+            guided.append(params)
+            add(params, "sensitivity")
+    if guided:
+        for params in latency_seeds(ctx, sens, guided[0], narrowed, seeds):
+            add(params, "sensitivity-latency")
     return seeds
 
 

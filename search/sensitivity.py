@@ -174,6 +174,124 @@ def narrowed_choices(sens: dict[str, Any], choices: dict[str, list], *, threshol
     return out
 
 
+def most_aggressive(space, allowed: dict[str, list]) -> dict[str, Any]:
+    """The params taking each dimension's most aggressive allowed choice (the smallest, and
+    as a rule the fastest, policy a space holds)."""
+    p = {d: max(cs, key=lambda c: _aggressiveness(d, c)) for d, cs in allowed.items()}
+    if space.distill:
+        p["kd_temperature"], p["kd_alpha"] = 4.0, 0.5
+    return p
+
+
+def extreme_params(space, allowed: dict[str, list]) -> list[dict[str, Any]]:
+    """The most aggressive params ``allowed`` holds, and its variants with the ranks and/or
+    the activation bits at their mildest: the most aggressive choice is not always the
+    fastest (a low-rank pair of convs, or integer activations into a float kernel, can be
+    slower), so the smallest or fastest policy of a space is among these four."""
+    p = most_aggressive(space, allowed)
+    out = [p]
+    for kinds in (("rank",), ("abits",), ("rank", "abits")):
+        q = {**p, **{d: min(allowed[d], key=lambda c, d=d: _aggressiveness(d, c))
+                     for d in allowed if d.split(":", 1)[0] in kinds}}
+        if q not in out:
+            out.append(q)
+    return out
+
+
+def least_violation(space, allowed: dict[str, list], violation) -> float:
+    """The least ``violation`` over :func:`extreme_params` (``<= 0``: ``allowed`` holds a
+    policy that meets the limits)."""
+    return min(violation(p) for p in extreme_params(space, allowed))
+
+
+def backed_off_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list] | None = None,
+                      max_steps: int = 2000) -> dict[str, Any] | None:
+    """The other way round from :func:`guided_params`: start from the space's extreme policy
+    that meets the limits (:func:`extreme_params`) and undo compression one step at a time
+    (one dimension one choice milder), the step that buys back the most accuracy by the
+    probes first among those that keep ``fits`` true, until no step does. ``None`` if no
+    extreme policy fits.
+
+    For limits the forward greedy cannot reach: it only ever compresses further, and where
+    the cost is not monotone in each choice it can run out of steps that help.
+    """
+    choices = space_choices(space)
+    narrowed = narrowed or {}
+    allowed = {d: list(narrowed.get(d, cs)) for d, cs in choices.items()}
+    probes = sens.get("probes", {})
+
+    def check(p):
+        return fits(space.policy_from_params(p))
+
+    scored = [(check(p), p) for p in extreme_params(space, allowed)]
+    feasible = [(amount, p) for (ok, amount), p in scored if ok]
+    if not feasible:
+        return None
+    cur = dict(min(feasible, key=lambda t: t[0])[1])
+    ladder = {d: sorted(cs, key=lambda c: _aggressiveness(d, c)) for d, cs in allowed.items()}
+    for _ in range(max_steps):
+        steps = []
+        for d, lad in ladder.items():
+            i = lad.index(cur[d])
+            if i > 0:
+                gain = _choice_loss(probes, d, cur[d]) - _choice_loss(probes, d, lad[i - 1])
+                if gain > 0:
+                    steps.append((-gain, d, lad[i - 1]))
+        for _, d, milder in sorted(steps, key=lambda t: t[0]):
+            if check({**cur, d: milder})[0]:
+                cur[d] = milder
+                break
+        else:
+            break
+    return cur
+
+
+def relax_narrowing(space, sens: dict[str, Any], narrowed: dict[str, list], violation,
+                    ) -> tuple[dict[str, list], list[tuple[str, Any, float]]]:
+    """Give dropped choices back until the narrowed space can meet the constraints again.
+
+    The probes judge each choice alone and without fine-tuning, so they overstate some
+    losses by far (pruning a quarter of resnet20's first residual stream loses ~70 pp before
+    a fine-tune that wins nearly all of it back). Under a tight latency or size limit,
+    narrowing can then leave no policy that meets it. ``violation(params) -> float`` (``<= 0``:
+    every constraint met) is asked of the narrowed space (:func:`least_violation`). While it
+    violates, one dropped choice is re-admitted per step: in each dimension, the next one
+    beyond the most aggressive allowed, and of those the one with the least probe loss per
+    unit of violation removed (the least loss alone where none removes any).
+
+    Returns ``(narrowed, readmitted)``, ``readmitted`` as ``(dimension, choice, probe loss)``
+    in the order given back. Nothing changes where the narrowed space can already meet the
+    constraints, or where even the full space cannot (then narrowing costs nothing).
+    """
+    choices = space_choices(space)
+    probes = sens.get("probes", {})
+    allowed = {d: list(narrowed.get(d, cs)) for d, cs in choices.items()}
+    v = least_violation(space, allowed, violation)
+    if v <= 0 or not narrowed or least_violation(space, choices, violation) > 0:
+        return narrowed, []
+    readmitted: list[tuple[str, Any, float]] = []
+    while v > 0:
+        best = None
+        for d in narrowed:
+            top = max(_aggressiveness(d, c) for c in allowed[d])
+            beyond = [c for c in choices[d] if c not in allowed[d] and _aggressiveness(d, c) > top]
+            if not beyond:
+                continue
+            nxt = min(beyond, key=lambda c: _aggressiveness(d, c))
+            v1 = least_violation(space, {**allowed, d: allowed[d] + [nxt]}, violation)
+            loss = _choice_loss(probes, d, nxt)
+            key = ((loss + 1e-3) / (v - v1) if v1 < v else float("inf"), loss)
+            if best is None or key < best[0]:
+                best = (key, d, nxt, v1)
+        if best is None:  # cannot happen while the full space meets the constraints
+            break
+        (_, loss), d, nxt, v = best
+        allowed[d].append(nxt)
+        readmitted.append((d, nxt, loss))
+    out = {d: [c for c in choices[d] if c in allowed[d]] for d in narrowed}
+    return {d: cs for d, cs in out.items() if len(cs) < len(choices[d])}, readmitted
+
+
 def project_params(params: dict[str, Any], narrowed: dict[str, list]) -> dict[str, Any]:
     """Move each value to the nearest allowed choice that is no more aggressive (for seeds)."""
     out = dict(params)

@@ -146,3 +146,68 @@ def test_latency_seed_fractions_are_validated():
     for bad in ("1.2", "0", "fast"):
         with pytest.raises(ValueError, match="latency"):
             SearchConfig(latency_seeds=bad)
+
+
+def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx):
+    """The probes (no fine-tune) drop e.g. pruning of the stem's residual stream, which a
+    fine-tune recovers; under a latency limit only such policies meet, narrowing must not
+    leave the search without a feasible policy."""
+    import optuna
+
+    from search.sensitivity import _aggressiveness, least_violation, most_aggressive
+
+    sens, sp = load_or_measure(ctx), ctx.space
+    full = space_choices(sp)
+    before = narrowed_choices(sens, full, threshold_pp=10.0)
+
+    def fastest(allowed):
+        lat = lambda p: float(ctx.estimate(sp.policy_from_params(p)).latency_ms)  # noqa: E731
+        return least_violation(sp, allowed, lat)  # the least latency of the space's extreme policies
+
+    narrow_ms = fastest({d: before.get(d, cs) for d, cs in full.items()})
+    full_ms = fastest(full)
+    assert full_ms < 0.8 * narrow_ms, "precondition: narrowing removes the fastest policies"
+    limit = (full_ms + narrow_ms) / 2
+    run = ctx.run_dir.parent / "fast"
+    run.mkdir()
+    import shutil
+    shutil.copy(ctx.run_dir / "sensitivity.json", run / "sensitivity.json")
+    cfg = ctx.cfg.with_(max_latency_ms=limit, run=str(run))
+    cfg.save(run / "config.yaml")
+    c = job.prepare(cfg, run, progress=False)
+    job.sensitivity_first(c, progress=False)
+    after, back = c.extra["narrowed"], c.extra["readmitted"]
+    assert back and fastest({d: after.get(d, cs) for d, cs in full.items()}) <= limit
+    # Only dropped choices come back, each dimension's in order of aggressiveness, and only as
+    # many as needed: the space stays narrowed.
+    for d, choice, loss in back:
+        assert choice not in before[d] and choice in after.get(d, full[d])
+        assert loss == sens["probes"][d]["none" if choice is None else str(choice)]
+    for d in {d for d, _, _ in back}:
+        order = [ch for dd, ch, _ in back if dd == d]
+        assert order == sorted(order, key=lambda ch: _aggressiveness(d, ch))
+    dropped = lambda n: sum(len(full[d]) - len(v) for d, v in n.items())  # noqa: E731
+    assert dropped(after) == dropped(before) - len(back) and dropped(after) > 0
+    # `squeezer sensitivity RUN` shows what the search of that run narrows to.
+    r = subprocess.run([sys.executable, "-m", "search.cli", "sensitivity", str(run), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert [(x["dimension"], x["choice"]) for x in shown["readmitted"]] == [(d, ch) for d, ch, _ in back]
+    assert shown["narrowed"] == {d: v for d, v in after.items()}
+    # The seeds then include a sensitivity-guided policy that meets the limit and the budget.
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    seeds = job.enqueue_seeds(c, study)
+    kinds = [t.user_attrs.get("seed_policy") for t in study.get_trials(deepcopy=False)]
+    guided = [p for p, k in zip(seeds, kinds) if k == "sensitivity"]
+    assert guided
+    sram = job.target_sram(c.target)
+    for pol in guided:
+        assert max(job.constraints_of(c.estimate(pol), c.cfg, sram)) <= 0
+    assert most_aggressive(sp, full) != most_aggressive(sp, {d: after.get(d, cs) for d, cs in full.items()})
+
+
+def test_narrowing_is_unchanged_where_the_constraints_are_reachable(loose_ctx):
+    sens = loose_ctx.extra["sensitivity"]
+    assert loose_ctx.extra["readmitted"] == []
+    assert loose_ctx.extra["narrowed"] == narrowed_choices(sens, space_choices(loose_ctx.space), threshold_pp=10.0)

@@ -2,7 +2,8 @@
 
 Measures (or shows the cached ``RUN/sensitivity.json``) what each channel group's pruning
 ratio, each layer's weight/activation bits and each layer's rank cost in validation accuracy
-without fine-tuning, and which choices a search of this run drops.
+without fine-tuning, and which choices a search of this run drops (and gives back where its
+budget and limits need them).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def register(subparsers: Any) -> None:
 def handler(args: argparse.Namespace) -> int:
     from search import job
     from search.config import SearchConfig
-    from search.sensitivity import load_or_measure, narrowed_choices, space_choices, summarize
+    from search.sensitivity import load_or_measure, space_choices, summarize
 
     run = Path(args.run_dir)
     if not run.is_dir():
@@ -48,9 +49,11 @@ def handler(args: argparse.Namespace) -> int:
     sens = load_or_measure(ctx, force=args.force, val_size=args.val_size, progress=not args.json)
     thr = args.threshold if args.threshold is not None else cfg.sensitivity_threshold_pp
     full = space_choices(ctx.space)
-    narrowed = narrowed_choices(sens, full, threshold_pp=thr)
+    narrowed, readmitted = job.narrow(ctx, sens, thr)
     if args.json:
-        print(json.dumps({**sens, "threshold_pp": thr, "narrowed": narrowed}, indent=2, default=str))
+        print(json.dumps({**sens, "threshold_pp": thr, "narrowed": narrowed,
+                          "readmitted": [{"dimension": d, "choice": c, "loss_pp": v} for d, c, v in readmitted]},
+                         indent=2, default=str))
         return 0
     print(f"{cfg.model} on {cfg.dataset}: {sens['n_probes']} probes on {sens['val_size']} validation images "
           f"in {sens['seconds']:.1f} s (base accuracy {100 * sens['base_accuracy']:.2f}%)")
@@ -61,5 +64,10 @@ def handler(args: argparse.Namespace) -> int:
     print(f"\na search drops {dropped} choice(s) in {len(narrowed)} dimension(s) (threshold {thr:g} pp):")
     for d, v in narrowed.items():
         print(f"  {d:<48} keeps {v}")
+    if readmitted:
+        print(f"\n{len(readmitted)} dropped choice(s) given back so that the space can still meet the run's "
+              "budget and limits:")
+        for d, c, v in readmitted:
+            print(f"  {d:<48} {str(c):>6} {v:>8.2f}")
     print(f"\n{run / 'sensitivity.json'}")
     return 0

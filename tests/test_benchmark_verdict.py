@@ -51,3 +51,17 @@ def test_ours_given_randoms_fine_tune_steps_can_meet_the_accuracy_half():
     base = [row("uniform", 0.870, 4.0), row("ours", 0.876, 4.5)]
     assert svb.verdict(base + [row("ours_matched", 0.881, 4.4)])[0]["met"]
     assert not svb.verdict(base + [row("ours_matched", 0.878, 4.4)])[0]["met"]
+
+
+def test_gains_over_seeds_are_averaged_and_each_seed_checked_on_its_own():
+    rows = []
+    for seed, (uni, ours) in enumerate([(0.889, 0.8981), (0.8898, 0.8961), (0.8848, 0.8959)]):
+        rows += [{**row("uniform", uni, 2.45), "seed": seed}, {**row("ours", ours, 5.3), "seed": seed}]
+    rows.append({**row("ours", 0.95, 1.0), "seed": 3})  # no uniform row of seed 3: skipped
+    (v,) = svb.verdict_over_seeds(rows)
+    assert v["seeds"] == [0, 1, 2] and v["accuracy_gain_pp"] == [0.91, 0.63, 1.11]
+    assert v["mean_gain_pp"] == 0.88 and v["sd_gain_pp"] == 0.24
+    assert v["met_by_seed"] == [False, False, True] and v["mean_gain_meets_1pp"] is False
+    # Rows without a seed are seed 0; a single seed has no spread.
+    (one,) = svb.verdict_over_seeds([row("uniform", 0.87, 4.0), row("ours", 0.885, 4.0)])
+    assert (one["seeds"], one["mean_gain_pp"], one["sd_gain_pp"], one["mean_gain_meets_1pp"]) == ([0], 1.5, None, True)

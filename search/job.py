@@ -128,9 +128,10 @@ class Context:
         return self.data.input_shape
 
     def estimate(self, policy: Policy | None):
+        """Totals only (no per-op rows): the search prices thousands of policies."""
         import hw_models
 
-        return hw_models.estimate_table(self.table, policy, self.target)
+        return hw_models.estimate_table(self.table, policy, self.target, layers=False)
 
 
 def seed_everything(seed: int) -> None:

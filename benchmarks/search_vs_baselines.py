@@ -9,6 +9,9 @@ trained trials of ``--trial-steps`` steps, same ``--final-epochs`` final fine-tu
                  the best one meeting the budget
 * ``tp_global``: Torch-Pruning global magnitude (L1) channel pruning + int8 weights and
                  activations, the ratio bisected to the largest size within the budget
+* ``uniform_fit``: (optional) the same pruning ratio in every group + int8 everywhere, the
+                 ratio bisected to the largest size within the budget (``uniform`` at equal
+                 size: the grid's ratios step by 0.25); no search, the final fine-tune only
 * ``ours_matched``: (optional) ``ours`` with as many trials as fit random's fine-tune steps
                  (trials x trial steps; rung-stopped trials cost less, so it gets more trials)
 * ``ours_fast``: (optional) ``ours`` with ``--max-latency-ms`` at 0.75x the best uniform
@@ -79,11 +82,23 @@ def run_search(args, model, budget, name, *, step_budget: int | None = None, **k
             "search_seconds": summary["search_seconds"], "wall_seconds": round(time.time() - t0, 1)}
 
 
+def largest_fitting_ratio(size_of, budget: float, *, iters: int, hi: float = 0.95) -> float:
+    """The least pruning ratio in ``[0, hi]`` whose model is within ``budget`` (``size_of(ratio)``
+    falls, in steps of whole channels, as the ratio grows), by ``iters`` bisection steps; 0.0
+    if the unpruned model fits, ``hi`` if nothing below it does."""
+    if size_of(0.0) <= budget:
+        return 0.0
+    lo = 0.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if size_of(mid) <= budget else (mid, hi)
+    return hi
+
+
 def run_tp_global(args, model, budget) -> dict:
     """Global L1 channel pruning (Torch-Pruning) + int8, ratio bisected to fit the budget."""
     from compressors.apply import apply_policy_
-    from compressors.policy import DistillConfig, LayerPolicy, Policy, PruningConfig
-    from evaluators.train import evaluate, train
+    from compressors.policy import LayerPolicy, Policy, PruningConfig
     from search import job
 
     cfg = _cfg(args, model, budget, "tp_global", sensitivity=False)
@@ -100,25 +115,50 @@ def run_tp_global(args, model, budget) -> dict:
         res = apply_policy_(m, pol, ctx.input_shape, data=batches)
         return m, (res.policy or pol), ctx.estimate(res.policy or pol)
 
-    lo, hi = 0.0, 0.95
-    m, pol, cost = build(0.0)
-    if cost.size_bytes > cfg.budget_bytes:
-        for _ in range(10):
-            mid = (lo + hi) / 2
-            _, _, c = build(mid)
-            if c.size_bytes <= cfg.budget_bytes:
-                hi = mid
-            else:
-                lo = mid
-        m, pol, cost = build(hi)
-    ratio = hi if cost.size_bytes <= cfg.budget_bytes and lo > 0 else 0.0
+    ratio = largest_fitting_ratio(lambda r: build(r)[2].size_bytes, cfg.budget_bytes, iters=10)
+    m, pol, cost = build(ratio)
+    return _fine_tune_and_test("tp_global", ctx, m, cost, t0, global_ratio=round(ratio, 4))
+
+
+def run_uniform_fit(args, model, budget) -> dict:
+    """The best uniform policy at the budget itself: the same pruning ratio in every channel
+    group (the tool's criterion) and int8 weights and activations everywhere, the ratio bisected
+    to the largest model within the budget (the grid of ``uniform`` only has ratios in steps of
+    0.25, so its best fitting policy can be far smaller than the budget). Same final fine-tune
+    as ``tp_global``; no search."""
+    from compressors.apply import apply_policy_
+    from search import job
+
+    cfg = _cfg(args, model, budget, "uniform_fit", sensitivity=False)
+    run = Path(cfg.run)
+    run.mkdir(parents=True, exist_ok=True)
+    ctx = job.prepare(cfg, run, progress=False)
+    t0 = time.time()
+
+    def policy(ratio):
+        return ctx.space.uniform_policy(prune_ratio=ratio, weight_bits=8, act_bits=8)
+
+    ratio = largest_fitting_ratio(lambda r: ctx.estimate(policy(r)).size_bytes, cfg.budget_bytes, iters=20)
+    m = copy.deepcopy(ctx.base)
+    pol = policy(ratio)
+    pol = apply_policy_(m, pol, ctx.input_shape, data=ctx.data.train.first_batches(8, cfg.batch_size, seed=0)).policy or pol
+    return _fine_tune_and_test("uniform_fit", ctx, m, ctx.estimate(pol), t0, prune_ratio=round(ratio, 4))
+
+
+def _fine_tune_and_test(name, ctx, m, cost, t0, **extra) -> dict:
+    """The baselines' final fine-tune (``final_epochs``, KD from the base, QAT where quantized),
+    then validation and test accuracy, and the row."""
+    from compressors.policy import DistillConfig
+    from evaluators.train import evaluate, train
+
+    cfg = ctx.cfg
     if cfg.final_epochs > 0:
         train(m, ctx.data.train, epochs=cfg.final_epochs, lr=cfg.final_lr, batch_size=cfg.batch_size,
               teacher=ctx.base, distill=DistillConfig(), seed=cfg.seed, augment=ctx.input_shape[1] >= 16,
               progress=False)
-    return {"method": "tp_global", "test_accuracy": evaluate(m, ctx.data.test), "val_accuracy": evaluate(m, ctx.data.val),
+    return {"method": name, "test_accuracy": evaluate(m, ctx.data.test), "val_accuracy": evaluate(m, ctx.data.val),
             "latency_ms": float(cost.latency_ms), "energy_mj": float(cost.energy_mj), "size_bytes": int(cost.size_bytes),
-            "status": "feasible" if cost.size_bytes <= cfg.budget_bytes else "infeasible", "global_ratio": round(ratio, 4),
+            "status": "feasible" if cost.size_bytes <= cfg.budget_bytes else "infeasible", **extra,
             "hypervolume": None, "wall_seconds": round(time.time() - t0, 1)}
 
 
@@ -187,31 +227,40 @@ def verdict(rows: list[dict], equal_pp: float = 0.5) -> list[dict]:
     and the tool's own selection tolerance). The latency half is checked on ``ours`` and, where
     it was run, on ``ours_fast`` (the same search asked for 25% less latency than uniform's),
     the accuracy half also on ``ours_matched`` (ours given random's fine-tune steps).
+    Where ``uniform_fit`` (the uniform ratio bisected to the budget: equal size) was run too,
+    the same check against it is under ``vs_uniform_fit``, and ``met`` needs both.
     Later rows replace earlier ones of the same (model, budget, method), so re-runs of one
     method merge with the baselines they share.
     """
     last = {(r["model"], r["budget"], r["method"]): r for r in rows}
     out = []
     for (model, budget) in dict.fromkeys((m, b) for m, b, _ in last):
-        ours, uni = last.get((model, budget, "ours")), last.get((model, budget, "uniform"))
-        if not ours or not uni:
+        get = lambda method: last.get((model, budget, method))  # noqa: E731
+        if not get("ours") or not get("uniform"):
             continue
-        gain = round(100 * (ours["test_accuracy"] - uni["test_accuracy"]), 2)
-        faster = round(1 - ours["latency_ms"] / uni["latency_ms"], 3)
-        met = gain >= 1.0 or (faster >= 0.25 and gain >= -equal_pp)
-        v = {"model": model, "budget": budget, "accuracy_gain_pp": gain, "latency_reduction": faster,
-             "size_ratio": round(ours["size_bytes"] / uni["size_bytes"], 3)}
-        matched = last.get((model, budget, "ours_matched"))
-        if matched:
-            v["matched_accuracy_gain_pp"] = round(100 * (matched["test_accuracy"] - uni["test_accuracy"]), 2)
-            met = met or v["matched_accuracy_gain_pp"] >= 1.0
-        fast = last.get((model, budget, "ours_fast"))
-        if fast and fast.get("status") == "feasible":
-            v["fast_accuracy_gain_pp"] = round(100 * (fast["test_accuracy"] - uni["test_accuracy"]), 2)
-            v["fast_latency_reduction"] = round(1 - fast["latency_ms"] / uni["latency_ms"], 3)
-            met = met or (v["fast_latency_reduction"] >= 0.25 and v["fast_accuracy_gain_pp"] >= -equal_pp)
-        out.append({**v, "met": met})
+        v = {"model": model, "budget": budget, **_check(get("ours"), get("uniform"), get("ours_matched"),
+                                                          get("ours_fast"), equal_pp)}
+        if get("uniform_fit"):
+            v["vs_uniform_fit"] = _check(get("ours"), get("uniform_fit"), get("ours_matched"), get("ours_fast"),
+                                         equal_pp)
+            v["met"] = v["met"] and v["vs_uniform_fit"]["met"]
+        out.append(v)
     return out
+
+
+def _check(ours: dict, uni: dict, matched: dict | None, fast: dict | None, equal_pp: float) -> dict:
+    gain = round(100 * (ours["test_accuracy"] - uni["test_accuracy"]), 2)
+    faster = round(1 - ours["latency_ms"] / uni["latency_ms"], 3)
+    met = gain >= 1.0 or (faster >= 0.25 and gain >= -equal_pp)
+    v = {"accuracy_gain_pp": gain, "latency_reduction": faster, "size_ratio": round(ours["size_bytes"] / uni["size_bytes"], 3)}
+    if matched:
+        v["matched_accuracy_gain_pp"] = round(100 * (matched["test_accuracy"] - uni["test_accuracy"]), 2)
+        met = met or v["matched_accuracy_gain_pp"] >= 1.0
+    if fast and fast.get("status") == "feasible":
+        v["fast_accuracy_gain_pp"] = round(100 * (fast["test_accuracy"] - uni["test_accuracy"]), 2)
+        v["fast_latency_reduction"] = round(1 - fast["latency_ms"] / uni["latency_ms"], 3)
+        met = met or (v["fast_latency_reduction"] >= 0.25 and v["fast_accuracy_gain_pp"] >= -equal_pp)
+    return {**v, "met": met}
 
 
 def verdict_over_seeds(rows: list[dict], equal_pp: float = 0.5) -> list[dict]:
@@ -314,6 +363,8 @@ def main(argv=None) -> int:
                                      step_budget=args.trials * args.trial_steps)
                 elif name == "tp_global":
                     row = run_tp_global(args, model, budget)
+                elif name == "uniform_fit":
+                    row = run_uniform_fit(args, model, budget)
                 else:
                     raise SystemExit(f"unknown method {name}")
                 row.update(model=model, budget=budget, seed=args.seed)

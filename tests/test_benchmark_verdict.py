@@ -65,3 +65,25 @@ def test_gains_over_seeds_are_averaged_and_each_seed_checked_on_its_own():
     # Rows without a seed are seed 0; a single seed has no spread.
     (one,) = svb.verdict_over_seeds([row("uniform", 0.87, 4.0), row("ours", 0.885, 4.0)])
     assert (one["seeds"], one["mean_gain_pp"], one["sd_gain_pp"], one["mean_gain_meets_1pp"]) == ([0], 1.5, None, True)
+
+
+def test_with_the_uniform_ratio_fitted_to_the_budget_both_checks_must_pass():
+    # Grid uniform is half the budget (coarse ratios); uniform_fit is at the budget and stronger.
+    base = [row("uniform", 0.889, 2.45, size=71_240), row("ours", 0.8991, 5.3, size=148_512)]
+    assert svb.verdict(base)[0]["met"]
+    (v,) = svb.verdict(base + [row("uniform_fit", 0.895, 4.9, size=149_000)])
+    assert v["accuracy_gain_pp"] == 1.01 and v["vs_uniform_fit"]["accuracy_gain_pp"] == 0.41
+    assert v["vs_uniform_fit"]["size_ratio"] == 0.997 and v["vs_uniform_fit"]["met"] is False
+    assert v["met"] is False
+    # A latency-limited search 25% faster than the fitted uniform at equal accuracy passes it.
+    fast = {**row("ours_fast", 0.893, 1.8, size=90_000), "status": "feasible"}
+    (v,) = svb.verdict(base + [row("uniform_fit", 0.895, 4.9, size=149_000), fast])
+    assert v["vs_uniform_fit"]["met"] and v["met"]
+
+
+def test_the_fitted_ratio_is_the_least_pruning_within_the_budget():
+    size = lambda r: 1000 - 10 * int(100 * r)  # noqa: E731  (whole-channel steps of 1%)
+    r = svb.largest_fitting_ratio(size, 700, iters=20)
+    assert size(r) <= 700 and size(r - 0.01) > 700
+    assert svb.largest_fitting_ratio(size, 1000, iters=20) == 0.0       # the unpruned model fits
+    assert svb.largest_fitting_ratio(size, 10, iters=20) == 0.95        # nothing does: the most pruned

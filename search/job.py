@@ -81,6 +81,11 @@ def constraints_of(cost, cfg: SearchConfig, sram: int | None) -> list[float]:
     return list(named_constraints(cost, cfg, sram).values())
 
 
+def total_violation(cost, cfg: SearchConfig, sram: int | None) -> float:
+    """The summed relative violations of the limits ``cost`` breaks (0: it meets them all)."""
+    return sum(max(0.0, c) for c in constraints_of(cost, cfg, sram))
+
+
 def named_constraints(cost, cfg: SearchConfig, sram: int | None) -> dict[str, float]:
     cons = {"size": cost.size_bytes / cfg.budget_bytes - 1.0}
     if sram:
@@ -544,8 +549,7 @@ def narrow(ctx: Context, sens: dict[str, Any], threshold_pp: float | None = None
     sram = target_sram(ctx.target)
 
     def violation(params):
-        cons = constraints_of(ctx.estimate(ctx.space.policy_from_params(params)), ctx.cfg, sram)
-        return sum(max(0.0, c) for c in cons)
+        return total_violation(ctx.estimate(ctx.space.policy_from_params(params)), ctx.cfg, sram)
 
     return relax_narrowing(ctx.space, sens, narrowed, violation)
 
@@ -612,8 +616,8 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
     multi = bool(ctx.cfg.max_latency_ms or ctx.cfg.max_energy_mj or sram)
 
     def fits(pol):
-        cons = constraints_of(cost := ctx.estimate(pol), ctx.cfg, sram)
-        return max(cons) <= 0, (sum(max(0.0, c) for c in cons) if multi else float(cost.size_bytes))
+        v = total_violation(cost := ctx.estimate(pol), ctx.cfg, sram)
+        return v <= 0, (v if multi else float(cost.size_bytes))
 
     log.info("seeds: sensitivity-guided policies that meet the budget%s (cost model only, no training)",
              ", then latency cuts" if ctx.cfg.latency_seed_fractions else "")

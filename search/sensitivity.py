@@ -187,7 +187,7 @@ def extreme_params(space, allowed: dict[str, list]) -> list[dict[str, Any]]:
     """The most aggressive params ``allowed`` holds, and its variants with the ranks and/or
     the activation bits at their mildest: the most aggressive choice is not always the
     fastest (a low-rank pair of convs, or integer activations into a float kernel, can be
-    slower), so the smallest or fastest policy of a space is among these four."""
+    slower); as a rule the smallest and the fastest policy of a space are among these four."""
     p = most_aggressive(space, allowed)
     out = [p]
     for kinds in (("rank",), ("abits",), ("rank", "abits")):

@@ -205,6 +205,24 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx):
     for pol in guided:
         assert max(job.constraints_of(c.estimate(pol), c.cfg, sram)) <= 0
     assert most_aggressive(sp, full) != most_aggressive(sp, {d: after.get(d, cs) for d, cs in full.items()})
+    # Backing off from the extreme (the fallback where the forward greedy cannot reach the
+    # limit): the result meets the limits, and no single step milder that the probes say buys
+    # back accuracy still would.
+    from search.sensitivity import _choice_loss, backed_off_params
+
+    def fits(pol):
+        v = job.total_violation(c.estimate(pol), c.cfg, sram)
+        return v <= 0, v
+
+    allowed = {d: after.get(d, cs) for d, cs in full.items()}
+    params = backed_off_params(sp, sens, fits, narrowed=after)
+    assert params is not None and fits(sp.policy_from_params(params))[0]
+    assert params != most_aggressive(sp, allowed)                              # it did back off
+    for d, cs in allowed.items():
+        lad = sorted(cs, key=lambda ch: _aggressiveness(d, ch))
+        i = lad.index(params[d])
+        if i and _choice_loss(sens["probes"], d, lad[i - 1]) < _choice_loss(sens["probes"], d, params[d]):
+            assert not fits(sp.policy_from_params({**params, d: lad[i - 1]}))[0], d
 
 
 def test_narrowing_is_unchanged_where_the_constraints_are_reachable(loose_ctx):

@@ -148,7 +148,7 @@ def test_latency_seed_fractions_are_validated():
             SearchConfig(latency_seeds=bad)
 
 
-def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx):
+def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, monkeypatch):
     """The probes (no fine-tune) drop e.g. pruning of the stem's residual stream, which a
     fine-tune recovers; under a latency limit only such policies meet, narrowing must not
     leave the search without a feasible policy."""
@@ -188,6 +188,18 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx):
         assert order == sorted(order, key=lambda ch: _aggressiveness(d, ch))
     dropped = lambda n: sum(len(full[d]) - len(v) for d, v in n.items())  # noqa: E731
     assert dropped(after) == dropped(before) - len(back) and dropped(after) > 0
+    # Kept in the run: a later process (resume, a second worker) uses the same choices even if
+    # the cost model would now narrow differently (Optuna needs a parameter's choices fixed).
+    assert json.loads((run / "narrowed.json").read_text())["narrowed"] == after
+
+    def changed(*a, **k):
+        raise AssertionError("narrowed again")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(job, "narrow", changed)
+        again = job.prepare(cfg, run, progress=False)
+        job.sensitivity_first(again, progress=False)
+    assert again.extra["narrowed"] == after and again.extra["readmitted"] == back
     # `squeezer sensitivity RUN` shows what the search of that run narrows to.
     r = subprocess.run([sys.executable, "-m", "search.cli", "sensitivity", str(run), "--json"],
                        capture_output=True, text=True, timeout=300)

@@ -555,6 +555,25 @@ def narrow(ctx: Context, sens: dict[str, Any], threshold_pp: float | None = None
     return relax_narrowing(ctx.space, sens, narrowed, violation)
 
 
+def run_narrowing(ctx: Context, sens: dict[str, Any]) -> tuple[dict[str, list], list[tuple[str, Any, float]]]:
+    """:func:`narrow` at the run's threshold, computed once per run and kept in
+    ``RUN/narrowed.json``: Optuna needs a parameter's choices to stay the same, and the give-back
+    depends on the cost model, which a later version or a calibration may change."""
+    from .sensitivity import file_lock
+
+    path = Path(ctx.run_dir) / "narrowed.json"
+    key = {"threshold_pp": ctx.cfg.sensitivity_threshold_pp,
+           "probes_sha1": hashlib.sha1(json.dumps(sens.get("probes"), sort_keys=True).encode()).hexdigest()}
+    with file_lock(Path(ctx.run_dir) / ".sensitivity.lock"):
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if all(saved.get(k) == v for k, v in key.items()):
+            return saved["narrowed"], [tuple(r) for r in saved["readmitted"]]
+        # First time, or the probes were measured again (`squeezer sensitivity --force`).
+        narrowed, readmitted = narrow(ctx, sens)
+        _write_json(path, {**key, "narrowed": narrowed, "readmitted": readmitted})
+        return narrowed, readmitted
+
+
 def sensitivity_first(ctx: Context, *, progress: bool = True) -> None:
     """Measure (or load) per-layer sensitivity and narrow the space (``cfg.sensitivity``).
 
@@ -563,23 +582,12 @@ def sensitivity_first(ctx: Context, *, progress: bool = True) -> None:
     """
     if not ctx.cfg.sensitivity or ctx.cfg.sampler not in ("tpe", "nsga2"):
         return
-    from .sensitivity import file_lock, load_or_measure, space_choices
+    from .sensitivity import load_or_measure, space_choices
 
     sens = load_or_measure(ctx, progress=progress)
     ctx.extra["sensitivity"] = sens
     full = space_choices(ctx.space)
-    # Computed once per run and kept: Optuna needs a parameter's choices to stay the same, and
-    # the give-back depends on the cost model, which a later version or calibration may change.
-    path = Path(ctx.run_dir) / "narrowed.json"
-    key = {"threshold_pp": ctx.cfg.sensitivity_threshold_pp,
-           "probes_sha1": hashlib.sha1(json.dumps(sens.get("probes"), sort_keys=True).encode()).hexdigest()}
-    with file_lock(Path(ctx.run_dir) / ".sensitivity.lock"):
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        if all(saved.get(k) == v for k, v in key.items()):
-            narrowed, readmitted = saved["narrowed"], [tuple(r) for r in saved["readmitted"]]
-        else:  # first time, or the probes were measured again (`squeezer sensitivity --force`)
-            narrowed, readmitted = narrow(ctx, sens)
-            _write_json(path, {**key, "narrowed": narrowed, "readmitted": readmitted})
+    narrowed, readmitted = run_narrowing(ctx, sens)
     ctx.extra["narrowed"], ctx.extra["readmitted"] = narrowed, readmitted
     if narrowed:
         dropped = sum(len(full[d]) - len(v) for d, v in narrowed.items())

@@ -49,7 +49,9 @@ def handler(args: argparse.Namespace) -> int:
     sens = load_or_measure(ctx, force=args.force, val_size=args.val_size, progress=not args.json)
     thr = args.threshold if args.threshold is not None else cfg.sensitivity_threshold_pp
     full = space_choices(ctx.space)
-    narrowed, readmitted = job.narrow(ctx, sens, thr)
+    # The run's own narrowing (as its search uses it), or what another threshold would give.
+    narrowed, readmitted = job.run_narrowing(ctx, sens) if thr == cfg.sensitivity_threshold_pp \
+        else job.narrow(ctx, sens, thr)
     if args.json:
         print(json.dumps({**sens, "threshold_pp": thr, "narrowed": narrowed,
                           "readmitted": [{"dimension": d, "choice": c, "loss_pp": v} for d, c, v in readmitted]},

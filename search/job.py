@@ -643,9 +643,11 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
              ", then latency cuts" if ctx.cfg.latency_seed_fractions else "")
     guided = []
     for per_byte in (True, False):
-        # 8-bit activations first; float ones where that cannot meet the limits (at tiny,
-        # heavily pruned layers, the (de)quantize ops can cost more than int8 kernels save).
-        for act in dict.fromkeys((8 if 8 in sp.act_bits else None, None)):
+        # 8-bit activations first; under a latency/energy/SRAM limit, float ones where that cannot
+        # meet it (at tiny, heavily pruned layers the (de)quantize ops can cost more than int8
+        # kernels save).
+        for act in dict.fromkeys((8 if 8 in sp.act_bits else None, None) if multi else
+                                 (8 if 8 in sp.act_bits else None,)):
             params = guided_params(sp, sens, fits, narrowed=narrowed, per_byte=per_byte, act_bits=act)
             if params is not None:
                 guided.append(params)

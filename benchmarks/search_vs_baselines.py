@@ -142,7 +142,7 @@ def run_uniform_fit(args, model, budget) -> dict:
     m = copy.deepcopy(ctx.base)
     pol = policy(ratio)
     pol = apply_policy_(m, pol, ctx.input_shape, data=ctx.data.train.first_batches(8, cfg.batch_size, seed=0)).policy or pol
-    return _fine_tune_and_test("uniform_fit", ctx, m, ctx.estimate(pol), t0, prune_ratio=round(ratio, 4))
+    return _fine_tune_and_test("uniform_fit", ctx, m, ctx.estimate(pol), t0, prune_ratio=round(ratio, 6))
 
 
 def _fine_tune_and_test(name, ctx, m, cost, t0, **extra) -> dict:

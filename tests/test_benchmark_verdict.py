@@ -87,3 +87,15 @@ def test_the_fitted_ratio_is_the_least_pruning_within_the_budget():
     assert size(r) <= 700 and size(r - 0.01) > 700
     assert svb.largest_fitting_ratio(size, 1000, iters=20) == 0.0       # the unpruned model fits
     assert svb.largest_fitting_ratio(size, 10, iters=20) == 0.95        # nothing does: the most pruned
+
+
+def test_over_seeds_the_gain_over_the_fitted_uniform_is_averaged_too():
+    rows = []
+    for seed, (uni, fit, ours) in enumerate([(0.889, 0.8953, 0.8981), (0.8898, 0.8961, 0.8961)]):
+        rows += [{**row(m, a, 3.0), "seed": seed} for m, a in (("uniform", uni), ("uniform_fit", fit), ("ours", ours))]
+    (v,) = svb.verdict_over_seeds(rows)
+    assert v["accuracy_gain_pp"] == [0.91, 0.63] and v["fit_accuracy_gain_pp"] == [0.28, 0.0]
+    assert v["fit_mean_gain_pp"] == 0.14 and v["mean_gain_meets_1pp"] is False
+    rows = [{**r, "test_accuracy": r["test_accuracy"] + (0.02 if r["method"] == "ours" else 0)} for r in rows]
+    (v,) = svb.verdict_over_seeds(rows)
+    assert v["fit_mean_gain_pp"] == 2.14 and v["mean_gain_meets_1pp"] is True

@@ -68,6 +68,8 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trial-steps", type=int, help="fine-tune steps per trial (60)")
     g.add_argument("--final-epochs", type=float, help="epochs of the final QAT + distillation fine-tune (1)")
     g.add_argument("--criterion", help="structured pruning criterion (l1)")
+    g.add_argument("--prune-choices", dest="prune_choices",
+                   help="pruning ratios a channel group may take, e.g. 0,0.125,0.25,0.375,0.5 (0,0.25,0.5,0.75)")
     g.add_argument("--quantizer", help="weight quantizer (uniform)")
     g.add_argument("--no-distill", action="store_true", help="fine-tune without distillation")
     g.add_argument("--threads", type=int, help="torch threads")
@@ -85,7 +87,7 @@ def _config_from_args(args: argparse.Namespace):
     cli = {k: getattr(args, k) for k in ("model", "checkpoint", "dataset", "data_root", "budget", "target",
                                          "max_latency_ms", "max_energy_mj", "timeout", "run", "seed",
                                          "storage", "sampler", "base_epochs", "trial_steps", "final_epochs",
-                                         "criterion", "quantizer", "threads", "rungs", "sensitivity_threshold_pp",
+                                         "criterion", "quantizer", "prune_choices", "threads", "rungs", "sensitivity_threshold_pp",
                                          "tolerance_pp", "latency_seeds", "backend", "workers", "address")
            if getattr(args, k, None) is not None}
     if getattr(args, "trials", None) is not None:

@@ -46,6 +46,9 @@ class SearchConfig:
     batch_size: int = 128
     criterion: str = "l1"
     quantizer: str = "uniform"
+    # Structured pruning ratios a channel group may take (the same for every group and for
+    # the grid of uniform policies); 0 (no pruning) is always one of them.
+    prune_choices: str = "0,0.25,0.5,0.75"
     distill: bool = True
     threads: int | None = None
     # Multi-fidelity: validation accuracy at these fine-tune steps ("20,40"); a trial below
@@ -89,6 +92,7 @@ class SearchConfig:
             raise ValueError(f"`0 <= tolerance <= 100` (accuracy points) must hold, but got {self.tolerance_pp!r}")
         if self.latency_seeds is not None:
             object.__setattr__(self, "latency_seeds", _parse_fractions(self.latency_seeds))
+        object.__setattr__(self, "prune_choices", _parse_prune_choices(self.prune_choices))
         if self.prune_eta < 2:
             raise ValueError(f"`prune_eta >= 2` must hold, but got prune_eta={self.prune_eta}")
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -102,6 +106,11 @@ class SearchConfig:
     def rung_steps(self) -> tuple[int, ...]:
         """Fine-tune steps at which a trial reports validation accuracy (may stop there)."""
         return tuple(int(s) for s in self.rungs.split(",")) if self.rungs else ()
+
+    @property
+    def prune_ratio_choices(self) -> tuple[float, ...]:
+        """``prune_choices`` as numbers, ascending (0 first)."""
+        return tuple(float(c) for c in self.prune_choices.split(","))
 
     @property
     def latency_seed_fractions(self) -> tuple[float, ...]:
@@ -166,6 +175,15 @@ def _parse_rungs(text: Any, trial_steps: int) -> str | None:
     if any(b <= a for a, b in zip(steps, steps[1:])) or steps[0] < 1 or steps[-1] >= trial_steps:
         raise ValueError(f"`0 < rung steps increasing < trial_steps={trial_steps}` must hold, but got rungs={text!r}")
     return ",".join(str(s) for s in steps)
+
+
+def _parse_prune_choices(text: Any) -> str:
+    """``"0,0.25,0.5"`` (or a list) -> canonical ``"0,0.25,0.5"``: ratios in [0, 1), ascending,
+    0 added if missing (a group can always stay whole)."""
+    vals = _numbers(text, float, f"malformed prune choices {text!r}; expected ratios such as 0,0.25,0.5,0.75")
+    if any(not 0 <= v < 1 for v in vals):
+        raise ValueError(f"`0 <= prune choice < 1` must hold, but got prune_choices={text!r}")
+    return ",".join(f"{v:g}" for v in sorted(set(vals) | {0.0}))
 
 
 def _parse_fractions(text: Any) -> str | None:

@@ -230,7 +230,8 @@ def prepare(cfg: SearchConfig, run_dir: Path, *, progress: bool = True) -> Conte
     table = hw_models.trace(arch, data.input_shape)
     wbits, abits = target_bits(target)
     space = SearchSpace.build(arch, data.input_shape, weight_bits=wbits, act_bits=abits, distill=cfg.distill,
-                              criterion=cfg.criterion, quantizer=cfg.quantizer)
+                              criterion=cfg.criterion, quantizer=cfg.quantizer,
+                              prune_choices=cfg.prune_ratio_choices)
     smallest = hw_models.estimate_table(table, space.smallest_policy(), target)
     if smallest.size_bytes > cfg.budget_bytes:
         raise UserError(f"budget {cfg.budget} ({cfg.budget_bytes:,} bytes) is below the smallest size "

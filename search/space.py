@@ -48,7 +48,8 @@ class SearchSpace:
     @classmethod
     def build(cls, model: nn.Module, input_shape: Sequence[int], *, weight_bits: Sequence[int | None],
               act_bits: Sequence[int | None], distill: bool = True, criterion: str = "l1",
-              quantizer: str = "uniform", rank_min_params: int = 4096) -> "SearchSpace":
+              quantizer: str = "uniform", rank_min_params: int = 4096,
+              prune_choices: Sequence[float] = PRUNE_CHOICES) -> "SearchSpace":
         cg = channel_groups(model, input_shape)
         layers, rank_layers = [], []
         head = classifier_name(model)
@@ -61,7 +62,7 @@ class SearchSpace:
                     rank_layers.append(name)
         return cls(layers=layers, groups=list(cg.sizes), groups_info=cg, weight_bits=tuple(weight_bits),
                    act_bits=tuple(act_bits), rank_layers=rank_layers, distill=distill, criterion=criterion,
-                   quantizer=quantizer)
+                   quantizer=quantizer, prune_choices=tuple(float(c) for c in prune_choices))
 
     # --- sampling -------------------------------------------------------------------------
     def sample(self, trial: Any) -> Policy:

@@ -51,6 +51,10 @@ def test_bad_tolerance_and_a_model_too_big_for_the_inputs(tmp_path):
                    r"0 <= tolerance <= 100")
     one_line_error(run("search", "--latency-seeds", "0.8,2", "--run", str(tmp_path / "r"), cwd=tmp_path),
                    r"0 < latency seed fraction < 1")
+    one_line_error(run("search", "--prune-choices", "0.25,1", "--run", str(tmp_path / "r"), cwd=tmp_path),
+                   r"0 <= prune choice < 1")
+    one_line_error(run("search", "--prune-choices", "half", "--run", str(tmp_path / "r"), cwd=tmp_path),
+                   r"malformed prune choices 'half'")
     one_line_error(run("search", "--model", "lenet5", "--dataset", "digits", "--run", str(tmp_path / "r"), cwd=tmp_path),
                    r"model lenet5 cannot run on digits's 1x8x8 inputs")
     assert not (tmp_path / "r" / "study.db").exists()                    # stopped before any work

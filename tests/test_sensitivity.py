@@ -148,6 +148,22 @@ def test_latency_seed_fractions_are_validated():
             SearchConfig(latency_seeds=bad)
 
 
+def test_prune_choices_set_the_ratios_of_every_group_the_probes_and_the_uniform_grid(ctx):
+    cfg = SearchConfig(prune_choices="0.5, 0.125,0.25")
+    assert cfg.prune_choices == "0,0.125,0.25,0.5" and cfg.prune_ratio_choices == (0.0, 0.125, 0.25, 0.5)
+    assert SearchConfig(prune_choices=[0.375]).prune_ratio_choices == (0.0, 0.375)   # 0 always there
+    run = ctx.run_dir.parent / "fine"
+    run.mkdir()
+    c = job.prepare(ctx.cfg.with_(prune_choices="0,0.125,0.25,0.375", run=str(run)), run, progress=False)
+    assert c.space.prune_choices == (0.0, 0.125, 0.25, 0.375)
+    assert all(space_choices(c.space)[f"prune:{g}"] == [0.0, 0.125, 0.25, 0.375] for g in c.space.groups)
+    grid = job.make_sampler(c.cfg.with_(sampler="grid"), space=c.space)
+    assert sorted({p for p, _, _ in grid.grid}) == [0.0, 0.125, 0.25, 0.375]
+    # The smallest reachable policy follows the most aggressive choice.
+    pol = c.space.smallest_policy()
+    assert max(pol.for_layer(n).prune_ratio for n in c.space.layers) == 0.375
+
+
 def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, monkeypatch):
     """The probes (no fine-tune) drop e.g. pruning of the stem's residual stream, which a
     fine-tune recovers; under a latency limit only such policies meet, narrowing must not

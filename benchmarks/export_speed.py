@@ -146,13 +146,14 @@ def plain_qdq(best, data, path: Path) -> Path:
     return path
 
 
-def base_onnx(run: Path, dest: Path, data=None) -> Path:
+def base_onnx(run: Path, dest: Path, data=None, base=None) -> Path:
     """The run's exported fp32 base: ``RUN/export/base_fp32.onnx`` if there, else exported to ``dest``
-    (only then are the base checkpoint and, unless given, the dataset loaded)."""
+    (only then are the base checkpoint, unless given as ``base``, and the dataset, unless given,
+    loaded)."""
     path = run / "export" / "base_fp32.onnx"
     if path.is_file():
         return path
-    return export_model(load_checkpoint(run / "base" / "model.pt"), "onnx", dest,
+    return export_model(base if base is not None else load_checkpoint(run / "base" / "model.pt"), "onnx", dest,
                         data=data if data is not None else load_dataset("fashion-mnist")).path
 
 
@@ -160,13 +161,13 @@ def time_trial(run: Path, args) -> int:
     """A non-chosen trial of a finished run (e.g. a mixed policy) vs the run's exported fp32 base."""
     out = squeezer("export", str(run), "--trial", str(args.trial), "--finetune", str(args.finetune), "--format", "onnx",
                    "--out", str(run / "export" / f"trial{args.trial}.onnx"))["artifacts"][0]
-    base = base_onnx(run, run / "export" / "base_fp32.onnx")
+    ckpt = load_checkpoint(run / "base" / "model.pt")  # its input shape; exported too if not yet
+    base = base_onnx(run, run / "export" / "base_fp32.onnx", base=ckpt)
     pol = json.loads((run / "trials" / f"{args.trial:04d}.json").read_text()).get("policy")
     lines = [f"Trial {args.trial}: {describe(pol)}; ONNX accuracy {100 * out['accuracy']:.2f}% (PyTorch "
              f"{100 * out['torch_accuracy']:.2f}%), file {out['file_bytes']:,} B = {out['size_ratio']:.3f}x the size "
              "model.", ""]
-    lines += compare({"fp32 base": base, f"trial {args.trial}": Path(out["path"])},
-                     load_checkpoint(run / "base" / "model.pt").input_shape, args)
+    lines += compare({"fp32 base": base, f"trial {args.trial}": Path(out["path"])}, ckpt.input_shape, args)
     print("\n".join(lines))
     return 0
 

@@ -99,13 +99,9 @@ def run_tp_global(args, model, budget) -> dict:
     """Global L1 channel pruning (Torch-Pruning) + int8, ratio bisected to fit the budget."""
     from compressors.apply import apply_policy_
     from compressors.policy import LayerPolicy, Policy, PruningConfig
-    from search import job
 
-    cfg = _cfg(args, model, budget, "tp_global", sensitivity=False)
-    run = Path(cfg.run)
-    run.mkdir(parents=True, exist_ok=True)
-    ctx = job.prepare(cfg, run, progress=False)
-    t0 = time.time()
+    ctx, t0 = _baseline_ctx(args, model, budget, "tp_global")
+    cfg = ctx.cfg
     batches = ctx.data.train.first_batches(8, cfg.batch_size, seed=0)
 
     def build(ratio):
@@ -127,13 +123,9 @@ def run_uniform_fit(args, model, budget) -> dict:
     0.25, so its best fitting policy can be far smaller than the budget). Same final fine-tune
     as ``tp_global``; no search."""
     from compressors.apply import apply_policy_
-    from search import job
 
-    cfg = _cfg(args, model, budget, "uniform_fit", sensitivity=False)
-    run = Path(cfg.run)
-    run.mkdir(parents=True, exist_ok=True)
-    ctx = job.prepare(cfg, run, progress=False)
-    t0 = time.time()
+    ctx, t0 = _baseline_ctx(args, model, budget, "uniform_fit")
+    cfg = ctx.cfg
 
     def policy(ratio):
         return ctx.space.uniform_policy(prune_ratio=ratio, weight_bits=8, act_bits=8)
@@ -143,6 +135,17 @@ def run_uniform_fit(args, model, budget) -> dict:
     pol = policy(ratio)
     pol = apply_policy_(m, pol, ctx.input_shape, data=ctx.data.train.first_batches(8, cfg.batch_size, seed=0)).policy or pol
     return _fine_tune_and_test("uniform_fit", ctx, m, ctx.estimate(pol), t0, prune_ratio=round(ratio, 6))
+
+
+def _baseline_ctx(args, model, budget, name):
+    """A baseline without search: its run folder and prepared context (the cached base), and
+    the time it starts (the row's wall time leaves out preparing)."""
+    from search import job
+
+    cfg = _cfg(args, model, budget, name, sensitivity=False)
+    run = Path(cfg.run)
+    run.mkdir(parents=True, exist_ok=True)
+    return job.prepare(cfg, run, progress=False), time.time()
 
 
 def _fine_tune_and_test(name, ctx, m, cost, t0, **extra) -> dict:
@@ -223,10 +226,10 @@ UNIFORM_METHODS = ("uniform", "uniform_fit")
 
 
 def best_uniform(rows: list[dict]) -> dict | None:
-    """The best uniform policy among ``rows`` (the last row of each uniform method): the most
-    accurate on the validation split (the test set decides nothing)."""
-    last = {r["method"]: r for r in rows if r["method"] in UNIFORM_METHODS}
-    return max(last.values(), key=lambda r: r.get("val_accuracy", r["test_accuracy"]), default=None)
+    """The best uniform policy among ``rows`` (one model and budget): the most accurate on the
+    validation split (the test set decides nothing)."""
+    return max((r for r in rows if r["method"] in UNIFORM_METHODS),
+               key=lambda r: r.get("val_accuracy", r["test_accuracy"]), default=None)
 
 
 def verdict(rows: list[dict], equal_pp: float = 0.5) -> list[dict]:
@@ -246,9 +249,8 @@ def verdict(rows: list[dict], equal_pp: float = 0.5) -> list[dict]:
     last = {(r["model"], r["budget"], r["method"]): r for r in rows}
     out = []
     for (model, budget) in dict.fromkeys((m, b) for m, b, _ in last):
-        here = [r for (m, b, _), r in last.items() if (m, b) == (model, budget)]
         get = lambda method: last.get((model, budget, method))  # noqa: E731
-        best = best_uniform(here)
+        best = best_uniform([r for r in map(get, UNIFORM_METHODS) if r])
         if not get("ours") or not best:
             continue
         v = {"model": model, "budget": budget, "baseline": best["method"],
@@ -338,12 +340,10 @@ def main(argv=None) -> int:
         for f in args.verdict:
             data = json.loads(Path(f).read_text())
             rows += [{"seed": data.get("args", {}).get("seed", 0), **r} for r in data["rows"]]
-        if len({r["seed"] for r in rows}) == 1:
-            for v in verdict(rows, args.equal_pp):
-                print(json.dumps(v))
-        else:  # several seeds: each seed's check, then the gains over seeds
-            for v in verdict_over_seeds(rows, args.equal_pp):
-                print(json.dumps(v))
+        # Several seeds: each seed's check, then the gains over seeds.
+        check = verdict if len({r["seed"] for r in rows}) == 1 else verdict_over_seeds
+        for v in check(rows, args.equal_pp):
+            print(json.dumps(v))
         return 0
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

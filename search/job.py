@@ -642,13 +642,14 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
 
     log.info("seeds: sensitivity-guided policies that meet the budget%s (cost model only, no training)",
              ", then latency cuts" if ctx.cfg.latency_seed_fractions else "")
+    # 8-bit activations first; under a latency/energy/SRAM limit, float ones where that cannot
+    # meet it (at tiny, heavily pruned layers the (de)quantize ops can cost more than int8
+    # kernels save).
+    act8 = 8 if 8 in sp.act_bits else None
+    acts = (act8, None) if multi and act8 is not None else (act8,)
     guided = []
     for per_byte in (True, False):
-        # 8-bit activations first; under a latency/energy/SRAM limit, float ones where that cannot
-        # meet it (at tiny, heavily pruned layers the (de)quantize ops can cost more than int8
-        # kernels save).
-        for act in dict.fromkeys((8 if 8 in sp.act_bits else None, None) if multi else
-                                 (8 if 8 in sp.act_bits else None,)):
+        for act in acts:
             params = guided_params(sp, sens, fits, narrowed=narrowed, per_byte=per_byte, act_bits=act)
             if params is not None:
                 guided.append(params)

@@ -174,13 +174,22 @@ def narrowed_choices(sens: dict[str, Any], choices: dict[str, list], *, threshol
     return out
 
 
+#: Distillation settings of the seeded policies (the search samples its own afterwards).
+SEED_KD = {"kd_temperature": 4.0, "kd_alpha": 0.5}
+
+
+def allowed_choices(space, narrowed: dict[str, list] | None) -> dict[str, list]:
+    """Every dimension's allowed choices, mildest first (``narrowed`` where it narrows)."""
+    narrowed = narrowed or {}
+    return {d: sorted(narrowed.get(d, cs), key=lambda c, d=d: _aggressiveness(d, c))
+            for d, cs in space_choices(space).items()}
+
+
 def most_aggressive(space, allowed: dict[str, list]) -> dict[str, Any]:
     """The params taking each dimension's most aggressive allowed choice (the smallest, and
     as a rule the fastest, policy a space holds)."""
     p = {d: max(cs, key=lambda c: _aggressiveness(d, c)) for d, cs in allowed.items()}
-    if space.distill:
-        p["kd_temperature"], p["kd_alpha"] = 4.0, 0.5
-    return p
+    return {**p, **SEED_KD} if space.distill else p
 
 
 def extreme_params(space, allowed: dict[str, list]) -> list[dict[str, Any]]:
@@ -215,20 +224,17 @@ def backed_off_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, 
     For limits the forward greedy cannot reach: it only ever compresses further, and where
     the cost is not monotone in each choice it can run out of steps that help.
     """
-    choices = space_choices(space)
-    narrowed = narrowed or {}
-    allowed = {d: list(narrowed.get(d, cs)) for d, cs in choices.items()}
+    ladder = allowed_choices(space, narrowed)
     probes = sens.get("probes", {})
 
     def check(p):
         return fits(space.policy_from_params(p))
 
-    scored = [(check(p), p) for p in extreme_params(space, allowed)]
+    scored = [(check(p), p) for p in extreme_params(space, ladder)]
     feasible = [(amount, p) for (ok, amount), p in scored if ok]
     if not feasible:
         return None
     cur = dict(min(feasible, key=lambda t: t[0])[1])
-    ladder = {d: sorted(cs, key=lambda c: _aggressiveness(d, c)) for d, cs in allowed.items()}
     for _ in range(max_steps):
         steps = []
         for d, lad in ladder.items():
@@ -265,7 +271,7 @@ def relax_narrowing(space, sens: dict[str, Any], narrowed: dict[str, list], viol
     """
     choices = space_choices(space)
     probes = sens.get("probes", {})
-    allowed = {d: list(narrowed.get(d, cs)) for d, cs in choices.items()}
+    allowed = allowed_choices(space, narrowed)
     v = least_violation(space, allowed, violation)
     if v <= 0 or not narrowed or least_violation(space, choices, violation) > 0:
         return narrowed, []
@@ -332,25 +338,20 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
     instead (e.g. a seed that already meets the budget, to go on cutting latency).
     ``act_steps``: also consider lowering activation bits (they change latency, not size).
     """
-    choices = space_choices(space)
-    narrowed = narrowed or {}
-    allowed = {d: list(narrowed.get(d, cs)) for d, cs in choices.items()}
+    ladder = allowed_choices(space, narrowed)
     probes = sens.get("probes", {})
     # Start: no pruning/rank, the widest weight bits allowed, act_bits where allowed.
     cur: dict[str, Any] = {}
-    for d, cs in allowed.items():
+    for d, lad in ladder.items():
         kind = d.split(":", 1)[0]
-        if start is not None and start.get(d, object()) in cs:
+        if start is not None and start.get(d, object()) in lad:
             cur[d] = start[d]
-        elif kind == "abits" and act_bits in cs:
+        elif kind == "abits" and act_bits in lad:
             cur[d] = act_bits
         else:
-            cur[d] = min(cs, key=lambda c: _aggressiveness(d, c))
+            cur[d] = lad[0]
     if space.distill:
-        cur["kd_temperature"], cur["kd_alpha"] = 4.0, 0.5
-        if start is not None:
-            cur.update({k: start[k] for k in ("kd_temperature", "kd_alpha") if k in start})
-    ladder = {d: sorted(cs, key=lambda c: _aggressiveness(d, c)) for d, cs in allowed.items()}
+        cur.update({k: (start or {}).get(k, v) for k, v in SEED_KD.items()})
 
     def check(p):
         return fits(space.policy_from_params(p))

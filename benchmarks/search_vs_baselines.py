@@ -49,6 +49,9 @@ def _cfg(args, model, budget, name, **kw):
                 trial_steps=args.trial_steps, final_epochs=args.final_epochs, base_epochs=args.base_epochs,
                 trial_train_size=args.trial_train_size, val_size=args.val_size, seed=args.seed, threads=1,
                 run=str(Path(args.out) / f"{model}-{budget}-{name}"))
+    for key in ("prune_choices", "sensitivity_bn_images"):  # the tool's defaults unless given
+        if getattr(args, key, None) is not None:
+            base[key] = getattr(args, key)
     return SearchConfig(**{**base, **kw})
 
 
@@ -324,6 +327,9 @@ def main(argv=None) -> int:
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="ours,random,uniform,tp_global")
+    p.add_argument("--prune-choices", help="pruning ratios of the searches and the grid (the tool's default)")
+    p.add_argument("--sensitivity-bn-images", type=int,
+                   help="BN re-estimation images of the sensitivity probes (the tool's default)")
     p.add_argument("--scaling-trials", type=int, default=6, help="trials per scaling run (0 = skip scaling)")
     p.add_argument("--scaling-sampler", default="random", help="sampler of the scaling runs (tpe costs the driver more)")
     p.add_argument("--out", default="runs/bench_search")

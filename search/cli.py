@@ -56,6 +56,9 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
                    help="skip the per-layer sensitivity probes that narrow the space and seed the search")
     g.add_argument("--sensitivity-threshold", type=float, dest="sensitivity_threshold_pp",
                    help="drop a layer's choice that alone loses more than this many accuracy points (10)")
+    g.add_argument("--sensitivity-bn-images", type=int, dest="sensitivity_bn_images",
+                   help="training images on which each probe re-estimates BatchNorm statistics before it is "
+                        "measured (512; 0 = the base model's statistics)")
     g.add_argument("--latency-seeds", dest="latency_seeds",
                    help="also seed policies cut to these fractions of the guided seed's latency, least accuracy "
                         "loss per ms first (0.75,0.6; none = off)")
@@ -88,6 +91,7 @@ def _config_from_args(args: argparse.Namespace):
                                          "max_latency_ms", "max_energy_mj", "timeout", "run", "seed",
                                          "storage", "sampler", "base_epochs", "trial_steps", "final_epochs",
                                          "criterion", "quantizer", "prune_choices", "threads", "rungs", "sensitivity_threshold_pp",
+                                         "sensitivity_bn_images",
                                          "tolerance_pp", "latency_seeds", "backend", "workers", "address")
            if getattr(args, k, None) is not None}
     if getattr(args, "trials", None) is not None:

@@ -66,6 +66,9 @@ class SearchConfig:
     # Sensitivity first: per-layer probes narrow the space (drop choices losing > threshold).
     sensitivity: bool = True
     sensitivity_threshold_pp: float = 10.0
+    # Each probe re-estimates BatchNorm statistics on this many training images first (one
+    # batch; adaptive BN; 0 = measure with the base model's statistics).
+    sensitivity_bn_images: int = 512
     # Latency seeds: from the sensitivity-guided seed, cut latency (least loss per ms) to these
     # fractions of its latency, one seed each ("none": no latency seeds).
     latency_seeds: str | None = "0.75,0.6"
@@ -93,6 +96,10 @@ class SearchConfig:
         if self.latency_seeds is not None:
             object.__setattr__(self, "latency_seeds", _parse_fractions(self.latency_seeds))
         object.__setattr__(self, "prune_choices", _parse_prune_choices(self.prune_choices))
+        if not isinstance(self.sensitivity_bn_images, int) or isinstance(self.sensitivity_bn_images, bool) \
+                or self.sensitivity_bn_images < 0:
+            raise ValueError("`sensitivity_bn_images >= 0` must hold, but got "
+                             f"sensitivity_bn_images={self.sensitivity_bn_images!r}")
         if self.prune_eta < 2:
             raise ValueError(f"`prune_eta >= 2` must hold, but got prune_eta={self.prune_eta}")
         if not isinstance(self.workers, int) or self.workers < 1:

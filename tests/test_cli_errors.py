@@ -53,6 +53,8 @@ def test_bad_tolerance_and_a_model_too_big_for_the_inputs(tmp_path):
                    r"0 < latency seed fraction < 1")
     one_line_error(run("search", "--prune-choices", "0.25,1", "--run", str(tmp_path / "r"), cwd=tmp_path),
                    r"0 <= prune choice < 1")
+    one_line_error(run("search", "--sensitivity-bn-images", "-1", "--run", str(tmp_path / "r"), cwd=tmp_path),
+                   r"sensitivity_bn_images >= 0")
     one_line_error(run("search", "--prune-choices", "half", "--run", str(tmp_path / "r"), cwd=tmp_path),
                    r"malformed prune choices 'half'")
     one_line_error(run("search", "--model", "lenet5", "--dataset", "digits", "--run", str(tmp_path / "r"), cwd=tmp_path),

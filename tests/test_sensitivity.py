@@ -41,6 +41,32 @@ def test_probes_cover_the_space_and_are_cached(ctx):
     assert json.loads(r.stdout)["probes"] == sens["probes"]
 
 
+def test_adaptive_bn_probes_predict_the_loss_after_a_fine_tune(ctx):
+    """Probes re-estimate BN statistics first (default 512 images): pruning the stem no longer
+    looks catastrophic, and the probe is closer to what a short fine-tune actually loses."""
+    import copy
+
+    from compressors.apply import apply_policy_
+    from evaluators.train import evaluate, train
+    from search.sensitivity import _neutral_params, measure
+
+    adaptive = load_or_measure(ctx)
+    assert ctx.cfg.sensitivity_bn_images == 512 and adaptive["bn_images"] == 512
+    calib = ctx.trial_train.first_batches(2, ctx.cfg.batch_size, seed=0)
+    plain = measure(ctx.base, ctx.space, ctx.data.val, ctx.input_shape, seed=ctx.cfg.seed, calib=calib)
+    assert plain["bn_images"] == 0
+    a, p = adaptive["probes"]["prune:conv1"], plain["probes"]["prune:conv1"]
+    assert a["0.5"] < p["0.5"] - 5 and a["0.75"] < p["0.75"] - 20
+    # The truth: the stem pruned by 75%, fine-tuned for 30 steps, on the probes' images.
+    m = copy.deepcopy(ctx.base)
+    apply_policy_(m, ctx.space.policy_from_params({**_neutral_params(ctx.space), "prune:conv1": 0.75}),
+                  ctx.input_shape, data=calib)
+    train(m, ctx.trial_train, epochs=10, max_steps=30, lr=ctx.cfg.trial_lr, batch_size=ctx.cfg.batch_size, seed=0, progress=False)
+    sub = ctx.data.val.subset(adaptive["val_size"], seed=ctx.cfg.seed)
+    tuned = 100 * (evaluate(ctx.base, sub) - evaluate(m, sub))
+    assert abs(tuned - a["0.75"]) < abs(tuned - p["0.75"]) / 2, (tuned, a["0.75"], p["0.75"])
+
+
 def test_narrowing_drops_damaging_choices_and_keeps_the_mildest(ctx):
     sens = load_or_measure(ctx)
     full = space_choices(ctx.space)
@@ -174,7 +200,8 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
 
     sens, sp = load_or_measure(ctx), ctx.space
     full = space_choices(sp)
-    before = narrowed_choices(sens, full, threshold_pp=10.0)
+    thr = 2.0  # strict enough to drop the fastest choices of this small model (adaptive-BN probes)
+    before = narrowed_choices(sens, full, threshold_pp=thr)
 
     def fastest(allowed):
         lat = lambda p: float(ctx.estimate(sp.policy_from_params(p)).latency_ms)  # noqa: E731
@@ -188,7 +215,7 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
     run.mkdir()
     import shutil
     shutil.copy(ctx.run_dir / "sensitivity.json", run / "sensitivity.json")
-    cfg = ctx.cfg.with_(max_latency_ms=limit, run=str(run))
+    cfg = ctx.cfg.with_(max_latency_ms=limit, sensitivity_threshold_pp=thr, run=str(run))
     cfg.save(run / "config.yaml")
     c = job.prepare(cfg, run, progress=False)
     job.sensitivity_first(c, progress=False)

@@ -57,9 +57,11 @@ def handler(args: argparse.Namespace) -> int:
                           "readmitted": [{"dimension": d, "choice": c, "loss_pp": v} for d, c, v in readmitted]},
                          indent=2, default=str))
         return 0
+    bn = sens.get("bn_images", 0)
     print(f"{cfg.model} on {cfg.dataset}: {sens['n_probes']} probes on {sens['val_size']} validation images "
-          f"in {sens['seconds']:.1f} s (base accuracy {100 * sens['base_accuracy']:.2f}%)")
-    print(f"\nmost damaging settings (accuracy points lost, alone, no fine-tune):")
+          f"in {sens['seconds']:.1f} s (base accuracy {100 * sens['base_accuracy']:.2f}%"
+          + (f"; BatchNorm statistics re-estimated on {bn} training images per probe)" if bn else ")"))
+    print("\nmost damaging settings (accuracy points lost, alone, no fine-tune):")
     for dim, choice, loss in summarize(sens, top=args.top):
         print(f"  {dim:<48} {choice:>6} {loss:>8.2f}")
     dropped = sum(len(full[d]) - len(v) for d, v in narrowed.items())

@@ -551,7 +551,7 @@ def narrow(ctx: Context, sens: dict[str, Any], threshold_pp: float | None = None
     sram = target_sram(ctx.target)
 
     def violation(params):
-        return total_violation(ctx.estimate(ctx.space.policy_from_params(params)), ctx.cfg, sram)
+        return total_violation(ctx.estimate(ctx.space.trial_policy(params)), ctx.cfg, sram)
 
     return relax_narrowing(ctx.space, sens, narrowed, violation)
 
@@ -611,21 +611,27 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
     sp, seeds = ctx.space, []
     sram = target_sram(ctx.target)
     abits = 8 if 8 in sp.act_bits else sp.act_bits[-1]
+    uniform = []
     for bits in sorted((b for b in sp.weight_bits if b is not None), reverse=True):
         for p in sp.prune_choices:
-            pol = sp.uniform_policy(prune_ratio=p, weight_bits=bits, act_bits=abits)
+            # Priced as the trial will run it: projected into the narrowed space.
+            params = sp.canonical_params(project_params(
+                sp.params_for(sp.uniform_policy(prune_ratio=p, weight_bits=bits, act_bits=abits)), narrowed))
+            pol = sp.policy_from_params(params)
             if max(constraints_of(ctx.estimate(pol), ctx.cfg, sram)) <= 0:
                 seeds.append(pol)
+                uniform.append(params)
                 break
         if len(seeds) >= 2:
             break
-    for pol in seeds:
-        study.enqueue_trial(project_params(sp.params_for(pol), narrowed), user_attrs={"seed_policy": "uniform"})
+    for params in uniform:
+        study.enqueue_trial(params, user_attrs={"seed_policy": "uniform"})
     sens = ctx.extra.get("sensitivity")
     if not sens:
         return seeds
 
     def add(params, kind):
+        params = sp.canonical_params(params)
         pol = sp.policy_from_params(params)
         if pol not in seeds:
             seeds.append(pol)
@@ -686,7 +692,7 @@ def latency_seeds(ctx: Context, sens: dict[str, Any], start: dict[str, Any], nar
         return []
     sp, sram = ctx.space, target_sram(ctx.target)
     limit = predicted_loss(sens, start) + 1.0
-    ref = float(ctx.estimate(sp.policy_from_params(start)).latency_ms)
+    ref = float(ctx.estimate(sp.trial_policy(start)).latency_ms)
     for pol in seeds:
         if predicted_loss(sens, project_params(sp.params_for(pol), narrowed)) <= limit:
             ref = min(ref, float(ctx.estimate(pol).latency_ms))

@@ -258,7 +258,7 @@ def backed_off_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, 
     probes = sens.get("probes", {})
 
     def check(p):
-        return fits(space.policy_from_params(p))
+        return fits(space.trial_policy(p))
 
     scored = [(check(p), p) for p in extreme_params(space, ladder)]
     feasible = [(amount, p) for (ok, amount), p in scored if ok]
@@ -384,7 +384,7 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
         cur.update({k: (start or {}).get(k, v) for k, v in SEED_KD.items()})
 
     def check(p):
-        return fits(space.policy_from_params(p))
+        return fits(space.trial_policy(p))
 
     ok, amount = check(cur)
     steps = 0

@@ -5,7 +5,8 @@ Dimensions are Optuna distributions named ``prune:<group root>``, ``wbits:<layer
 to what the target stores and computes, so a sampled policy always runs on the target.
 ``abits:<layer>`` is conditional: it is sampled only for layers with integer weights
 (:meth:`SearchSpace.samples_act_bits`); :meth:`SearchSpace.policy_from_params` itself applies
-whatever it is given (sensitivity probes measure activation quantization alone).
+whatever it is given (sensitivity probes measure activation quantization alone), and
+:meth:`SearchSpace.trial_policy` is what a trial enqueued with those params runs.
 
 Example:
     >>> from evaluators.models import build_model
@@ -116,6 +117,17 @@ class SearchSpace:
         if self.distill and "kd_alpha" in params:
             distill = DistillConfig(temperature=float(params["kd_temperature"]), alpha=float(params["kd_alpha"]))
         return Policy(layers=layers, pruning=PruningConfig(criterion=self.criterion), distill=distill)
+
+    def canonical_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` as a trial gets them: without ``abits:<layer>`` where the layer's weight
+        bits do not ask for it (:meth:`samples_act_bits`; Optuna ignores an enqueued value of
+        a parameter the trial never asks for)."""
+        return {k: v for k, v in params.items()
+                if not (k.startswith("abits:") and not self.samples_act_bits(params.get("wbits:" + k[6:])))}
+
+    def trial_policy(self, params: dict[str, Any]) -> Policy:
+        """The policy a trial enqueued with ``params`` runs (what seeds must be priced as)."""
+        return self.policy_from_params(self.canonical_params(params))
 
     def params_for(self, policy: Policy) -> dict[str, Any]:
         """Optuna params that reproduce ``policy`` (to enqueue a known policy)."""

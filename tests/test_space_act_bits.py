@@ -49,6 +49,12 @@ def test_enqueued_float_weights_with_int8_acts_drop_the_act_bits():
     assert all(pol.for_layer(n).act_bits is None for n in sp.layers)
     # Explicit params are still applied as given (sensitivity probes measure act quantization alone).
     assert sp.policy_from_params(seed).for_layer(sp.layers[0]).act_bits == 8
+    # trial_policy is what the trial runs: seeds are priced with it.
+    assert sp.trial_policy(seed) == pol
+    assert all(f"abits:{n}" not in sp.canonical_params(seed) for n in sp.layers)
+    mixed = {**seed, f"wbits:{sp.layers[0]}": 8}
+    assert sp.canonical_params(mixed)[f"abits:{sp.layers[0]}"] == 8      # integer weights keep theirs
+    assert sp.trial_policy(mixed) == _sampled(sp, n=1, enqueue=[mixed])[0][0]
 
 
 @pytest.mark.parametrize("wbits", [8, 16])

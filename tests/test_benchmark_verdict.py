@@ -104,3 +104,20 @@ def test_over_seeds_the_gain_over_each_uniform_method_is_averaged_too():
     assert v["accuracy_gain_pp"] == v["uniform_fit_accuracy_gain_pp"] == [0.28, 0.0]
     assert v["uniform_accuracy_gain_pp"] == [0.91, 0.63] and v["uniform_mean_gain_pp"] == 0.77
     assert v["mean_gain_pp"] == 0.14 and v["mean_gain_meets_1pp"] is False
+
+
+def test_over_seeds_the_latency_half_is_judged_on_the_mean_fast_gain():
+    rows = []
+    for seed, (fit, fast, lat) in enumerate([(0.8953, 0.8890, 3.34), (0.8961, 0.8881, 3.32), (0.8954, 0.8928, 3.40)]):
+        rows += [{**row("uniform_fit", fit, 4.55), "seed": seed, "val_accuracy": fit},
+                 {**row("ours", fit, 5.0), "seed": seed},
+                 {**row("ours_fast", fast, lat), "seed": seed, "status": "feasible"}]
+    (v,) = svb.verdict_over_seeds(rows)
+    assert v["fast_accuracy_gain_pp"] == [-0.63, -0.8, -0.26] and v["fast_mean_gain_pp"] == -0.56
+    assert v["fast_latency_reduction"] == [0.266, 0.27, 0.253]
+    assert v["met_by_seed"] == [False, False, True] and v["fast_mean_meets_latency_half"] is False
+    (v,) = svb.verdict_over_seeds(rows, equal_pp=0.6)                 # a wider band: the mean is inside
+    assert v["fast_mean_meets_latency_half"] is True
+    # Without ours_fast in every seed there is no fast summary.
+    (v,) = svb.verdict_over_seeds([r for r in rows if not (r["method"] == "ours_fast" and r["seed"] == 2)])
+    assert "fast_mean_gain_pp" not in v

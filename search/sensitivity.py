@@ -105,20 +105,16 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
     from evaluators.train import evaluate, recalibrate_bn_
 
     sub = data.subset(min(val_size, len(data)), seed=seed) if hasattr(data, "subset") else data
-    adapt = None
-    if bn_images > 0 and bn_data is not None:
-        bn_images = min(bn_images, len(bn_data))
+    bn_images = min(bn_images, len(bn_data)) if bn_data is not None else 0
 
-        def adapt(m):
+    def score(m: torch.nn.Module) -> float:
+        """Accuracy of ``m`` on the probe images, its BN statistics re-estimated first if asked
+        (then ``m`` must be a copy: its statistics change)."""
+        if bn_images > 0:
             recalibrate_bn_(m, bn_data, batches=1, batch_size=bn_images)
+        return evaluate(m, sub, batch_size=batch_size)
 
-        ref = copy.deepcopy(model)
-        adapt(ref)
-        base_acc = evaluate(ref, sub, batch_size=batch_size)
-        del ref
-    else:
-        bn_images = 0
-        base_acc = evaluate(model, sub, batch_size=batch_size)
+    base_acc = score(copy.deepcopy(model) if bn_images > 0 else model)
     neutral = _neutral_params(space)
     probes: dict[str, dict[str, float]] = {}
     t0 = time.time()
@@ -138,14 +134,12 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
                 if kind == "prune":
                     m = copy.deepcopy(model)  # pruning changes every layer of the channel group
                     apply_policy_(m, pol, input_shape, data=calib)
-                    if adapt is not None:
-                        adapt(m)
-                    acc = evaluate(m, sub, batch_size=batch_size)
+                    acc = score(m)
                 else:
                     # One layer changes: swap a compressed copy of it in (no copy of the whole
                     # model, unless BN statistics are re-estimated: they are the copy's own).
-                    acc = _swap_probe(model if adapt is None else copy.deepcopy(model), dim.split(":", 1)[1],
-                                      pol, sub, batch_size, adapt=adapt)
+                    acc = _swap_probe(copy.deepcopy(model) if bn_images > 0 else model, dim.split(":", 1)[1],
+                                      pol, score)
             except Exception as e:  # noqa: BLE001 - a setting that cannot be applied is maximally bad
                 log.debug("sensitivity probe %s=%s failed: %s", dim, c, e)
                 acc = 0.0
@@ -158,12 +152,11 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
             "seconds": round(time.time() - t0, 2), "n_probes": n_total, "probes": probes}
 
 
-def _swap_probe(model: torch.nn.Module, name: str, policy, data, batch_size: int, adapt=None) -> float:
-    """Accuracy with layer ``name`` replaced by its compressed copy (as ``apply_policy_`` would);
-    ``adapt(model)`` runs first where given (it may change ``model``'s BN statistics)."""
+def _swap_probe(model: torch.nn.Module, name: str, policy, score) -> float:
+    """``score(model)`` with layer ``name`` replaced by its compressed copy (as ``apply_policy_``
+    would), the original put back afterwards."""
     from compressors.apply import _compress_layer_
     from compressors.lowrank import DECOMPOSITIONS
-    from evaluators.train import evaluate
 
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -178,9 +171,7 @@ def _swap_probe(model: torch.nn.Module, name: str, policy, data, batch_size: int
         _compress_layer_(part, lp, policy, skip_quantization=False)
     setattr(parent, attr, new)
     try:
-        if adapt is not None:
-            adapt(model)
-        return evaluate(model, data, batch_size=batch_size)
+        return score(model)
     finally:
         setattr(parent, attr, orig)
 

@@ -605,7 +605,7 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
     sensitivity-guided ones when sensitivity was measured (``sensitivity_first``)."""
     if ctx.cfg.sampler not in ("tpe", "nsga2"):
         return []  # the baselines start from nothing
-    from .sensitivity import backed_off_params, guided_params, project_params
+    from .sensitivity import backed_off_params, filled_params, guided_params, project_params
 
     narrowed = ctx.extra.get("narrowed") or {}
     sp, seeds = ctx.space, []
@@ -642,6 +642,17 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
     # at a latency limit that only pruning meets).
     multi = bool(ctx.cfg.max_latency_ms or ctx.cfg.max_energy_mj or sram)
 
+    def fill(params):
+        """Under a latency/energy/SRAM limit, spend what a seed leaves of the limits (the grid's
+        0.25 steps can leave a uniform seed far inside a latency limit)."""
+        if not multi:
+            return params
+        return filled_params(sp, sens, params, lambda pol: -max(constraints_of(ctx.estimate(pol), ctx.cfg, sram)),
+                             narrowed=narrowed)
+
+    for params in uniform:
+        add(fill(params), "uniform-filled")
+
     def fits(pol):
         v = total_violation(cost := ctx.estimate(pol), ctx.cfg, sram)
         return v <= 0, (v if multi else float(cost.size_bytes))
@@ -658,7 +669,7 @@ def enqueue_seeds(ctx: Context, study) -> list[Policy]:
         for act in acts:
             params = guided_params(sp, sens, fits, narrowed=narrowed, per_byte=per_byte, act_bits=act)
             if params is not None:
-                guided.append(params)
+                guided.append(params := fill(params))
                 add(params, "sensitivity")
                 break
     if not guided:  # limits the forward greedy cannot reach: back off from the extreme instead

@@ -41,6 +41,8 @@ log = logging.getLogger("squeezer")
 SCHEMA = "squeezer.sensitivity/1"
 #: Settings the probes leave alone: float weights and activations, no pruning, no rank.
 NEUTRAL = {"prune": 0.0, "wbits": None, "abits": None, "rank": None}
+#: Divergence recorded for a setting that cannot be applied (maximally bad).
+MAX_KL = 100.0
 
 
 def _key(v: Any) -> str:
@@ -99,24 +101,45 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
 
     Returns:
         ``{"schema", "base_accuracy", "val_size", "bn_images", "seconds",
-        "probes": {dim: {choice: loss_pp}}}``; ``base_accuracy`` is the reference's.
+        "probes": {dim: {choice: loss_pp}}, "divergence": {dim: {choice: kl_nats}}}``;
+        ``base_accuracy`` is the reference's. ``divergence`` is the mean KL divergence of the
+        probe's predictions from the reference's on the same images: on 128 images top-1
+        accuracy moves in steps of 0.78 pp, and most single-layer settings change fewer
+        predictions than that, while the divergence ranks them almost as it would on 1,024
+        (Spearman 0.997 against 0.77 for the accuracy loss, resnet20 on Fashion-MNIST).
     """
     from compressors.apply import apply_policy_
-    from evaluators.train import evaluate, recalibrate_bn_
+    from evaluators.train import recalibrate_bn_
 
     sub = data.subset(min(val_size, len(data)), seed=seed) if hasattr(data, "subset") else data
     bn_images = min(bn_images, len(bn_data)) if bn_data is not None else 0
 
-    def score(m: torch.nn.Module) -> float:
-        """Accuracy of ``m`` on the probe images, its BN statistics re-estimated first if asked
-        (then ``m`` must be a copy: its statistics change)."""
+    def outputs(m: torch.nn.Module) -> torch.Tensor:
+        """Log-probabilities of ``m`` on the probe images, its BN statistics re-estimated first if
+        asked (then ``m`` must be a copy: its statistics change)."""
         if bn_images > 0:
             recalibrate_bn_(m, bn_data, batches=1, batch_size=bn_images)
-        return evaluate(m, sub, batch_size=batch_size)
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            out = torch.cat([m(xb) for xb, _ in sub.batches(batch_size)]).log_softmax(1)
+        m.train(was)
+        return out
 
-    base_acc = score(copy.deepcopy(model) if bn_images > 0 else model)
+    ref = outputs(copy.deepcopy(model) if bn_images > 0 else model)
+    base_acc = float((ref.argmax(1) == sub.y).float().mean())
+
+    def score(m: torch.nn.Module) -> float:
+        """Accuracy of ``m`` on the probe images; its KL divergence from the reference is kept
+        for the probe being measured (``last``)."""
+        out = outputs(m)
+        last["kl"] = float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean"))
+        return float((out.argmax(1) == sub.y).float().mean())
+
+    last: dict[str, float] = {}
     neutral = _neutral_params(space)
     probes: dict[str, dict[str, float]] = {}
+    divergence: dict[str, dict[str, float]] = {}
     t0 = time.time()
     dims = space_choices(space)
     n_total = sum(1 for d, cs in dims.items() for c in cs if c != NEUTRAL[d.split(":", 1)[0]])
@@ -124,10 +147,12 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
     for dim, choices in dims.items():
         kind = dim.split(":", 1)[0]
         row: dict[str, float] = {}
+        div: dict[str, float] = {}
         for c in choices:
             if c == NEUTRAL[kind]:
-                row[_key(c)] = 0.0
+                row[_key(c)] = div[_key(c)] = 0.0
                 continue
+            last.clear()
             params = {**neutral, dim: c}
             pol = space.policy_from_params(params)
             try:
@@ -144,12 +169,15 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
                 log.debug("sensitivity probe %s=%s failed: %s", dim, c, e)
                 acc = 0.0
             row[_key(c)] = round(100.0 * (base_acc - acc), 3)
+            div[_key(c)] = round(max(0.0, last.get("kl", MAX_KL)), 6)
             done += 1
             if progress and done % 25 == 0:
                 log.info("sensitivity: %d/%d probes", done, n_total)
         probes[dim] = row
+        divergence[dim] = div
     return {"schema": SCHEMA, "base_accuracy": base_acc, "val_size": len(sub), "bn_images": bn_images,
-            "seconds": round(time.time() - t0, 2), "n_probes": n_total, "probes": probes}
+            "seconds": round(time.time() - t0, 2), "n_probes": n_total, "probes": probes,
+            "divergence": divergence}
 
 
 def _swap_probe(model: torch.nn.Module, name: str, policy, score) -> float:
@@ -246,7 +274,7 @@ def backed_off_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, 
     the cost is not monotone in each choice it can run out of steps that help.
     """
     ladder = allowed_choices(space, narrowed)
-    probes = sens.get("probes", {})
+    probes, _ = damage_table(sens)
 
     def check(p):
         return fits(space.trial_policy(p))
@@ -360,7 +388,7 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
     ``act_steps``: also consider lowering activation bits (they change latency, not size).
     """
     ladder = allowed_choices(space, narrowed)
-    probes = sens.get("probes", {})
+    probes, eps = damage_table(sens)
     # Start: no pruning/rank, the widest weight bits allowed, act_bits where allowed.
     cur: dict[str, Any] = {}
     for d, lad in ladder.items():
@@ -388,7 +416,7 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
             if i + 1 >= len(lad):
                 continue
             nxt = lad[i + 1]
-            loss = _choice_loss(probes, d, nxt) + 1e-3
+            loss = _choice_loss(probes, d, nxt) + eps
             trial_p = {**cur, d: nxt}
             _, a = check(trial_p)
             saved = amount - a
@@ -416,6 +444,52 @@ def predicted_loss(sens: dict[str, Any], params: dict[str, Any]) -> float:
 def _choice_loss(probes: dict[str, dict[str, float]], dim: str, choice: Any) -> float:
     """Points the probe of ``dim = choice`` lost (a gain counts as 0; unprobed: 0)."""
     return max(0.0, probes.get(dim, {}).get(_key(choice), 0.0))
+
+
+def damage_table(sens: dict[str, Any]) -> tuple[dict[str, dict[str, float]], float]:
+    """What the seeds' greedies weigh choices by, and the floor added to a choice's damage (so
+    that among harmless choices the one that saves most is taken first): the probes' KL
+    divergence where it was measured, else (files written before it) their accuracy loss.
+    The narrowing and :func:`predicted_loss` stay in accuracy points."""
+    if sens.get("divergence"):
+        return sens["divergence"], 1e-6
+    return sens.get("probes", {}), 1e-3
+
+
+def filled_params(space, sens: dict[str, Any], start: dict[str, Any], headroom, *,
+                  narrowed: dict[str, list] | None = None, max_steps: int = 2000) -> dict[str, Any]:
+    """Spend what ``start`` leaves of its limits: undo compression one step at a time (one
+    dimension one choice milder), the most damage bought back per unit of headroom spent
+    first, while every limit is still met. ``headroom(policy) -> float``: what is left of the
+    tightest limit (``>= 0``: all met). Returns ``start`` itself where no step fits.
+
+    Under a latency or energy limit, a policy well inside it (a uniform seed whose grid step
+    lands far below the limit) leaves accuracy unclaimed that the user's limit allows.
+    """
+    ladder = allowed_choices(space, narrowed)
+    probes, eps = damage_table(sens)
+    cur = dict(start)
+    room = headroom(space.trial_policy(cur))
+    for _ in range(max_steps):
+        best = None
+        for d, lad in ladder.items():
+            if cur.get(d) not in lad or lad.index(cur[d]) == 0:
+                continue
+            milder = lad[lad.index(cur[d]) - 1]
+            gain = _choice_loss(probes, d, cur[d]) - _choice_loss(probes, d, milder)
+            if gain <= 0:
+                continue
+            r = headroom(space.trial_policy({**cur, d: milder}))
+            if r < 0:
+                continue
+            score = gain / max(room - r, eps)
+            if best is None or score > best[0]:
+                best = (score, d, milder, r)
+        if best is None:
+            break
+        _, d, milder, room = best
+        cur[d] = milder
+    return cur
 
 
 @contextmanager

@@ -34,6 +34,12 @@ def test_probes_cover_the_space_and_are_cached(ctx):
     # The damage is real: removing 75% of the stem's channels costs more than 25% of them.
     stem = sens["probes"]["prune:conv1"]
     assert stem["0.75"] > stem["0.25"] + 3 and stem["0.75"] > 5  # (adaptive-BN probes: 8-22 pp here)
+    # Every probe also has its KL divergence from the unchanged model (what the seeds weigh):
+    # zero for the neutral settings, growing with the pruning ratio.
+    div = sens["divergence"]
+    assert set(div) == set(choices) and all(set(div[d]) == set(sens["probes"][d]) for d in choices)
+    assert div["prune:conv1"]["0.0"] == 0.0 < div["prune:conv1"]["0.25"] < div["prune:conv1"]["0.75"]
+    assert all(v >= 0 for row in div.values() for v in row.values())
     assert load_or_measure(ctx) == sens and path.stat().st_mtime_ns == mtime       # cached, not re-measured
     r = subprocess.run([sys.executable, "-m", "search.cli", "sensitivity", str(ctx.run_dir), "--json"],
                        capture_output=True, text=True, timeout=300)
@@ -114,7 +120,7 @@ def loose_ctx(ctx):
 
 
 def test_latency_seeds_cut_latency_where_it_costs_least_accuracy(loose_ctx):
-    from search.sensitivity import _aggressiveness, predicted_loss
+    from search.sensitivity import _aggressiveness, damage_table, predicted_loss
 
     c, sp = loose_ctx, loose_ctx.space
     sens, narrowed = c.extra["sensitivity"], c.extra["narrowed"]
@@ -143,7 +149,8 @@ def test_latency_seeds_cut_latency_where_it_costs_least_accuracy(loose_ctx):
     # these policies fine-tunes back to ~97% in 60 steps.
     uni = sp.uniform_policy(prune_ratio=0.25, weight_bits=8, act_bits=8)
     assert lat(out[0]) < lat(uni)
-    assert predicted_loss(sens, out[0]) < predicted_loss(sens, project_params(sp.params_for(uni), narrowed))
+    damage = {"probes": damage_table(sens)[0]}  # what the greedy weighs: the probes' KL divergence
+    assert predicted_loss(damage, out[0]) < predicted_loss(damage, project_params(sp.params_for(uni), narrowed))
     # Each seed only goes further than the one before it (greedy steps never undo one).
     for a, b in ((start, out[0]), (out[0], out[1])):
         assert all(_aggressiveness(d, b[d]) >= _aggressiveness(d, a[d]) for d in space_choices(sp))
@@ -268,7 +275,7 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
     # Backing off from the extreme (the fallback where the forward greedy cannot reach the
     # limit): the result meets the limits, and no single step milder that the probes say buys
     # back accuracy still would.
-    from search.sensitivity import _choice_loss, backed_off_params
+    from search.sensitivity import _choice_loss, backed_off_params, damage_table
 
     def fits(pol):
         v = job.total_violation(c.estimate(pol), c.cfg, sram)
@@ -281,7 +288,7 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
     for d, cs in allowed.items():
         lad = sorted(cs, key=lambda ch: _aggressiveness(d, ch))
         i = lad.index(params[d])
-        if i and _choice_loss(sens["probes"], d, lad[i - 1]) < _choice_loss(sens["probes"], d, params[d]):
+        if i and _choice_loss(damage_table(sens)[0], d, lad[i - 1]) < _choice_loss(damage_table(sens)[0], d, params[d]):
             assert not fits(sp.trial_policy({**params, d: lad[i - 1]}))[0], d
 
 
@@ -289,3 +296,75 @@ def test_narrowing_is_unchanged_where_the_constraints_are_reachable(loose_ctx):
     sens = loose_ctx.extra["sensitivity"]
     assert loose_ctx.extra["readmitted"] == []
     assert loose_ctx.extra["narrowed"] == narrowed_choices(sens, space_choices(loose_ctx.space), threshold_pp=10.0)
+
+
+def test_seeds_spend_the_slack_a_latency_limit_leaves(ctx):
+    """Under a latency limit the grid's uniform seed can land far inside it (its pruning ratios
+    step by 0.25); the search also tries it with that slack spent on undoing its least useful
+    compression, and the guided seed spends what it leaves too. Size-only runs are unchanged."""
+    import optuna
+
+    from search.sensitivity import _aggressiveness, _choice_loss, damage_table, filled_params
+
+    sens, sp = load_or_measure(ctx), ctx.space
+    sram = job.target_sram(ctx.target)
+    lat = lambda p: float(ctx.estimate(sp.trial_policy(p)).latency_ms)  # noqa: E731
+    uni = {r: sp.params_for(sp.uniform_policy(prune_ratio=r, weight_bits=8, act_bits=8)) for r in sp.prune_choices}
+    # A latency limit between two uniform steps, and a loose budget: the 0.5 uniform seed has slack.
+    limit = (lat(uni[0.25]) + lat(uni[0.5])) / 2
+    assert lat(uni[0.5]) < 0.9 * limit, "precondition: the uniform seed is well inside the limit"
+    run = ctx.run_dir.parent / "slack"
+    run.mkdir()
+    import shutil
+    shutil.copy(ctx.run_dir / "sensitivity.json", run / "sensitivity.json")
+    cfg = ctx.cfg.with_(budget="1MB", max_latency_ms=limit, run=str(run))
+    c = job.prepare(cfg, run, progress=False)
+    job.sensitivity_first(c, progress=False)
+
+    def seeds_of(context):
+        study = optuna.create_study(directions=["maximize", "minimize"])
+        job.enqueue_seeds(context, study)
+        return [(t.user_attrs["seed_policy"], t.system_attrs["fixed_params"]) for t in study.get_trials(deepcopy=False)]
+
+    seeds = seeds_of(c)
+    kinds = [k for k, _ in seeds]
+    assert kinds[:2] == ["uniform", "uniform-filled"]
+    (_, plain), (_, filled) = seeds[:2]
+    assert lat(plain) < lat(filled) <= limit
+    # It only backs off (no dimension more compressed than the uniform seed) ...
+    assert all(_aggressiveness(d, filled[d]) <= _aggressiveness(d, plain[d]) for d in filled if d in plain)
+    assert any(_aggressiveness(d, filled[d]) < _aggressiveness(d, plain[d]) for d in filled if d in plain)
+    # ... as far as it can: no single milder step the probes value still meets the limit.
+    table, _ = damage_table(sens)
+    room = lambda pol: -max(job.constraints_of(c.estimate(pol), c.cfg, sram))  # noqa: E731
+    headroom = lambda p: room(sp.trial_policy(p))  # noqa: E731
+    allowed = {d: c.extra["narrowed"].get(d, cs) for d, cs in space_choices(sp).items()}
+    for d, cs in allowed.items():
+        lad = sorted(cs, key=lambda ch: _aggressiveness(d, ch))
+        if d in filled and lad.index(filled[d]) > 0:
+            milder = lad[lad.index(filled[d]) - 1]
+            if _choice_loss(table, d, milder) < _choice_loss(table, d, filled[d]):
+                assert headroom({**filled, d: milder}) < 0, d
+    # Every seed meets the limit; the guided one leaves no step of slack either.
+    for kind, params in seeds:
+        assert headroom(params) >= 0, kind
+    guided = next(p for k, p in seeds if k == "sensitivity")
+    assert filled_params(sp, sens, guided, room, narrowed=c.extra["narrowed"]) == guided
+    # A size budget alone: no filled seed (the guided seeds already stop at the budget).
+    assert "uniform-filled" not in [k for k, _ in seeds_of(ctx)]
+
+
+def test_divergence_ranks_settings_more_repeatably_than_accuracy(ctx):
+    """On 128 images top-1 accuracy moves in steps of 0.78 pp and most single-layer settings
+    change fewer predictions than that; their KL divergence from the unchanged model ranks
+    them about the same on other images, which is what the seeds' greedies need."""
+    from scipy.stats import spearmanr
+
+    from search.sensitivity import measure
+
+    calib = ctx.trial_train.first_batches(2, ctx.cfg.batch_size, seed=0)
+    a, b = (measure(ctx.base, ctx.space, ctx.data.val, ctx.input_shape, seed=s, calib=calib,
+                    bn_data=ctx.trial_train, bn_images=512) for s in (11, 12))
+    keys = [(d, c) for d, row in a["probes"].items() for c in row if row[c] or a["divergence"][d][c]]
+    rho = lambda k: spearmanr([a[k][d][c] for d, c in keys], [b[k][d][c] for d, c in keys])[0]  # noqa: E731
+    assert rho("divergence") > 0.9 and rho("divergence") > rho("probes") + 0.05, (rho("divergence"), rho("probes"))

@@ -61,9 +61,12 @@ def handler(args: argparse.Namespace) -> int:
     print(f"{cfg.model} on {cfg.dataset}: {sens['n_probes']} probes on {sens['val_size']} validation images "
           f"in {sens['seconds']:.1f} s (base accuracy {100 * sens['base_accuracy']:.2f}%"
           + (f"; BatchNorm statistics re-estimated on {bn} training images per probe)" if bn else ")"))
-    print("\nmost damaging settings (accuracy points lost, alone, no fine-tune):")
+    div = sens.get("divergence", {})
+    print("\nmost damaging settings (accuracy points lost, alone, no fine-tune"
+          + ("; KL divergence from the unchanged model, what the seeds weigh" if div else "") + "):")
     for dim, choice, loss in summarize(sens, top=args.top):
-        print(f"  {dim:<48} {choice:>6} {loss:>8.2f}")
+        kl = div.get(dim, {}).get(choice)
+        print(f"  {dim:<48} {choice:>6} {loss:>8.2f}" + (f" {kl:>9.4f}" if kl is not None else ""))
     dropped = sum(len(full[d]) - len(v) for d, v in narrowed.items())
     print(f"\na search drops {dropped} choice(s) in {len(narrowed)} dimension(s) (threshold {thr:g} pp):")
     for d, v in narrowed.items():

@@ -121,3 +121,20 @@ def test_over_seeds_the_latency_half_is_judged_on_the_mean_fast_gain():
     # Without ours_fast in every seed there is no fast summary.
     (v,) = svb.verdict_over_seeds([r for r in rows if not (r["method"] == "ours_fast" and r["seed"] == 2)])
     assert "fast_mean_gain_pp" not in v
+
+
+def test_a_run_of_ours_fast_alone_is_judged_on_the_latency_half():
+    """Re-running only the latency-limited search against each seed's uniform_fit (no ``ours``
+    row) still gets its check; the accuracy-half fields are absent, not invented."""
+    rows = []
+    for seed, (fit, fast, lat) in enumerate([(0.897, 0.8945, 3.41), (0.8945, 0.8898, 2.70), (0.8967, 0.8937, 3.39)]):
+        rows += [{**row("uniform_fit", fit, 4.55), "seed": seed, "val_accuracy": fit},
+                 {**row("ours_fast", fast, lat), "seed": seed, "status": "feasible"}]
+    (one,) = svb.verdict(rows[:2])
+    assert "accuracy_gain_pp" not in one and one["fast_accuracy_gain_pp"] == -0.25 and one["met"]
+    (v,) = svb.verdict_over_seeds(rows)
+    assert v["fast_accuracy_gain_pp"] == [-0.25, -0.47, -0.3] and v["fast_mean_gain_pp"] == -0.34
+    assert v["fast_mean_meets_latency_half"] is True and v["met_by_seed"] == [True, True, True]
+    assert "mean_gain_pp" not in v and "mean_gain_meets_1pp" not in v
+    # Nothing to judge without a uniform row.
+    assert svb.verdict([r for r in rows if r["method"] == "ours_fast"]) == []

@@ -129,14 +129,13 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
     ref = outputs(copy.deepcopy(model) if bn_images > 0 else model)
     base_acc = float((ref.argmax(1) == sub.y).float().mean())
 
-    def score(m: torch.nn.Module) -> float:
-        """Accuracy of ``m`` on the probe images; its KL divergence from the reference is kept
-        for the probe being measured (``last``)."""
+    def score(m: torch.nn.Module) -> tuple[float, float]:
+        """Accuracy of ``m`` on the probe images, and the KL divergence of its predictions from
+        the reference's."""
         out = outputs(m)
-        last["kl"] = float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean"))
-        return float((out.argmax(1) == sub.y).float().mean())
+        kl = float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean"))
+        return float((out.argmax(1) == sub.y).float().mean()), kl
 
-    last: dict[str, float] = {}
     neutral = _neutral_params(space)
     probes: dict[str, dict[str, float]] = {}
     divergence: dict[str, dict[str, float]] = {}
@@ -152,24 +151,23 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
             if c == NEUTRAL[kind]:
                 row[_key(c)] = div[_key(c)] = 0.0
                 continue
-            last.clear()
             params = {**neutral, dim: c}
             pol = space.policy_from_params(params)
             try:
                 if kind == "prune":
                     m = copy.deepcopy(model)  # pruning changes every layer of the channel group
                     apply_policy_(m, pol, input_shape, data=calib)
-                    acc = score(m)
+                    acc, kl = score(m)
                 else:
                     # One layer changes: swap a compressed copy of it in (no copy of the whole
                     # model, unless BN statistics are re-estimated: they are the copy's own).
-                    acc = _swap_probe(copy.deepcopy(model) if bn_images > 0 else model, dim.split(":", 1)[1],
-                                      pol, score)
+                    acc, kl = _swap_probe(copy.deepcopy(model) if bn_images > 0 else model,
+                                          dim.split(":", 1)[1], pol, score)
             except Exception as e:  # noqa: BLE001 - a setting that cannot be applied is maximally bad
                 log.debug("sensitivity probe %s=%s failed: %s", dim, c, e)
-                acc = 0.0
+                acc, kl = 0.0, MAX_KL
             row[_key(c)] = round(100.0 * (base_acc - acc), 3)
-            div[_key(c)] = round(max(0.0, last.get("kl", MAX_KL)), 6)
+            div[_key(c)] = round(max(0.0, kl), 6)
             done += 1
             if progress and done % 25 == 0:
                 log.info("sensitivity: %d/%d probes", done, n_total)
@@ -180,7 +178,7 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
             "divergence": divergence}
 
 
-def _swap_probe(model: torch.nn.Module, name: str, policy, score) -> float:
+def _swap_probe(model: torch.nn.Module, name: str, policy, score) -> Any:
     """``score(model)`` with layer ``name`` replaced by its compressed copy (as ``apply_policy_``
     would), the original put back afterwards."""
     from compressors.apply import _compress_layer_

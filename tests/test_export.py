@@ -161,7 +161,10 @@ def test_pte_missing_extra_names_the_extra(tmp_path, monkeypatch):
 @pytest.mark.skipif(not __import__("compressors.export_pte", fromlist=["x"]).executorch_available(),
                     reason="executorch not installed (pip install squeezer[executorch])")
 def test_pte_runs_in_executorch_runtime(tmp_path):
-    r = export_model(compressed("lenet5", QUANT8_ACT), "pte", tmp_path / "m.pte", data=fmnist_subset())
+    # A trained base (80% test accuracy): XNNPACK calibrates its own int8 activation grid and
+    # computes in integers, and a 60-step base (60%, its predictions near the decision
+    # boundaries) flips 0.4-0.9 pp of them on some CPUs; at 80% the artifact is within 0.1 pp.
+    r = export_model(compressed("lenet5", QUANT8_ACT, base_steps=300), "pte", tmp_path / "m.pte", data=fmnist_subset())
     assert r.path.stat().st_size > 0 and abs(r.accuracy - r.torch_accuracy) <= 0.005
     assert json.loads(r.extra_paths[0].read_text())["squeezer.model"] == "lenet5"
 
@@ -174,7 +177,9 @@ def test_unknown_format_has_did_you_mean():
 # --- CLI ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("run"), "lenet5", QUANT8_ACT)
+    # A trained base (see test_pte_runs_in_executorch_runtime): the CLI verifies each artifact
+    # on the whole test set within 0.5 pp, which a 60%-accurate model misses on some CPUs.
+    return make_run(tmp_path_factory.mktemp("run"), "lenet5", QUANT8_ACT, base_steps=300)
 
 
 def test_cli_export_default_writes_policy_and_loadable_model(run_dir, tmp_path, capsys):

@@ -272,7 +272,7 @@ def backed_off_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, 
     the cost is not monotone in each choice it can run out of steps that help.
     """
     ladder = allowed_choices(space, narrowed)
-    probes, _ = damage_table(sens)
+    probes, eps = damage_table(sens)
 
     def check(p):
         return fits(space.trial_policy(p))
@@ -281,22 +281,9 @@ def backed_off_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, 
     feasible = [(amount, p) for (ok, amount), p in scored if ok]
     if not feasible:
         return None
-    cur = dict(min(feasible, key=lambda t: t[0])[1])
-    for _ in range(max_steps):
-        steps = []
-        for d, lad in ladder.items():
-            i = lad.index(cur[d])
-            if i > 0:
-                gain = _choice_loss(probes, d, cur[d]) - _choice_loss(probes, d, lad[i - 1])
-                if gain > 0:
-                    steps.append((-gain, d, lad[i - 1]))
-        for _, d, milder in sorted(steps, key=lambda t: t[0]):
-            if check({**cur, d: milder})[0]:
-                cur[d] = milder
-                break
-        else:
-            break
-    return cur
+    return _undo_compression(space, probes, ladder, min(feasible, key=lambda t: t[0])[1],
+                             lambda pol: 0.0 if fits(pol)[0] else -1.0, per_room=False, eps=eps,
+                             max_steps=max_steps)
 
 
 def relax_narrowing(space, sens: dict[str, Any], narrowed: dict[str, list], violation,
@@ -464,10 +451,18 @@ def filled_params(space, sens: dict[str, Any], start: dict[str, Any], headroom, 
     Under a latency or energy limit, a policy well inside it (a uniform seed whose grid step
     lands far below the limit) leaves accuracy unclaimed that the user's limit allows.
     """
-    ladder = allowed_choices(space, narrowed)
     probes, eps = damage_table(sens)
+    return _undo_compression(space, probes, allowed_choices(space, narrowed), start, headroom, per_room=True,
+                             eps=eps, max_steps=max_steps)
+
+
+def _undo_compression(space, probes: dict[str, dict[str, float]], ladder: dict[str, list], start: dict[str, Any],
+                      room, *, per_room: bool, eps: float, max_steps: int) -> dict[str, Any]:
+    """From ``start``, make one dimension one choice milder at a time while ``room(policy) >= 0``
+    still holds: the step that buys back the most damage first (per unit of room it spends if
+    ``per_room``), until no step that buys back any keeps ``room`` non-negative."""
     cur = dict(start)
-    room = headroom(space.trial_policy(cur))
+    left = room(space.trial_policy(cur))
     for _ in range(max_steps):
         best = None
         for d, lad in ladder.items():
@@ -477,15 +472,15 @@ def filled_params(space, sens: dict[str, Any], start: dict[str, Any], headroom, 
             gain = _choice_loss(probes, d, cur[d]) - _choice_loss(probes, d, milder)
             if gain <= 0:
                 continue
-            r = headroom(space.trial_policy({**cur, d: milder}))
+            r = room(space.trial_policy({**cur, d: milder}))
             if r < 0:
                 continue
-            score = gain / max(room - r, eps)
+            score = gain / max(left - r, eps) if per_room else gain
             if best is None or score > best[0]:
                 best = (score, d, milder, r)
         if best is None:
             break
-        _, d, milder, room = best
+        _, d, milder, left = best
         cur[d] = milder
     return cur
 

@@ -288,19 +288,23 @@ def time_models(models: Sequence[Any], input_shape: Sequence[int], *, runtime: s
     if repeats < 1 or rounds < 1:
         raise ValueError(f"`repeats >= 1 and rounds >= 1` must hold, but got repeats={repeats}, rounds={rounds}")
     now = time.process_time if clock == "cpu" else time.perf_counter
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    runs = [_runner(m, input_shape, runtime) for m in models]
-    for run in runs:
-        for _ in range(warmup):
-            run()
-    ts: list[list[float]] = [[] for _ in runs]
-    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(min(rounds, repeats))]
-    for n in per_round:
-        for k, run in enumerate(runs):
-            for _ in range(n):
-                t0 = now()
+    try:
+        runs = [_runner(m, input_shape, runtime) for m in models]
+        for run in runs:
+            for _ in range(warmup):
                 run()
-                ts[k].append(now() - t0)
+        ts: list[list[float]] = [[] for _ in runs]
+        per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(min(rounds, repeats))]
+        for n in per_round:
+            for k, run in enumerate(runs):
+                for _ in range(n):
+                    t0 = now()
+                    run()
+                    ts[k].append(now() - t0)
+    finally:
+        torch.set_num_threads(threads)   # the caller's setting, not ours, after the timing
     return [float(np.median(t) * 1e3) for t in ts]
 
 

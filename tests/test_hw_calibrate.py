@@ -135,7 +135,22 @@ def test_time_models_interleaves_models_so_load_drift_hits_all_alike():
             calls.append(self.tag)
             return x
 
-    ms = time_models([Tagged("a"), Tagged("b")], (1, 4, 4), repeats=4, warmup=1, rounds=2)
+    seen: list[int] = []
+
+    class Threads(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ms = time_models([Tagged("a"), Tagged("b")], (1, 4, 4), repeats=4, warmup=1, rounds=2)
+        time_models([Threads()], (1, 4, 4), repeats=1, warmup=0)
+        # Timed on one thread; the caller's thread count is back afterwards.
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert len(ms) == 2 and all(m >= 0 for m in ms)
     timed = calls[2:]  # after one warm-up run each
     assert timed == ["a", "a", "b", "b", "a", "a", "b", "b"]

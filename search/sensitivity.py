@@ -466,8 +466,8 @@ def _undo_compression(space, probes: dict[str, dict[str, float]], ladder: dict[s
     for _ in range(max_steps):
         best = None
         for d, lad in ladder.items():
-            if cur.get(d) not in lad or lad.index(cur[d]) == 0:
-                continue
+            if d not in cur or cur[d] not in lad or lad.index(cur[d]) == 0:
+                continue  # not in the policy (a dimension it leaves out), off the ladder, or mildest
             milder = lad[lad.index(cur[d]) - 1]
             gain = _choice_loss(probes, d, cur[d]) - _choice_loss(probes, d, milder)
             if gain <= 0:

@@ -356,6 +356,25 @@ def test_seeds_spend_the_slack_a_latency_limit_leaves(ctx):
     assert "uniform-filled" not in [k for k, _ in seeds_of(ctx)]
 
 
+def test_filling_skips_dimensions_a_policy_leaves_out():
+    """The greedy that spends slack walks each dimension's ladder from the policy's own choice;
+    a dimension the policy does not set (here activation bits, whose ladder starts with None =
+    unquantized) is left alone instead of failing (CI's base narrowed a seed that way)."""
+    from types import SimpleNamespace
+
+    from search.sensitivity import _undo_compression
+
+    space = SimpleNamespace(trial_policy=lambda p: p)
+    ladder = {"abits:conv1": [None, 8, 4], "prune:conv1": [0.0, 0.25, 0.5], "prune:fc": [0.0, 0.25, 0.5]}
+    probes = {"prune:conv1": {"0.0": 0.0, "0.25": 1.0, "0.5": 5.0}, "prune:fc": {"0.0": 0.0, "0.25": 0.5, "0.5": 0.6}}
+    cost = {0.0: 2.0, 0.25: 1.0, 0.5: 0.0}
+    room = lambda p: 2.5 - sum(cost[p[d]] for d in ("prune:conv1", "prune:fc"))  # noqa: E731
+    start = {"prune:conv1": 0.5, "prune:fc": 0.5}
+    out = _undo_compression(space, probes, ladder, start, room, per_room=True, eps=1e-6, max_steps=100)
+    # 2.5 units of room: conv1 back to 0.0 buys 5 points for 2 units; fc's 0.6 for 2 more does not fit.
+    assert out == {"prune:conv1": 0.0, "prune:fc": 0.5} and "abits:conv1" not in out
+
+
 def test_divergence_ranks_settings_more_repeatably_than_accuracy(ctx):
     """On 128 images top-1 accuracy moves in steps of 0.78 pp and most single-layer settings
     change fewer predictions than that; their KL divergence from the unchanged model ranks

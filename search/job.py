@@ -164,7 +164,9 @@ def load_data(cfg: SearchConfig) -> DataSplits:
 
 
 def build_base(cfg: SearchConfig, data: DataSplits, run_dir: Path, *, progress: bool = True) -> tuple[nn.Module, dict]:
-    """The trained base model: ``--checkpoint``, else the cache, else train it once."""
+    """The trained base model: ``--checkpoint``, else the cache, else train it once (from an
+    initialisation ``cfg.seed`` fixes: one seed, one base)."""
+    seed_everything(cfg.seed)
     try:
         model = build_model(cfg.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
     except ValueError as e:
@@ -193,7 +195,6 @@ def build_base(cfg: SearchConfig, data: DataSplits, run_dir: Path, *, progress: 
         else:
             log.info("base model: training %s on %s for %g epochs (cached for later runs)",
                      cfg.model, cfg.dataset, cfg.base_epochs)
-            seed_everything(cfg.seed)
             t0 = time.time()
             train(model, data.train, epochs=cfg.base_epochs, lr=cfg.base_lr, batch_size=cfg.batch_size,
                   seed=cfg.seed, augment=data.input_shape[1] >= 16, progress=progress, desc="base model")

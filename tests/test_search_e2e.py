@@ -151,3 +151,26 @@ def test_user_factory_and_torchvision_models_are_adapted(tmp_path):
     import torch
 
     assert m.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 7)
+
+
+def test_one_seed_trains_one_base(tmp_path):
+    """The base is trained from an initialisation the seed fixes: two runs with the same seed and
+    no shared cache get the same weights (before, only the batches were seeded and every run
+    trained a different base); another seed, another base."""
+    import torch
+
+    from search import job
+    from search.config import SearchConfig
+
+    def base(where, seed):
+        run = tmp_path / where / "r"
+        run.mkdir(parents=True)
+        cfg = SearchConfig(model="resnet20", dataset="digits", budget="60kB", base_epochs=1, seed=seed, run=str(run))
+        torch.manual_seed(1234 + len(where))  # whatever the process did before must not matter
+        model, meta = job.build_base(cfg, job.load_data(cfg), run, progress=False)
+        assert meta["source"] == "trained"
+        return model.state_dict()
+
+    a, b, c = base("a", 3), base("bb", 3), base("ccc", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

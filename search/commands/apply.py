@@ -88,6 +88,7 @@ def base_model(args: argparse.Namespace, data: Any) -> tuple[Any, dict[str, Any]
     from evaluators.models import build_model
     from evaluators.train import train
 
+    torch.manual_seed(args.seed)  # the initialisation too: one seed, one base
     try:
         model = build_model(args.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
     except ValueError as e:
@@ -106,7 +107,6 @@ def base_model(args: argparse.Namespace, data: Any) -> tuple[Any, dict[str, Any]
             return load_checkpoint(cache).model.eval(), {"source": str(cache)}
         except CheckpointError:
             log.warning("ignoring unreadable cache %s", cache)
-    torch.manual_seed(args.seed)
     t0 = time.time()
     train(model, data.train, epochs=args.base_epochs, lr=0.1, seed=args.seed,
           augment=data.input_shape[1] >= 16, progress=not args.json, desc="base model")

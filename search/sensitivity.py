@@ -464,20 +464,27 @@ def _undo_compression(space, probes: dict[str, dict[str, float]], ladder: dict[s
     cur = dict(start)
     left = room(space.trial_policy(cur))
     for _ in range(max_steps):
-        best = None
+        steps = []  # (damage bought back, dimension, its milder choice), in ladder order
         for d, lad in ladder.items():
-            if d not in cur or cur[d] not in lad or lad.index(cur[d]) == 0:
+            i = lad.index(cur[d]) if d in cur and cur[d] in lad else 0
+            if i == 0:
                 continue  # not in the policy (a dimension it leaves out), off the ladder, or mildest
-            milder = lad[lad.index(cur[d]) - 1]
-            gain = _choice_loss(probes, d, cur[d]) - _choice_loss(probes, d, milder)
-            if gain <= 0:
-                continue
-            r = room(space.trial_policy({**cur, d: milder}))
-            if r < 0:
-                continue
-            score = gain / max(left - r, eps) if per_room else gain
-            if best is None or score > best[0]:
-                best = (score, d, milder, r)
+            gain = _choice_loss(probes, d, cur[d]) - _choice_loss(probes, d, lad[i - 1])
+            if gain > 0:
+                steps.append((gain, d, lad[i - 1]))
+        best = None
+        if per_room:  # the score needs every step's room
+            for gain, d, milder in steps:
+                r = room(space.trial_policy({**cur, d: milder}))
+                score = gain / max(left - r, eps)
+                if r >= 0 and (best is None or score > best[0]):
+                    best = (score, d, milder, r)
+        else:  # the largest gain that fits: price steps in that order, stop at the first that fits
+            for gain, d, milder in sorted(steps, key=lambda t: -t[0]):
+                r = room(space.trial_policy({**cur, d: milder}))
+                if r >= 0:
+                    best = (gain, d, milder, r)
+                    break
         if best is None:
             break
         _, d, milder, left = best

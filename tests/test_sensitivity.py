@@ -284,13 +284,14 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
         return v <= 0, v
 
     allowed = {d: after.get(d, cs) for d, cs in full.items()}
+    table = damage_table(sens)[0]
     params = backed_off_params(sp, sens, fits, narrowed=after)
     assert params is not None and fits(sp.trial_policy(params))[0]
     assert params != most_aggressive(sp, allowed)                              # it did back off
     for d, cs in allowed.items():
         lad = sorted(cs, key=lambda ch: _aggressiveness(d, ch))
         i = lad.index(params[d])
-        if i and _choice_loss(damage_table(sens)[0], d, lad[i - 1]) < _choice_loss(damage_table(sens)[0], d, params[d]):
+        if i and _choice_loss(table, d, lad[i - 1]) < _choice_loss(table, d, params[d]):
             assert not fits(sp.trial_policy({**params, d: lad[i - 1]}))[0], d
 
 

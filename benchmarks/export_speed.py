@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compressors.export import deploy_model, export_model, export_onnx, runtime_op_types  # noqa: E402
-from evaluators.checkpoint import load_checkpoint  # noqa: E402
-from evaluators.datasets import load_dataset  # noqa: E402
+from squeezer.compressors.export import deploy_model, export_model, export_onnx, runtime_op_types  # noqa: E402
+from squeezer.evaluators.checkpoint import load_checkpoint  # noqa: E402
+from squeezer.evaluators.datasets import load_dataset  # noqa: E402
 
 BUDGETS = {"resnet20": "300kB", "mobilenet_v2": "2MB"}
 
@@ -63,7 +63,7 @@ What ONNX Runtime does with a QDQ graph on this host (checked with each session'
 
 def squeezer(*argv: str) -> dict:
     """Run the CLI as a user would; return its JSON output."""
-    r = subprocess.run([sys.executable, "-m", "search.cli", *argv, "--json"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "squeezer", *argv, "--json"], cwd=ROOT, capture_output=True,
                        text=True)
     if r.returncode != 0:
         raise SystemExit(f"squeezer {' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}")

@@ -41,10 +41,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from hw_models import get_target, save_target  # noqa: E402
-from hw_models.calibrate import CalibrationRow, calibrate, metrics  # noqa: E402
-from hw_models.cost import estimate_table  # noqa: E402
-from hw_models.nb201 import is_connected, measured_representatives, nb201_table, parse_arch  # noqa: E402
+from squeezer.hw_models import get_target, save_target  # noqa: E402
+from squeezer.hw_models.calibrate import CalibrationRow, calibrate, metrics  # noqa: E402
+from squeezer.hw_models.cost import estimate_table  # noqa: E402
+from squeezer.hw_models.nb201 import is_connected, measured_representatives, nb201_table, parse_arch  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hw-measurements"
 CACHE = ROOT / "runs" / "cache" / "nb201_tables.pkl"
@@ -177,7 +177,7 @@ HOST_EVAL_MODELS = ("resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_small"
 
 def random_policy(table, rng):
     """Random structural policy: per-layer pruning ratios and, sometimes, low-rank factors."""
-    from compressors.policy import LayerPolicy, Policy
+    from squeezer.compressors.policy import LayerPolicy, Policy
 
     layers = {}
     for n in table.compressible()[:-1]:
@@ -196,10 +196,10 @@ def host_check(input_hw: int = 64, seed: int = 0, write_profile: bool = False) -
     sets see the same machine load."""
     import copy
 
-    from compressors.apply import apply_policy_
-    from evaluators.models import build_model
-    from hw_models.calibrate import HOST_MODELS, HOST_PRIOR_WEIGHT, host_instances, host_policies, time_models
-    from hw_models.trace import trace
+    from squeezer.compressors.apply import apply_policy_
+    from squeezer.evaluators.models import build_model
+    from squeezer.hw_models.calibrate import HOST_MODELS, HOST_PRIOR_WEIGHT, host_instances, host_policies, time_models
+    from squeezer.hw_models.trace import trace
 
     shape = (3, input_hw, input_hw)
     t0 = time.time()
@@ -253,8 +253,8 @@ def stm32_check(data: Path) -> dict:
     """
     import torchvision
 
-    from compressors.policy import LayerPolicy, Policy
-    from hw_models.trace import trace
+    from squeezer.compressors.policy import LayerPolicy, Policy
+    from squeezer.hw_models.trace import trace
 
     with (data / "stm32h743_measured.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--many", type=int, default=1024, help="validation images of the reference probes")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
-    from search import job
-    from search.config import SearchConfig
-    from search.sensitivity import measure
+    from squeezer.search import job
+    from squeezer.search.config import SearchConfig
+    from squeezer.search.sensitivity import measure
 
     torch.set_num_threads(1)
     run = Path(args.run)

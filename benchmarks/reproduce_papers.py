@@ -45,18 +45,18 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compressors.apply import apply_policy_, compressible_layers  # noqa: E402
-from compressors.packing import pack_model  # noqa: E402
-from compressors.policy import DistillConfig, LayerPolicy, Policy, PruningConfig, SparsityConfig  # noqa: E402
-from compressors.pruning import PruneResult  # noqa: E402
-from compressors.quantize import attach_weight_quant_  # noqa: E402
-from compressors.schedule import gradual_sparsity_hook, prune_iteratively_  # noqa: E402
-from compressors.sharing import attach_sharing_  # noqa: E402
-from compressors.sparsity import attach_mask_, sparsity_step_hook  # noqa: E402
-from evaluators.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from evaluators.datasets import TensorData, load_dataset  # noqa: E402
-from evaluators.models import build_model  # noqa: E402
-from evaluators.train import evaluate, train  # noqa: E402
+from squeezer.compressors.apply import apply_policy_, compressible_layers  # noqa: E402
+from squeezer.compressors.packing import pack_model  # noqa: E402
+from squeezer.compressors.policy import DistillConfig, LayerPolicy, Policy, PruningConfig, SparsityConfig  # noqa: E402
+from squeezer.compressors.pruning import PruneResult  # noqa: E402
+from squeezer.compressors.quantize import attach_weight_quant_  # noqa: E402
+from squeezer.compressors.schedule import gradual_sparsity_hook, prune_iteratively_  # noqa: E402
+from squeezer.compressors.sharing import attach_sharing_  # noqa: E402
+from squeezer.compressors.sparsity import attach_mask_, sparsity_step_hook  # noqa: E402
+from squeezer.evaluators.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from squeezer.evaluators.datasets import TensorData, load_dataset  # noqa: E402
+from squeezer.evaluators.models import build_model  # noqa: E402
+from squeezer.evaluators.train import evaluate, train  # noqa: E402
 
 CACHE = ROOT / "runs" / "cache" / "papers"
 KD = DistillConfig(alpha=0.7, temperature=4)
@@ -122,7 +122,7 @@ class CachedTeacher(nn.Module):
 
 
 def cost(model: torch.nn.Module, policy: Policy | None) -> dict[str, Any]:
-    import hw_models
+    from squeezer import hw_models
 
     c = hw_models.estimate(model, input_shape=(1, 28, 28), target="arm", policy=policy)
     return {"size_bytes": int(c.size_bytes), "latency_ms": float(c.latency_ms), "exact": bool(c.size_exact)}

@@ -43,7 +43,7 @@ import torch
 
 
 def _cfg(args, model, budget, name, **kw):
-    from search.config import SearchConfig
+    from squeezer.search.config import SearchConfig
 
     base = dict(model=model, dataset=args.dataset, budget=budget, target=args.target, trials=args.trials,
                 trial_steps=args.trial_steps, final_epochs=args.final_epochs, base_epochs=args.base_epochs,
@@ -64,8 +64,8 @@ def run_search(args, model, budget, name, *, step_budget: int | None = None, **k
     """One search; with ``step_budget``, more trials until its fine-tune steps would exceed it."""
     import optuna
 
-    from search import job
-    from search.report import report
+    from squeezer.search import job
+    from squeezer.search.report import report
 
     cfg = _cfg(args, model, budget, name, **kw)
 
@@ -100,8 +100,8 @@ def largest_fitting_ratio(size_of, budget: float, *, iters: int, hi: float = 0.9
 
 def run_tp_global(args, model, budget) -> dict:
     """Global L1 channel pruning (Torch-Pruning) + int8, ratio bisected to fit the budget."""
-    from compressors.apply import apply_policy_
-    from compressors.policy import LayerPolicy, Policy, PruningConfig
+    from squeezer.compressors.apply import apply_policy_
+    from squeezer.compressors.policy import LayerPolicy, Policy, PruningConfig
 
     ctx, t0 = _baseline_ctx(args, model, budget, "tp_global")
     cfg = ctx.cfg
@@ -125,7 +125,7 @@ def run_uniform_fit(args, model, budget) -> dict:
     to the largest model within the budget (the grid of ``uniform`` only has ratios in steps of
     0.25, so its best fitting policy can be far smaller than the budget). Same final fine-tune
     as ``tp_global``; no search."""
-    from compressors.apply import apply_policy_
+    from squeezer.compressors.apply import apply_policy_
 
     ctx, t0 = _baseline_ctx(args, model, budget, "uniform_fit")
     cfg = ctx.cfg
@@ -143,7 +143,7 @@ def run_uniform_fit(args, model, budget) -> dict:
 def _baseline_ctx(args, model, budget, name):
     """A baseline without search: its run folder and prepared context (the cached base), and
     the time it starts (the row's wall time leaves out preparing)."""
-    from search import job
+    from squeezer.search import job
 
     cfg = _cfg(args, model, budget, name, sensitivity=False)
     run = Path(cfg.run)
@@ -154,8 +154,8 @@ def _baseline_ctx(args, model, budget, name):
 def _fine_tune_and_test(name, ctx, m, cost, t0, **extra) -> dict:
     """The baselines' final fine-tune (``final_epochs``, KD from the base, QAT where quantized),
     then validation and test accuracy, and the row."""
-    from compressors.policy import DistillConfig
-    from evaluators.train import evaluate, train
+    from squeezer.compressors.policy import DistillConfig
+    from squeezer.evaluators.train import evaluate, train
 
     cfg = ctx.cfg
     if cfg.final_epochs > 0:
@@ -182,7 +182,7 @@ def scaling(args, model, budget) -> dict:
     """
     import optuna
 
-    from search import job
+    from squeezer.search import job
 
     out = {}
     for workers in (1, 2):

@@ -2,10 +2,10 @@
 
 Flat public API (the modules are private details)::
 
-    from compressors import Policy, LayerPolicy, apply_policy_, QUANTIZERS
+    from . import Policy, LayerPolicy, apply_policy_, QUANTIZERS
 
 Example:
-    >>> from compressors import Policy, LayerPolicy, PRUNING_CRITERIA
+    >>> from squeezer.compressors import Policy, LayerPolicy, PRUNING_CRITERIA
     >>> "taylor" in PRUNING_CRITERIA and Policy(layers={"_default": LayerPolicy(weight_bits=8)}).layers != {}
     True
 """

@@ -7,8 +7,8 @@ layers by their original FQN, so the same policy replays on a fresh copy of the 
 ``load_state_dict``).
 
 Example:
-    >>> from evaluators.models import build_model
-    >>> from compressors.policy import Policy, LayerPolicy
+    >>> from squeezer.evaluators.models import build_model
+    >>> from squeezer.compressors.policy import Policy, LayerPolicy
     >>> m = build_model("lenet5", in_channels=1, num_classes=10)
     >>> r = apply_policy_(m, Policy(layers={"_default": LayerPolicy(prune_ratio=0.5, weight_bits=4)}), (1, 28, 28))
     >>> r.kept["features.0"]

@@ -19,7 +19,7 @@ Data-driven criteria read up to ``ctx.batches`` batches of ``ctx.data`` (a
 fall back to L1 (enough to replay a resolved policy's shapes on a fresh model).
 
 Example:
-    >>> from compressors.pruning import PRUNING_CRITERIA
+    >>> from squeezer.compressors.pruning import PRUNING_CRITERIA
     >>> all(n in PRUNING_CRITERIA for n in ("bn_scale", "taylor", "saliency", "hardware_balanced", "lasso"))
     True
 """

@@ -7,7 +7,7 @@ Feature-based methods (FitNets hints, attention transfer) register forward hooks
 
 Example:
     >>> import torch
-    >>> from compressors.policy import DistillConfig
+    >>> from squeezer.compressors.policy import DistillConfig
     >>> d = DISTILLATION.get("hinton")(DistillConfig(temperature=4, alpha=0.5), None, None)
     >>> float(d.loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]))) > 0
     True

@@ -30,8 +30,8 @@ accuracy the search reported, when given), else :class:`VerificationError`.
 
 Example:
     >>> import tempfile, torch
-    >>> from evaluators.models import build_model
-    >>> from evaluators.checkpoint import Loaded
+    >>> from squeezer.evaluators.models import build_model
+    >>> from squeezer.evaluators.checkpoint import Loaded
     >>> m = build_model("lenet5", in_channels=1, num_classes=10).eval()
     >>> ld = Loaded(m, "lenet5", (1, 28, 28), 10, None, {"mean": [0.5], "std": [0.25]})
     >>> r = export_model(ld, "onnx", tempfile.mktemp(suffix=".onnx"))
@@ -789,7 +789,7 @@ def _export_policy(job: ExportJob) -> ExportResult:
 
 @EXPORT_FORMATS.register("state_dict", summary="squeezer.model/1 checkpoint (state dict + policy), torch.load-able")
 def _export_state_dict(job: ExportJob) -> ExportResult:
-    from evaluators.checkpoint import load_checkpoint, save_checkpoint
+    from ..evaluators.checkpoint import load_checkpoint, save_checkpoint
 
     ld = job.loaded
     path = save_checkpoint(job.out_path, ld.model, model_name=ld.model_name, input_shape=ld.input_shape,
@@ -878,7 +878,7 @@ def is_int8_policy(dep: DeployModel) -> bool:
 # ---------------------------------------------------------------------------------------------
 def load_for_export(ckpt_or_loaded: Any):
     """A :class:`evaluators.checkpoint.Loaded` from a path or an already loaded checkpoint."""
-    from evaluators.checkpoint import Loaded, load_checkpoint
+    from ..evaluators.checkpoint import Loaded, load_checkpoint
 
     if isinstance(ckpt_or_loaded, Loaded):
         return ckpt_or_loaded
@@ -905,8 +905,8 @@ def export_model(ckpt_or_loaded: Any, fmt: str, out_path: str | os.PathLike, *, 
 
     Example:
         >>> import tempfile
-        >>> from evaluators.models import build_model
-        >>> from evaluators.checkpoint import Loaded
+        >>> from squeezer.evaluators.models import build_model
+        >>> from squeezer.evaluators.checkpoint import Loaded
         >>> ld = Loaded(build_model("lenet5", in_channels=1, num_classes=10).eval(), "lenet5", (1, 28, 28), 10, None)
         >>> export_model(ld, "torchscript", tempfile.mktemp(suffix=".pt")).format
         'torchscript'
@@ -931,7 +931,7 @@ def finetune_policy(base: Any, policy: Policy, data: Any, *, epochs: float = 1.0
     Returns:
         The compressed, fine-tuned model (eval mode).
     """
-    from evaluators.train import train
+    from ..evaluators.train import train
 
     from .apply import apply_policy_
 

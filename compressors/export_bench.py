@@ -8,9 +8,9 @@ model's prediction (:func:`hw_models.estimate`) is reported next to it.
 
 Example:
     >>> import tempfile
-    >>> from evaluators.models import build_model
-    >>> from evaluators.checkpoint import Loaded
-    >>> from compressors.export import export_model
+    >>> from squeezer.evaluators.models import build_model
+    >>> from squeezer.evaluators.checkpoint import Loaded
+    >>> from squeezer.compressors.export import export_model
     >>> ld = Loaded(build_model("lenet5", in_channels=1, num_classes=10).eval(), "lenet5", (1, 28, 28), 10, None)
     >>> p = export_model(ld, "onnx", tempfile.mktemp(suffix=".onnx")).path
     >>> r = bench_artifact(p, batch=4, repeats=3, warmup=1)
@@ -128,7 +128,7 @@ def load_artifact(path: str | Path, *, threads: int = 1) -> tuple[str, Callable[
                 return "torchscript", lambda x: mod(torch.from_numpy(x)), meta
             except RuntimeError:
                 pass  # not TorchScript: a torch.save checkpoint (also a zip)
-        from evaluators.checkpoint import CheckpointError, load_checkpoint
+        from ..evaluators.checkpoint import CheckpointError, load_checkpoint
 
         try:
             ld = load_checkpoint(path)
@@ -153,8 +153,8 @@ def predict_latency_ms(meta: dict[str, Any], target: str) -> tuple[float | None,
     if not name:
         return None, "the artifact does not record its model; no prediction"
     try:
-        import hw_models
-        from evaluators.models import build_model
+        from .. import hw_models
+        from ..evaluators.models import build_model
 
         from .policy import Policy
 

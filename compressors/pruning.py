@@ -8,7 +8,7 @@ the policy (first member in group order) or else the root's ``for_layer`` value,
 number of channels kept is :func:`kept_channels` — the exact rule the size model uses.
 
 Example:
-    >>> from evaluators.models import build_model
+    >>> from squeezer.evaluators.models import build_model
     >>> m = build_model("resnet20", in_channels=1, num_classes=10)
     >>> g = channel_groups(m, (1, 28, 28))
     >>> g.out_segments["layer1.0.conv2"] == g.out_segments["layer1.1.conv2"]   # coupled by adds
@@ -96,7 +96,7 @@ def build_graph(model: nn.Module, input_shape: Sequence[int]):
 
 
 def _ignored(model: nn.Module, ignored: Iterable[str] | None) -> list[nn.Module]:
-    from evaluators.models import classifier_name  # local: evaluators is a sibling, no cycle at import
+    from ..evaluators.models import classifier_name  # local: evaluators is a sibling, no cycle at import
 
     names = set(ignored or ())
     last = classifier_name(model)

@@ -18,8 +18,8 @@ A regulariser is ``factory(policy, model, **options) -> Regularizer`` with ``los
 :func:`regularized_train` wires it into :func:`evaluators.train.train`.
 
 Example:
-    >>> from evaluators.datasets import load_dataset
-    >>> from compressors.policy import Policy
+    >>> from squeezer.evaluators.datasets import load_dataset
+    >>> from squeezer.compressors.policy import Policy
     >>> d = load_dataset("digits")
     >>> m = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 10))
     >>> stats = regularized_train(m, d.train, Policy(regularizer="sgl_admm"), epochs=0.2, progress=False)
@@ -66,7 +66,7 @@ REGULARIZERS: Registry[Callable[..., Regularizer]] = Registry("regularizer")
 
 def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv/linear layers except the classifier (its outputs are the classes)."""
-    from evaluators.models import classifier_name
+    from ..evaluators.models import classifier_name
 
     last = classifier_name(model)
     return [(n, m) for n, m in model.named_modules()
@@ -329,7 +329,7 @@ def regularized_train(model: nn.Module, data: Any, policy: Policy, *, epochs: fl
     Returns:
         The training statistics merged with the regulariser's ``finish`` statistics.
     """
-    from evaluators.train import train
+    from ..evaluators.train import train
 
     reg = make_regularizer(policy, model, **(options or {}))
     user_hook = train_kw.pop("step_hook", None)

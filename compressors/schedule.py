@@ -16,7 +16,7 @@ schedules, which remove weights a little at a time and let training recover in b
 
 Example:
     >>> from torch import nn
-    >>> from compressors.sparsity import attach_mask_
+    >>> from squeezer.compressors.sparsity import attach_mask_
     >>> lin = nn.Linear(100, 10)
     >>> _ = attach_mask_(lin, 0.0, "dns")
     >>> hook = gradual_sparsity_hook(lin, {lin: 0.9}, ramp_steps=10)
@@ -114,8 +114,8 @@ def prune_iteratively_(model: nn.Module, policy: Policy, input_shape: Sequence[i
         ``{group: channels kept}`` relative to the original sizes (use ``resolved_policy``).
 
     Example:
-        >>> from compressors.policy import PruningConfig
-        >>> from evaluators.models import build_model
+        >>> from squeezer.compressors.policy import PruningConfig
+        >>> from squeezer.evaluators.models import build_model
         >>> m = build_model("lenet5", in_channels=1, num_classes=10)
         >>> r = prune_iteratively_(m, Policy(pruning=PruningConfig(criterion="l1")), (1, 28, 28), (0.3, 0.5))
         >>> sum(r.sizes.values()) - sum(r.values()) == int(0.5 * sum(r.sizes.values()))

@@ -20,7 +20,7 @@ code in the scalar methods, so sharing never undoes pruning.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from compressors.policy import LayerPolicy
+    >>> from squeezer.compressors.policy import LayerPolicy
     >>> lin = nn.Linear(64, 16)
     >>> q = attach_sharing_(lin, LayerPolicy(sharing="kmeans", weight_bits=3))
     >>> int(lin.weight.unique().numel()) <= 8

@@ -1,7 +1,7 @@
 """Models, datasets, training and accuracy measurement.
 
 Example:
-    >>> from evaluators import build_model, load_dataset
+    >>> from squeezer.evaluators import build_model, load_dataset
     >>> load_dataset("digits").num_classes
     10
 """

@@ -12,7 +12,7 @@ quantizers: shapes depend only on the policy) and loading the state dict.
 
 Example:
     >>> import tempfile, torch
-    >>> from evaluators.models import build_model
+    >>> from squeezer.evaluators.models import build_model
     >>> m = build_model("lenet5", in_channels=1, num_classes=10)
     >>> p = tempfile.mktemp(suffix=".pt")
     >>> _ = save_checkpoint(p, m, model_name="lenet5", input_shape=(1, 28, 28), num_classes=10)
@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from compressors.policy import Policy
+from ..compressors.policy import Policy
 
 FORMAT = "squeezer.model/1"
 
@@ -80,7 +80,7 @@ def _read(path: Path) -> Any:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Loaded:
-    from compressors.apply import apply_policy_
+    from ..compressors.apply import apply_policy_
 
     from .models import build_model
 

@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from compressors.registry import did_you_mean
+from ..compressors.registry import did_you_mean
 
 KNOWN = ("fashion-mnist", "mnist", "cifar10", "digits", "imagefolder:PATH")
 

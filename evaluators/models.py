@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from compressors.registry import Registry, did_you_mean
+from ..compressors.registry import Registry, did_you_mean
 
 ZOO: Registry[Callable[..., nn.Module]] = Registry("model")
 

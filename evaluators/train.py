@@ -1,8 +1,8 @@
 """Training, fine-tuning (with distillation) and accuracy measurement.
 
 Example:
-    >>> from evaluators.datasets import load_dataset
-    >>> from evaluators.models import build_model
+    >>> from squeezer.evaluators.datasets import load_dataset
+    >>> from squeezer.evaluators.models import build_model
     >>> d = load_dataset("digits")
     >>> m = build_model("resnet20", in_channels=1, num_classes=10)
     >>> _ = train(m, d.train, epochs=1, lr=0.05, batch_size=64, progress=False)
@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from compressors.distill import make_distiller
-from compressors.policy import DistillConfig
+from ..compressors.distill import make_distiller
+from ..compressors.policy import DistillConfig
 
 from .datasets import TensorData
 

@@ -3,9 +3,9 @@
 Trace a model once, then estimate any policy on any target in milliseconds:
 
 Example:
-    >>> from evaluators.models import build_model
-    >>> from compressors.policy import Policy, LayerPolicy
-    >>> import hw_models
+    >>> from squeezer.evaluators.models import build_model
+    >>> from squeezer.compressors.policy import Policy, LayerPolicy
+    >>> from squeezer import hw_models
     >>> table = hw_models.trace(build_model("resnet20", in_channels=3, num_classes=10), (3, 32, 32))
     >>> cost = hw_models.estimate_table(table, Policy(layers={"_default": LayerPolicy(weight_bits=8)}), "arm-a72")
     >>> cost.size_bytes < hw_models.estimate_table(table, None, "arm-a72").size_bytes

@@ -13,7 +13,7 @@ and ``active_power_mw`` (power above idle x predicted latency).
 ``runtime="onnxruntime"``): median of repeats after warm-up, one thread.
 
 Example:
-    >>> from hw_models.nb201 import nb201_table
+    >>> from squeezer.hw_models.nb201 import nb201_table
     >>> t = get_target("arm-a72")
     >>> rows = [CalibrationRow(model="a", latency_ms=2.0 * estimate_table(tab, None, t).latency_ms, table=tab)
     ...         for tab in [nb201_table([3, 3, 3, 3, 3, 3]), nb201_table([2, 1, 4, 2, 1, 4])]]
@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from compressors.policy import Policy
+from ..compressors.policy import Policy
 
 from .cost import coefficients, estimate_table, features
 from .targets import EFFICIENCY_CLASSES, Target, get_target, save_target
@@ -83,7 +83,7 @@ def table_for(model: str, input_shape: Sequence[int] = (3, 32, 32), num_classes:
         from .nb201 import nb201_table
 
         return nb201_table(model[len("nb201:"):], num_classes, input_hw=int(input_shape[-1]))
-    from evaluators.models import build_model
+    from ..evaluators.models import build_model
 
     from .trace import trace
 
@@ -224,7 +224,7 @@ HOST_PRIOR_WEIGHT = 0.01
 
 def host_policies(seed: int = 0) -> list[Policy | None]:
     """Structural policies timed for the host profile: none, uniform pruning, low-rank."""
-    from compressors.policy import LayerPolicy
+    from ..compressors.policy import LayerPolicy
 
     return [None, Policy(layers={"_default": LayerPolicy(prune_ratio=0.5)}),
             Policy(layers={"_default": LayerPolicy(prune_ratio=0.25)}),
@@ -276,7 +276,7 @@ def time_models(models: Sequence[Any], input_shape: Sequence[int], *, runtime: s
     time; ``clock="wall"`` times wall-clock time.
 
     Example:
-        >>> from evaluators.models import build_model
+        >>> from squeezer.evaluators.models import build_model
         >>> ms = time_models([build_model("lenet5", in_channels=1, num_classes=10)], (1, 28, 28), repeats=3)
         >>> len(ms) == 1 and 0 < ms[0] < 1000
         True
@@ -326,8 +326,8 @@ def host_instances(models: Sequence[str] = HOST_MODELS, *, input_shape: Sequence
 
     import torch
 
-    from compressors.apply import apply_policy_
-    from evaluators.models import build_model
+    from ..compressors.apply import apply_policy_
+    from ..evaluators.models import build_model
 
     from .trace import trace
 

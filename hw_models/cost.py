@@ -51,9 +51,9 @@ views and single-consumer activations work in place. Activation bytes use the wi
 tensor's readers (``act_bits`` of the consuming conv/linear; float elsewhere).
 
 Example:
-    >>> from evaluators.models import build_model
-    >>> from hw_models.trace import trace
-    >>> from compressors.policy import Policy, LayerPolicy
+    >>> from squeezer.evaluators.models import build_model
+    >>> from squeezer.hw_models.trace import trace
+    >>> from squeezer.compressors.policy import Policy, LayerPolicy
     >>> t = trace(build_model("resnet20", in_channels=3, num_classes=10), (3, 32, 32))
     >>> base = estimate_table(t, None, "arm-a72")
     >>> q8 = estimate_table(t, Policy(layers={"_default": LayerPolicy(weight_bits=8, act_bits=8)}), "arm-a72")
@@ -67,8 +67,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
-from compressors.policy import LayerPolicy, Policy
-from compressors.pruning import kept_channels
+from ..compressors.policy import LayerPolicy, Policy
+from ..compressors.pruning import kept_channels
 
 from .targets import Target, get_target
 from .trace import COMPRESSIBLE, LayerSpec, LayerTable
@@ -167,7 +167,7 @@ def weight_storage_bytes(numel: int, out_channels: int, *, weight_bits: int | No
         scale: whether the fp32 per-channel scale is stored (not for unit-scale codebooks
             without a folded BatchNorm, see :func:`unit_scale`).
     """
-    from compressors.sparsity import n_zero
+    from ..compressors.sparsity import n_zero
 
     nnz, bitmap = numel, 0
     if sparsity > 0:
@@ -329,7 +329,7 @@ def _compute_class(kind: str, kernel: tuple[int, int], groups: int) -> str:
 def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op], dict[str, str]]:
     """Ops as they run under ``policy`` (decomposition expanded), plus a rename map for inputs."""
     kept = _Kept(table, policy)
-    from compressors.lowrank import svd_rank
+    from ..compressors.lowrank import svd_rank
 
     rename: dict[str, str] = {}
     consumers: dict[str, int] = {}
@@ -638,8 +638,8 @@ def _huffman_estimate(numel: int, out_channels: int, bits: int, sparsity: float,
     """Entropy estimate of a Huffman-coded tensor (:func:`compressors.coding.encode_tensor` layout:
     10-byte header, one length byte per symbol of the span, the bit stream); a sparse tensor's
     positions as Huffman-coded relative indices (:func:`compressors.coding.relative_index_estimate`)."""
-    from compressors.coding import relative_index_estimate
-    from compressors.sparsity import n_zero
+    from ..compressors.coding import relative_index_estimate
+    from ..compressors.sparsity import n_zero
 
     nnz = numel - n_zero(numel, sparsity) if sparsity > 0 else numel
     bitmap = relative_index_estimate(numel, nnz) if sparsity > 0 else 0
@@ -696,8 +696,8 @@ def estimate_table(table: LayerTable, policy: Policy | None = None, target: "str
         A :class:`Cost`.
 
     Example:
-        >>> from evaluators.models import build_model
-        >>> from hw_models.trace import trace
+        >>> from squeezer.evaluators.models import build_model
+        >>> from squeezer.hw_models.trace import trace
         >>> t = trace(build_model("lenet5", in_channels=1, num_classes=10), (1, 28, 28))
         >>> estimate_table(t, None, "arm-m7").size_bytes == 4 * sum(l.params for l in t)
         True
@@ -773,7 +773,7 @@ def estimate(model: Any, input_shape: Sequence[int] = (3, 224, 224), target: "st
     """Trace ``model`` and estimate its cost on ``target`` under ``policy``.
 
     Example:
-        >>> from evaluators.models import build_model
+        >>> from squeezer.evaluators.models import build_model
         >>> c = estimate(build_model("resnet20", in_channels=3, num_classes=10), (3, 32, 32), "arm")
         >>> c.macs
         40813184

@@ -16,7 +16,7 @@ Example:
     >>> get_target("arm-a27")
     Traceback (most recent call last):
     ...
-    compressors.registry.UnknownNameError: unknown target 'arm-a27'; did you mean 'arm-a72'? known: ...
+    squeezer.compressors.registry.UnknownNameError: unknown target 'arm-a27'; did you mean 'arm-a72'? known: ...
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ def get_target(name_or_path: "str | Path | Target") -> Target:
         return load_target(files[aliases[s]])
     if s.endswith((".yaml", ".yml")) or "/" in s or Path(s).is_file():
         return load_target(s)
-    from compressors.registry import UnknownNameError
+    from ..compressors.registry import UnknownNameError
 
     raise UnknownNameError(_did_you_mean(s, list(files) + list(aliases), "target"))
 

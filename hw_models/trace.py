@@ -12,7 +12,7 @@ FX cannot trace (data-dependent control flow) fall back to forward hooks on leaf
 see modules but not functional ops (adds, concatenations).
 
 Example:
-    >>> from evaluators.models import build_model
+    >>> from squeezer.evaluators.models import build_model
     >>> t = trace(build_model("resnet20", in_channels=3, num_classes=10), (3, 32, 32))
     >>> t["conv1"].kind, t["conv1"].macs
     ('conv2d', 442368)
@@ -154,7 +154,7 @@ class LayerTable:
             try:
                 return self.layers[self._index[key]]  # type: ignore[attr-defined]
             except KeyError:
-                from compressors.registry import UnknownNameError, did_you_mean
+                from ..compressors.registry import UnknownNameError, did_you_mean
                 raise UnknownNameError(did_you_mean(key, list(self._index), "layer")) from None  # type: ignore[attr-defined]
         return self.layers[key]
 
@@ -175,7 +175,7 @@ class LayerTable:
 
     def channel_groups(self):
         """A :class:`compressors.pruning.ChannelGroups` view (for ``kept`` channel counts)."""
-        from compressors.pruning import ChannelGroups
+        from ..compressors.pruning import ChannelGroups
 
         return ChannelGroups(out_segments={l.name: [tuple(s) for s in l.out_segments] for l in self.layers},
                              in_segments={l.name: [tuple(s) for s in l.in_segments] for l in self.layers},
@@ -300,7 +300,7 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
         The layer table, in execution order.
 
     Example:
-        >>> from evaluators.models import build_model
+        >>> from squeezer.evaluators.models import build_model
         >>> len(trace(build_model("lenet5", in_channels=1, num_classes=10), (1, 28, 28))) > 5
         True
     """
@@ -334,7 +334,7 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
 
 def _groups_or_none(model: Any, input_shape: tuple[int, ...]):
     try:
-        from compressors.pruning import channel_groups
+        from ..compressors.pruning import channel_groups
 
         return channel_groups(model, input_shape)
     except Exception as e:  # noqa: BLE001 - a model Torch-Pruning cannot analyse is still costed

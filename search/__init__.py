@@ -1,7 +1,7 @@
 """The search: configuration, space, study, run folder and report.
 
 Example:
-    >>> from search import SearchConfig, parse_size
+    >>> from squeezer.search import SearchConfig, parse_size
     >>> SearchConfig(budget="2MB").budget_bytes == parse_size("2MB")
     True
 """

@@ -112,14 +112,14 @@ def _config_from_args(args: argparse.Namespace):
 
 def _check_names(cfg) -> None:
     """Fail fast on unknown model / dataset / target before any work."""
-    from evaluators.datasets import KNOWN
-    from evaluators.models import ZOO, known_models
+    from ..evaluators.datasets import KNOWN
+    from ..evaluators.models import ZOO, known_models
 
-    from compressors.registry import did_you_mean
+    from ..compressors.registry import did_you_mean
 
     if cfg.model not in ZOO and ":" not in cfg.model and cfg.model not in known_models():
         try:
-            from evaluators.models import build_model
+            from ..evaluators.models import build_model
 
             build_model(cfg.model, in_channels=1, num_classes=10)
         except ValueError as e:
@@ -192,9 +192,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    import hw_models
-    from compressors.policy import Policy, PolicyError
-    from evaluators.models import build_model
+    from .. import hw_models
+    from ..compressors.policy import Policy, PolicyError
+    from ..evaluators.models import build_model
 
     from .job import resolve_target
 
@@ -237,7 +237,7 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    import hw_models
+    from .. import hw_models
 
     names = hw_models.list_targets()
     rows = [hw_models.describe_target(n) for n in names] if hasattr(hw_models, "describe_target") else \
@@ -253,7 +253,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import hw_models
+    from .. import hw_models
 
     try:
         summary = hw_models.cli_calibrate(args.target, args.measurements, args.out)

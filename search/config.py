@@ -105,7 +105,7 @@ class SearchConfig:
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"`workers >= 1` must hold, but got workers={self.workers!r}")
         if self.backend not in ("optuna", "ray"):
-            from compressors.registry import did_you_mean
+            from ..compressors.registry import did_you_mean
 
             raise ValueError(did_you_mean(self.backend, ["optuna", "ray"], "backend"))
 

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressors.apply import apply_policy_
-from compressors.policy import DistillConfig, Policy
-from compressors.sparsity import sparsity_step_hook
-from evaluators.checkpoint import load_checkpoint, load_state_dict_into, save_checkpoint
-from evaluators.datasets import DataSplits, load_dataset
-from evaluators.models import build_model
-from evaluators.train import evaluate, recalibrate_bn_, train
+from ..compressors.apply import apply_policy_
+from ..compressors.policy import DistillConfig, Policy
+from ..compressors.sparsity import sparsity_step_hook
+from ..evaluators.checkpoint import load_checkpoint, load_state_dict_into, save_checkpoint
+from ..evaluators.datasets import DataSplits, load_dataset
+from ..evaluators.models import build_model
+from ..evaluators.train import evaluate, recalibrate_bn_, train
 
 from .budget import format_bytes
 from .config import SearchConfig, worker_id
@@ -45,7 +45,7 @@ STUDY_NAME = "squeezer"
 # --- hardware model adapters ---------------------------------------------------------------
 
 def resolve_target(name: str):
-    import hw_models
+    from .. import hw_models
 
     try:
         return hw_models.get_target(name)
@@ -135,7 +135,7 @@ class Context:
 
     def estimate(self, policy: Policy | None):
         """Totals only (no per-op rows): the search prices thousands of policies."""
-        import hw_models
+        from .. import hw_models
 
         return hw_models.estimate_table(self.table, policy, self.target, layers=False)
 
@@ -177,7 +177,7 @@ def build_base(cfg: SearchConfig, data: DataSplits, run_dir: Path, *, progress: 
         return loaded.model, loaded.meta
     meta: dict[str, Any]
     if cfg.checkpoint:
-        from evaluators.checkpoint import CheckpointError
+        from ..evaluators.checkpoint import CheckpointError
 
         try:
             load_state_dict_into(model, cfg.checkpoint)
@@ -210,7 +210,7 @@ def build_base(cfg: SearchConfig, data: DataSplits, run_dir: Path, *, progress: 
 
 def prepare(cfg: SearchConfig, run_dir: Path, *, progress: bool = True) -> Context:
     """Data, base model, target, traced table and search space (everything before trials)."""
-    import hw_models
+    from .. import hw_models
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -293,7 +293,7 @@ def make_sampler(cfg: SearchConfig, *, n_startup: int = 4, space: SearchSpace | 
         return UniformGridSampler(prune_choices=space.prune_choices if space else PRUNE_CHOICES,
                                   weight_bits=space.weight_bits if space else (2, 4, 8),
                                   act_bits=space.act_bits if space else (8,), seed=cfg.seed)
-    from compressors.registry import did_you_mean
+    from ..compressors.registry import did_you_mean
 
     raise UserError(did_you_mean(name, ["tpe", "nsga2", "random", "grid"], "sampler"))
 
@@ -1019,7 +1019,7 @@ def finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
-    import hw_models
+    from .. import hw_models
 
     cfg = ctx.cfg
     best_dir = ctx.run_dir / "best"
@@ -1065,7 +1065,7 @@ def _finish(ctx: Context, study, *, progress: bool = True) -> dict[str, Any]:
 
 def _packed_size(model: nn.Module, policy: Policy) -> int:
     """Exact stored bytes of the final model, Huffman-coded where the policy says so."""
-    from compressors.packing import pack_model
+    from ..compressors.packing import pack_model
 
     return len(pack_model(model, coding=policy.coding))
 

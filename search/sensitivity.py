@@ -16,7 +16,7 @@ Results are cached in ``RUN/sensitivity.json`` so every process of a run (and ``
 sees the same narrowed space: Optuna needs a parameter's choices to stay the same.
 
 Example:
-    >>> from search.sensitivity import narrowed_choices
+    >>> from squeezer.search.sensitivity import narrowed_choices
     >>> sens = {"probes": {"wbits:conv": {"8": 0.1, "4": 0.5, "2": 30.0}}, "base_accuracy": 0.9}
     >>> narrowed_choices(sens, {"wbits:conv": [2, 4, 8, None]}, threshold_pp=5.0)
     {'wbits:conv': [4, 8, None]}
@@ -108,8 +108,8 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
         predictions than that, while the divergence ranks them almost as it would on 1,024
         (Spearman 0.997 against 0.77 for the accuracy loss, resnet20 on Fashion-MNIST).
     """
-    from compressors.apply import apply_policy_
-    from evaluators.train import recalibrate_bn_
+    from ..compressors.apply import apply_policy_
+    from ..evaluators.train import recalibrate_bn_
 
     sub = data.subset(min(val_size, len(data)), seed=seed) if hasattr(data, "subset") else data
     bn_images = min(bn_images, len(bn_data)) if bn_data is not None else 0
@@ -181,8 +181,8 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
 def _swap_probe(model: torch.nn.Module, name: str, policy, score) -> Any:
     """``score(model)`` with layer ``name`` replaced by its compressed copy (as ``apply_policy_``
     would), the original put back afterwards."""
-    from compressors.apply import _compress_layer_
-    from compressors.lowrank import DECOMPOSITIONS
+    from ..compressors.apply import _compress_layer_
+    from ..compressors.lowrank import DECOMPOSITIONS
 
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -9,7 +9,7 @@ whatever it is given (sensitivity probes measure activation quantization alone),
 :meth:`SearchSpace.trial_policy` is what a trial enqueued with those params runs.
 
 Example:
-    >>> from evaluators.models import build_model
+    >>> from squeezer.evaluators.models import build_model
     >>> sp = SearchSpace.build(build_model("lenet5", in_channels=1, num_classes=10), (1, 28, 28),
     ...                        weight_bits=(4, 8), act_bits=(8, None))
     >>> sp.uniform_policy(prune_ratio=0.5, weight_bits=4).for_layer("features.0").weight_bits
@@ -23,10 +23,10 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from compressors.lowrank import can_decompose
-from compressors.policy import DistillConfig, LayerPolicy, Policy, PruningConfig
-from compressors.pruning import ChannelGroups, channel_groups
-from evaluators.models import classifier_name
+from ..compressors.lowrank import can_decompose
+from ..compressors.policy import DistillConfig, LayerPolicy, Policy, PruningConfig
+from ..compressors.pruning import ChannelGroups, channel_groups
+from ..evaluators.models import classifier_name
 
 PRUNE_CHOICES = (0.0, 0.25, 0.5, 0.75)
 RANK_CHOICES = (None, 0.5, 0.25)

@@ -13,26 +13,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressors.apply import apply_policy_
-from compressors.policy import Policy
-from evaluators.checkpoint import Loaded, save_checkpoint
-from evaluators.datasets import DataSplits, load_dataset
-from evaluators.models import build_model
-from evaluators.train import evaluate, train
+from squeezer.compressors.apply import apply_policy_
+from squeezer.compressors.policy import Policy
+from squeezer.evaluators.checkpoint import Loaded, save_checkpoint
+from squeezer.evaluators.datasets import DataSplits, load_dataset
+from squeezer.evaluators.models import build_model
+from squeezer.evaluators.train import evaluate, train
 
 torch.set_num_threads(int(os.environ.get("SQUEEZER_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
 def digits():
-    from evaluators.datasets import load_dataset
+    from squeezer.evaluators.datasets import load_dataset
 
     return load_dataset("digits", val_size=300)
 
 
 @pytest.fixture(scope="session")
 def fmnist():
-    from evaluators.datasets import load_dataset
+    from squeezer.evaluators.datasets import load_dataset
 
     return load_dataset("fashion-mnist", val_size=2000)
 
@@ -40,7 +40,7 @@ def fmnist():
 @pytest.fixture(scope="session")
 def fmnist_small(fmnist):
     """4,000 training images (real Fashion-MNIST), the full validation/test splits."""
-    from evaluators.datasets import DataSplits
+    from squeezer.evaluators.datasets import DataSplits
 
     return DataSplits(fmnist.name, fmnist.train.subset(4000), fmnist.val.subset(1000), fmnist.test.subset(2000),
                       fmnist.num_classes, fmnist.mean, fmnist.std)
@@ -48,8 +48,8 @@ def fmnist_small(fmnist):
 
 @pytest.fixture(scope="session")
 def trained_lenet(fmnist_small):
-    from evaluators.models import build_model
-    from evaluators.train import train
+    from squeezer.evaluators.models import build_model
+    from squeezer.evaluators.train import train
 
     torch.manual_seed(0)
     m = build_model("lenet5", in_channels=1, num_classes=10)
@@ -60,14 +60,14 @@ def trained_lenet(fmnist_small):
 @pytest.fixture(scope="session")
 def fmnist_default():
     """Fashion-MNIST with the default validation split (5,000), loaded once per session."""
-    from evaluators.datasets import load_dataset
+    from squeezer.evaluators.datasets import load_dataset
 
     return load_dataset("fashion-mnist")
 
 
 def _lenet(train_data, **train_kw):
-    from evaluators.models import build_model
-    from evaluators.train import train
+    from squeezer.evaluators.models import build_model
+    from squeezer.evaluators.train import train
 
     torch.manual_seed(0)
     m = build_model("lenet5", in_channels=1, num_classes=10)
@@ -78,7 +78,7 @@ def _lenet(train_data, **train_kw):
 @pytest.fixture(scope="session")
 def lenet_4k(fmnist_default):
     """LeNet-5 trained 3 epochs on 4,000 images; ``(model, train, val, val accuracy)``. Copy before changing."""
-    from evaluators.train import evaluate
+    from squeezer.evaluators.train import evaluate
 
     tr, val = fmnist_default.train.subset(4000), fmnist_default.val.subset(1500)
     m = _lenet(tr, epochs=3, batch_size=64)
@@ -88,7 +88,7 @@ def lenet_4k(fmnist_default):
 @pytest.fixture(scope="session")
 def lenet_6k(fmnist_default):
     """LeNet-5 trained 4 epochs on 6,000 images; ``(model, train, test, test accuracy)``. Copy before changing."""
-    from evaluators.train import evaluate
+    from squeezer.evaluators.train import evaluate
 
     tr, te = fmnist_default.train.subset(6000), fmnist_default.test.subset(2000)
     m = _lenet(tr, epochs=4)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from compressors.export import export_model
-from compressors.export_bench import BenchError, bench_artifact
-from compressors.policy import LayerPolicy, Policy
-from search.cli import main
+from squeezer.compressors.export import export_model
+from squeezer.compressors.export_bench import BenchError, bench_artifact
+from squeezer.compressors.policy import LayerPolicy, Policy
+from squeezer.search.cli import main
 from conftest import compressed
 
 torch.set_num_threads(1)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from compressors.policy import DistillConfig, LayerPolicy, Policy, PolicyError, PruningConfig
-from search.budget import parse_size
+from squeezer.compressors.policy import DistillConfig, LayerPolicy, Policy, PolicyError, PruningConfig
+from squeezer.search.budget import parse_size
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -10,7 +10,7 @@ import pytest
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "squeezer", *args], capture_output=True, text=True, timeout=300,
                           cwd=cwd)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from search.cli import main
+from squeezer.search.cli import main
 
 torch.set_num_threads(1)
 

@@ -18,7 +18,7 @@ FAST = ["--model", "resnet20", "--dataset", "digits", "--budget", "60kB", "--tar
 def test_two_processes_one_run_no_lost_or_duplicate_trials(tmp_path):
     run = tmp_path / "runs" / "shared"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "search.cli", "search", *FAST, "--trials", "6", "--run", str(run)]
+    cmd = [sys.executable, "-m", "squeezer", "search", *FAST, "--trials", "6", "--run", str(run)]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
     time.sleep(1.0)  # the second joins while the first is still preparing
     procs.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -27,7 +27,7 @@ def test_two_processes_one_run_no_lost_or_duplicate_trials(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     summaries = [json.loads(out) for out, _ in outs]
-    from search.job import STUDY_NAME, trained_trials
+    from squeezer.search.job import STUDY_NAME, trained_trials
 
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
     trained = trained_trials(study)

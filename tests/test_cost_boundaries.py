@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from compressors.policy import LayerPolicy as LP
-from compressors.policy import Policy
-from evaluators.models import build_model
-from hw_models import estimate_table, get_target, trace
-from hw_models.cost import coefficients, features
+from squeezer.compressors.policy import LayerPolicy as LP
+from squeezer.compressors.policy import Policy
+from squeezer.evaluators.models import build_model
+from squeezer.hw_models import estimate_table, get_target, trace
+from squeezer.hw_models.cost import coefficients, features
 
 INT8 = LP(weight_bits=8, act_bits=8)
 

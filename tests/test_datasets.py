@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evaluators.datasets import DatasetNotFound, load_dataset
+from squeezer.evaluators.datasets import DatasetNotFound, load_dataset
 
 
 def test_fashion_mnist_from_debian_files(fmnist):

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from compressors.apply import apply_policy_
-from compressors.distill import DISTILLATION, FitNetsDistiller, attention_map, make_distiller
-from compressors.policy import DistillConfig, LayerPolicy, Policy
-from evaluators.datasets import load_dataset
-from evaluators.models import build_model
-from evaluators.train import evaluate, train
+from squeezer.compressors.apply import apply_policy_
+from squeezer.compressors.distill import DISTILLATION, FitNetsDistiller, attention_map, make_distiller
+from squeezer.compressors.policy import DistillConfig, LayerPolicy, Policy
+from squeezer.evaluators.datasets import load_dataset
+from squeezer.evaluators.models import build_model
+from squeezer.evaluators.train import evaluate, train
 
 torch.set_num_threads(1)
 

@@ -10,9 +10,9 @@ import re
 import optuna
 import pytest
 
-from search import job
-from search.config import SearchConfig
-from search.report import format_report, report
+from squeezer.search import job
+from squeezer.search.config import SearchConfig
+from squeezer.search.report import format_report, report
 
 
 def test_rung_rule_keeps_the_best_fraction():

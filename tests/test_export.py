@@ -9,10 +9,10 @@ import onnx
 import pytest
 import torch
 
-from compressors.export import (EXPORT_FORMATS, SIZE_TOLERANCE, MissingExtraError, VerificationError,
+from squeezer.compressors.export import (EXPORT_FORMATS, SIZE_TOLERANCE, MissingExtraError, VerificationError,
                                 compare_runtime, export_model, onnx_runner)
-from compressors.policy import LayerPolicy, Policy, PolicyError
-from search.cli import main
+from squeezer.compressors.policy import LayerPolicy, Policy, PolicyError
+from squeezer.search.cli import main
 from conftest import compressed, fmnist_subset, make_run
 
 torch.set_num_threads(1)
@@ -86,7 +86,7 @@ def test_onnx_graph_holds_integers_folded_bn_and_raw_input(tmp_path):
 
 def test_int8_onnx_size_within_tolerance_of_packed_size(tmp_path):
     """The overhead of an int8 ONNX over the packed bytes is the graph, metadata and small constants."""
-    from compressors.packing import pack_model
+    from squeezer.compressors.packing import pack_model
 
     ld = compressed("resnet20", QUANT8_ACT, base_steps=20, steps=4)
     r = export_model(ld, "onnx", tmp_path / "m.onnx", data=fmnist_subset())
@@ -145,20 +145,20 @@ def test_verification_mismatch_raises(tmp_path):
     # An artifact that computes something else is caught by its accuracy on the test set.
     wrong = lambda x: onnx_runner(ok.path)(x[:, :, ::-1].copy())  # noqa: E731 - flipped images
     acc, tacc, _ = compare_runtime(ld.model, wrong, d.test, mean=d.mean, std=d.std)
-    from compressors.export import check_accuracy
+    from squeezer.compressors.export import check_accuracy
     with pytest.raises(VerificationError, match="PyTorch compressed model"):
         check_accuracy("onnx", acc, tacc, None)
 
 
 def test_pte_missing_extra_names_the_extra(tmp_path, monkeypatch):
-    import compressors.export_pte as ep
+    import squeezer.compressors.export_pte as ep
 
     monkeypatch.setattr(ep, "executorch_available", lambda: False)
     with pytest.raises(MissingExtraError, match=r"pip install squeezer\[executorch\]"):
         export_model(compressed("lenet5", QUANT8, steps=0), "pte", tmp_path / "m.pte")
 
 
-@pytest.mark.skipif(not __import__("compressors.export_pte", fromlist=["x"]).executorch_available(),
+@pytest.mark.skipif(not __import__("squeezer.compressors.export_pte", fromlist=["x"]).executorch_available(),
                     reason="executorch not installed (pip install squeezer[executorch])")
 def test_pte_runs_in_executorch_runtime(tmp_path):
     # A trained base (80% test accuracy): XNNPACK calibrates its own int8 activation grid and

@@ -15,9 +15,9 @@ import onnx
 import pytest
 import torch
 
-from compressors.export import deploy_model, export_model, export_onnx, onnx_runner, runtime_op_types
-from compressors.policy import LayerPolicy as LP
-from compressors.policy import Policy
+from squeezer.compressors.export import deploy_model, export_model, export_onnx, onnx_runner, runtime_op_types
+from squeezer.compressors.policy import LayerPolicy as LP
+from squeezer.compressors.policy import Policy
 from conftest import compressed, fmnist_subset
 
 torch.set_num_threads(1)
@@ -93,8 +93,8 @@ def test_weight_only_int8_runs_like_fp32(tmp_path):
 
 
 def test_bench_reports_what_ort_runs(mixed, tmp_path, capsys):
-    from compressors.export_bench import bench_artifact
-    from search.cli import main
+    from squeezer.compressors.export_bench import bench_artifact
+    from squeezer.search.cli import main
 
     path = export_model(mixed, "onnx", tmp_path / "m.onnx").path
     r = bench_artifact(path, batch=2, repeats=2, warmup=1, target=None)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import hw_models
-from hw_models.calibrate import CalibrationRow, calibrate, cli_calibrate, evaluate, measure_host, metrics
-from hw_models.nb201 import OPS, is_connected, live_edges, nb201_table, parse_arch
+from squeezer import hw_models
+from squeezer.hw_models.calibrate import CalibrationRow, calibrate, cli_calibrate, evaluate, measure_host, metrics
+from squeezer.hw_models.nb201 import OPS, is_connected, live_edges, nb201_table, parse_arch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hw-measurements"
 
@@ -89,7 +89,7 @@ def test_cli_calibrate_writes_a_loadable_profile(tmp_path):
     lines = ["model,latency_ms,energy_mj,input_shape"]
     for name, f, shape in (("lenet5", 1.3, (1, 28, 28)), ("lenet5", 1.2, (1, 40, 40)), ("resnet20", 1.1, (3, 32, 32)),
                            ("resnet20", 0.9, (3, 16, 16))):
-        c = hw_models.estimate(__import__("evaluators.models", fromlist=["build_model"]).build_model(
+        c = hw_models.estimate(__import__("squeezer.evaluators.models", fromlist=["build_model"]).build_model(
             name, in_channels=shape[0], num_classes=10), shape, t)
         lines.append(f"{name},{c.latency_ms * f},{c.energy_mj * f},{'x'.join(map(str, shape))}")
     csv_path.write_text("\n".join(lines) + "\n")
@@ -122,7 +122,7 @@ def test_measure_host_times_real_runtimes():
 def test_time_models_interleaves_models_so_load_drift_hits_all_alike():
     import torch
 
-    from hw_models.calibrate import time_models
+    from squeezer.hw_models.calibrate import time_models
 
     calls: list[str] = []
 
@@ -159,7 +159,7 @@ def test_time_models_interleaves_models_so_load_drift_hits_all_alike():
 
 
 def test_nb201_isomorphism_classes_match_the_published_count():
-    from hw_models.nb201 import OPS, measured_representatives, unique_str
+    from squeezer.hw_models.nb201 import OPS, measured_representatives, unique_str
     import itertools
 
     archs = dict(enumerate(itertools.product(OPS, repeat=6)))
@@ -176,8 +176,8 @@ def test_nb201_isomorphism_classes_match_the_published_count():
 def test_pi5_rows_are_one_measurement_per_isomorphism_class_and_the_shipped_a76_ranks_them():
     """Rows sharing one measured value are exactly NB-201 isomorphism classes; predicting the
     network that was measured (the class's lowest index) ranks the Pi 5 LiteRT rows >= 0.95."""
-    from hw_models.cost import estimate_table
-    from hw_models.nb201 import measured_representatives, unique_str
+    from squeezer.hw_models.cost import estimate_table
+    from squeezer.hw_models.nb201 import measured_representatives, unique_str
 
     with (DATA / "nb201_archs.csv").open() as f:
         archs = {int(r["arch_idx"]): r["arch_str"] for r in csv.DictReader(f)}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-import hw_models
-from compressors.policy import LayerPolicy as LP
-from compressors.policy import Policy
-from evaluators.models import build_model
-from hw_models import estimate_table, list_targets, trace
+from squeezer import hw_models
+from squeezer.compressors.policy import LayerPolicy as LP
+from squeezer.compressors.policy import Policy
+from squeezer.evaluators.models import build_model
+from squeezer.hw_models import estimate_table, list_targets, trace
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_contract_every_target(r20, target):
 
 @pytest.fixture(scope="module")
 def resnet_family():
-    from evaluators.models import ResNetCifar
+    from squeezer.evaluators.models import ResNetCifar
 
     return [trace(ResNetCifar(depth, 3, 10, width), (3, 32, 32))
             for depth, width in ((8, 8), (14, 8), (14, 16), (20, 16), (20, 32))]

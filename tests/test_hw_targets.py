@@ -8,8 +8,8 @@ import re
 import pytest
 import yaml
 
-import hw_models
-from hw_models.targets import TARGETS_DIR, Target, TargetError, get_target, list_targets, load_target, save_target
+from squeezer import hw_models
+from squeezer.hw_models.targets import TARGETS_DIR, Target, TargetError, get_target, list_targets, load_target, save_target
 
 REQUIRED = ["arm-a53", "arm-a72", "arm-a76", "arm-m7", "arm-m4", "host", "eyeriss", "edge-gpu"]
 

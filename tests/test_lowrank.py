@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from compressors.apply import apply_policy_
-from compressors.lowrank import DECOMPOSITIONS, rank_for_energy, ratio_for_energy, svd_rank
-from compressors.policy import LayerPolicy, Policy
-from evaluators.datasets import load_dataset
-from evaluators.models import build_model
-from evaluators.train import evaluate, train
+from squeezer.compressors.apply import apply_policy_
+from squeezer.compressors.lowrank import DECOMPOSITIONS, rank_for_energy, ratio_for_energy, svd_rank
+from squeezer.compressors.policy import LayerPolicy, Policy
+from squeezer.evaluators.datasets import load_dataset
+from squeezer.evaluators.models import build_model
+from squeezer.evaluators.train import evaluate, train
 
 torch.set_num_threads(1)
 

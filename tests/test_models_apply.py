@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from compressors.apply import apply_policy_
-from compressors.policy import LayerPolicy, Policy
-from compressors.pruning import channel_groups
-from evaluators.checkpoint import load_checkpoint, save_checkpoint
-from evaluators.models import build_model
+from squeezer.compressors.apply import apply_policy_
+from squeezer.compressors.policy import LayerPolicy, Policy
+from squeezer.compressors.pruning import channel_groups
+from squeezer.evaluators.checkpoint import load_checkpoint, save_checkpoint
+from squeezer.evaluators.models import build_model
 
 
 def _dims(m: nn.Module) -> tuple[int, int]:

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-import hw_models
-from compressors.apply import apply_policy_
-from compressors.packing import pack_model
-from compressors.policy import LayerPolicy as LP
-from compressors.policy import Policy
+from squeezer import hw_models
+from squeezer.compressors.apply import apply_policy_
+from squeezer.compressors.packing import pack_model
+from squeezer.compressors.policy import LayerPolicy as LP
+from squeezer.compressors.policy import Policy
 
 POLICIES = {
     "none": Policy(),
@@ -34,7 +34,7 @@ POLICIES = {
 
 @pytest.fixture(scope="module")
 def resnet20():
-    from evaluators.models import build_model
+    from squeezer.evaluators.models import build_model
 
     torch.manual_seed(0)
     m = build_model("resnet20", in_channels=3, num_classes=10)
@@ -68,7 +68,7 @@ def test_size_model_equals_packed_bytes_trained_lenet(trained_lenet, name):
 
 
 def test_size_model_depthwise_mobilenet():
-    from evaluators.models import build_model
+    from squeezer.evaluators.models import build_model
 
     base = build_model("mobilenet_v2_050", in_channels=3, num_classes=10)
     table = hw_models.trace(base, (3, 32, 32))
@@ -104,7 +104,7 @@ def test_relative_indices_round_trip_and_beat_the_bitmap_on_a_pruned_layer(train
     """Deep Compression's sparse format: gaps between kept weights, Huffman-coded, escapes for long gaps."""
     import numpy as np
 
-    from compressors.coding import decode_positions, encode_positions, relative_index_estimate, relative_index_symbols
+    from squeezer.compressors.coding import decode_positions, encode_positions, relative_index_estimate, relative_index_symbols
 
     assert relative_index_symbols(np.array([0, 0, 0, 0, 0, 0, 0, 1, 1], bool), 3).tolist() == [3, 3, 1, 0]
     w = trained_lenet.classifier[1].weight.detach().abs().reshape(-1).numpy()   # fc1, 48,000 weights

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from compressors.policy import LayerPolicy, Policy, PruningConfig
-from compressors.pruning import (PRUNING_CRITERIA, PruneContext, build_graph, channel_groups, kept_channels,
+from squeezer.compressors.policy import LayerPolicy, Policy, PruningConfig
+from squeezer.compressors.pruning import (PRUNING_CRITERIA, PruneContext, build_graph, channel_groups, kept_channels,
                                  prune_)
-from evaluators.datasets import load_dataset
-from evaluators.models import build_model
-from evaluators.train import evaluate, train
+from squeezer.evaluators.datasets import load_dataset
+from squeezer.evaluators.models import build_model
+from squeezer.evaluators.train import evaluate, train
 
 torch.set_num_threads(1)
 SHAPE = (1, 28, 28)
@@ -138,7 +138,7 @@ def test_bn_scale_drops_small_gammas():
 
 def test_hardware_balanced_prunes_conv_by_macs_and_fc_by_params(lenet, fmnist):
     tr, _ = fmnist
-    from compressors.apply import compressible_layers
+    from squeezer.compressors.apply import compressible_layers
 
     def costs(model):
         macs, params = {}, {}

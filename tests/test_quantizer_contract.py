@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressors.apply import apply_policy_, compressible_layers
-from compressors.policy import VALID_BITS, LayerPolicy, Policy
-from compressors.quantize import QUANTIZERS, QuantizedTensor, WeightQuantizer, weight_quantizer
-from compressors.sharing import SHARING, ProductQuantizedTensor
-from evaluators.datasets import load_dataset
-from evaluators.models import build_model
-from evaluators.train import train
+from squeezer.compressors.apply import apply_policy_, compressible_layers
+from squeezer.compressors.policy import VALID_BITS, LayerPolicy, Policy
+from squeezer.compressors.quantize import QUANTIZERS, QuantizedTensor, WeightQuantizer, weight_quantizer
+from squeezer.compressors.sharing import SHARING, ProductQuantizedTensor
+from squeezer.evaluators.datasets import load_dataset
+from squeezer.evaluators.models import build_model
+from squeezer.evaluators.train import train
 
 torch.set_num_threads(1)
 

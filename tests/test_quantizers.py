@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from compressors.apply import apply_policy_, compressible_layers
-from compressors.policy import LayerPolicy, Policy
-from compressors.quantize import (ACT_QUANTIZERS, QUANTIZERS, ActQuantizer, attach_act_quant_, attach_weight_quant_,
+from squeezer.compressors.apply import apply_policy_, compressible_layers
+from squeezer.compressors.policy import LayerPolicy, Policy
+from squeezer.compressors.quantize import (ACT_QUANTIZERS, QUANTIZERS, ActQuantizer, attach_act_quant_, attach_weight_quant_,
                                   raw_weight, weight_quantizer)
-from compressors.registry import UnknownNameError
-from evaluators.train import evaluate, train
+from squeezer.compressors.registry import UnknownNameError
+from squeezer.evaluators.train import evaluate, train
 
 torch.set_num_threads(1)
 

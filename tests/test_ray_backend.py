@@ -25,7 +25,7 @@ def cluster():
 
 
 def _cfg(run, **kw):
-    from search.config import SearchConfig
+    from squeezer.search.config import SearchConfig
 
     base = dict(model="resnet20", dataset="digits", budget="60kB", base_epochs=4, trial_steps=8, final_epochs=0.2,
                 seed=1, trials=4, backend="ray", workers=2, threads=1, sensitivity=False, run=str(run))
@@ -33,8 +33,8 @@ def _cfg(run, **kw):
 
 
 def test_two_nodes_share_one_study_in_the_run_folder(cluster, tmp_path):
-    from search import job
-    from search.report import report
+    from squeezer.search import job
+    from squeezer.search.report import report
 
     run = tmp_path / "r"
     summary = job.search(_cfg(run, trial_steps=16), progress=False)  # long enough for both workers to join
@@ -59,7 +59,7 @@ def test_a_dead_worker_is_reaped_and_replaced(cluster, tmp_path):
     import threading
     import time
 
-    from search import job
+    from squeezer.search import job
 
     run = tmp_path / "d"
     killed: list[str] = []

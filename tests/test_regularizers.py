@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from compressors.policy import LayerPolicy, Policy
-from compressors.regularizers import REGULARIZERS, _prunable, owl_weights, project_sgl_quant, prox_owl, regularized_train
-from evaluators.datasets import load_dataset
-from evaluators.train import evaluate, train
+from squeezer.compressors.policy import LayerPolicy, Policy
+from squeezer.compressors.regularizers import REGULARIZERS, _prunable, owl_weights, project_sgl_quant, prox_owl, regularized_train
+from squeezer.evaluators.datasets import load_dataset
+from squeezer.evaluators.train import evaluate, train
 
 torch.set_num_threads(1)
 

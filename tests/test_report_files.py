@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from search.plots import hypervolume_2d
+from squeezer.search.plots import hypervolume_2d
 
 
 def test_hypervolume_2d_by_hand():
@@ -21,8 +21,8 @@ def test_hypervolume_2d_by_hand():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from search import job
-    from search.config import SearchConfig
+    from squeezer.search import job
+    from squeezer.search.config import SearchConfig
 
     root = tmp_path_factory.mktemp("rep")
     cfg = SearchConfig(model="resnet20", dataset="digits", budget="60kB", base_epochs=4, trial_steps=4,
@@ -32,10 +32,10 @@ def run(tmp_path_factory):
 
 
 def test_report_files_plot_what_the_json_says(run):
-    from search.plots import write_report_files
-    from search.report import report
+    from squeezer.search.plots import write_report_files
+    from squeezer.search.report import report
 
-    r = subprocess.run([sys.executable, "-m", "search.cli", "report", str(run), "--json"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "squeezer", "report", str(run), "--json"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)

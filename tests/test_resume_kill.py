@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.job import STUDY_NAME, trained_trials
+from squeezer.search.job import STUDY_NAME, trained_trials
 
 FAST = ["--model", "resnet20", "--dataset", "digits", "--budget", "2MB", "--target", "arm", "--base-epochs", "1",
         "--trial-steps", "6", "--final-epochs", "0.1", "--seed", "5", "--no-sensitivity", "--sampler", "random",
@@ -37,7 +37,7 @@ def _committed(run: Path) -> list:
 
 
 def _resume(run: Path, cwd: Path) -> dict:
-    r = subprocess.run([sys.executable, "-m", "search.cli", "resume", str(run), "--quiet", "--json"], cwd=cwd,
+    r = subprocess.run([sys.executable, "-m", "squeezer", "resume", str(run), "--quiet", "--json"], cwd=cwd,
                        capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
@@ -94,7 +94,7 @@ def _end(procs: dict[int, tuple[str | None, str]]) -> None:
 def test_ray_driver_killed_mid_sweep_then_resume(tmp_path):
     pytest.importorskip("ray")
     run = tmp_path / "runs" / "ray"
-    cmd = [sys.executable, "-m", "search.cli", "search", *FAST, "--backend", "ray", "--workers", "1",
+    cmd = [sys.executable, "-m", "squeezer", "search", *FAST, "--backend", "ray", "--workers", "1",
            "--trials", "4", "--run", str(run)]
     p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     procs: dict[int, tuple[str | None, str]] = {}
@@ -132,14 +132,14 @@ def test_ray_driver_killed_mid_sweep_then_resume(tmp_path):
 # writing the file of trained trial number KILL_AT, before Optuna commits that trial.
 KILLER = """
 import os, signal, sys
-from search import job
+from squeezer.search import job
 _write, kill_at = job.write_trial_file, int(os.environ["KILL_AT"])
 def write_then_die(run_dir, rec):
     _write(run_dir, rec)
     if rec["status"] in ("evaluated", "pruned") and rec["number"] >= kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 job.write_trial_file = write_then_die
-from search.cli import main
+from squeezer.search.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -177,7 +177,7 @@ def test_kill_between_trial_file_and_commit_recovers_the_result(tmp_path, backen
 
 def test_a_trial_file_of_another_study_is_not_recovered(tmp_path):
     """A run folder reused with a new storage has files of other trials under the same numbers."""
-    from search.job import recover_from_trial_file
+    from squeezer.search.job import recover_from_trial_file
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     t = study.ask()
@@ -201,7 +201,7 @@ def test_a_trial_killed_mid_sampling_is_requeued_with_what_it_had():
     The retry keeps those and the params it was enqueued with, and draws only the rest."""
     from optuna.distributions import FloatDistribution, IntDistribution
 
-    from search.job import fail_and_requeue
+    from squeezer.search.job import fail_and_requeue
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
     study.enqueue_trial({"a": 3, "c": 0.25})

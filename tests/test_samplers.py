@@ -5,16 +5,16 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search.config import SearchConfig
-from search.errors import UserError
-from search.job import make_sampler
-from search.samplers import UniformGridSampler
-from search.space import SearchSpace
+from squeezer.search.config import SearchConfig
+from squeezer.search.errors import UserError
+from squeezer.search.job import make_sampler
+from squeezer.search.samplers import UniformGridSampler
+from squeezer.search.space import SearchSpace
 
 
 @pytest.fixture(scope="module")
 def space():
-    from evaluators.models import build_model
+    from squeezer.evaluators.models import build_model
 
     return SearchSpace.build(build_model("lenet5", in_channels=1, num_classes=10), (1, 28, 28),
                              weight_bits=(4, 8), act_bits=(8, None))

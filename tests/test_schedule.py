@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from compressors.apply import apply_policy_
-from compressors.policy import Policy, PruningConfig
-from compressors.schedule import cubic_sparsity, gradual_sparsity_hook, prune_iteratively_
-from compressors.sparsity import attach_mask_, n_zero, weight_mask
-from evaluators.models import build_model
+from squeezer.compressors.apply import apply_policy_
+from squeezer.compressors.policy import Policy, PruningConfig
+from squeezer.compressors.schedule import cubic_sparsity, gradual_sparsity_hook, prune_iteratively_
+from squeezer.compressors.sparsity import attach_mask_, n_zero, weight_mask
+from squeezer.evaluators.models import build_model
 
 torch.set_num_threads(1)
 

@@ -18,7 +18,7 @@ FAST = ["--model", "resnet20", "--dataset", "digits", "--budget", "60kB", "--tar
 
 def squeezer(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "SQUEEZER_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "squeezer", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -44,7 +44,7 @@ def test_main_job_meets_budget_and_size_matches_packed_bytes(finished_run):
     # The exported model loads with weights_only and replays to the same size.
     import torch
 
-    from evaluators.checkpoint import load_checkpoint
+    from squeezer.evaluators.checkpoint import load_checkpoint
 
     blob = torch.load(run / "best" / "model.pt", weights_only=True)
     assert blob["policy"]["schema"] == "squeezer.policy/1"
@@ -81,12 +81,12 @@ def test_report_json_is_a_stable_interface(finished_run):
 def test_resume_after_kill_keeps_finished_trials(tmp_path):
     run = tmp_path / "runs" / "k"
     env = {**os.environ, "SQUEEZER_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "search.cli", "search", *FAST, "--trials", "5", "--run", str(run)],
+    p = subprocess.Popen([sys.executable, "-m", "squeezer", "search", *FAST, "--trials", "5", "--run", str(run)],
                          cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
     import optuna
 
-    from search.job import STUDY_NAME
+    from squeezer.search.job import STUDY_NAME
 
     storage = f"sqlite:///{run / 'study.db'}"
 
@@ -145,7 +145,7 @@ def test_user_factory_and_torchvision_models_are_adapted(tmp_path):
     r = squeezer("cost", "--model", "mobilenet_v3_small", "--input-shape", "1,64,64", "--json", cwd=tmp_path)
     b = json.loads(r.stdout)
     assert a["macs"] > 0 and b["macs"] > 0 and a["size_bytes"] != b["size_bytes"]  # classes/channels adapted
-    from evaluators.models import build_model
+    from squeezer.evaluators.models import build_model
 
     m = build_model("resnet18", in_channels=1, num_classes=7)
     import torch
@@ -159,8 +159,8 @@ def test_one_seed_trains_one_base(tmp_path):
     trained a different base); another seed, another base."""
     import torch
 
-    from search import job
-    from search.config import SearchConfig
+    from squeezer.search import job
+    from squeezer.search.config import SearchConfig
 
     def base(where, seed):
         run = tmp_path / where / "r"

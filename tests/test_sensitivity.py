@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from search import job
-from search.config import SearchConfig
-from search.sensitivity import (guided_params, load_or_measure, narrowed_choices, project_params,
+from squeezer.search import job
+from squeezer.search.config import SearchConfig
+from squeezer.search.sensitivity import (guided_params, load_or_measure, narrowed_choices, project_params,
                                 space_choices)
 
 
@@ -41,7 +41,7 @@ def test_probes_cover_the_space_and_are_cached(ctx):
     assert div["prune:conv1"]["0.0"] == 0.0 < div["prune:conv1"]["0.25"] < div["prune:conv1"]["0.75"]
     assert all(v >= 0 for row in div.values() for v in row.values())
     assert load_or_measure(ctx) == sens and path.stat().st_mtime_ns == mtime       # cached, not re-measured
-    r = subprocess.run([sys.executable, "-m", "search.cli", "sensitivity", str(ctx.run_dir), "--json"],
+    r = subprocess.run([sys.executable, "-m", "squeezer", "sensitivity", str(ctx.run_dir), "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["probes"] == sens["probes"]
@@ -52,9 +52,9 @@ def test_adaptive_bn_probes_predict_the_loss_after_a_fine_tune(ctx):
     looks catastrophic, and the probe is closer to what a short fine-tune actually loses."""
     import copy
 
-    from compressors.apply import apply_policy_
-    from evaluators.train import evaluate, train
-    from search.sensitivity import _neutral_params, measure
+    from squeezer.compressors.apply import apply_policy_
+    from squeezer.evaluators.train import evaluate, train
+    from squeezer.search.sensitivity import _neutral_params, measure
 
     adaptive = load_or_measure(ctx)
     assert ctx.cfg.sensitivity_bn_images == 512 and adaptive["bn_images"] == 512
@@ -122,7 +122,7 @@ def loose_ctx(ctx):
 
 
 def test_latency_seeds_cut_latency_where_it_costs_least_accuracy(loose_ctx):
-    from search.sensitivity import _aggressiveness, damage_table, predicted_loss
+    from squeezer.search.sensitivity import _aggressiveness, damage_table, predicted_loss
 
     c, sp = loose_ctx, loose_ctx.space
     sens, narrowed = c.extra["sensitivity"], c.extra["narrowed"]
@@ -205,7 +205,7 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
     leave the search without a feasible policy."""
     import optuna
 
-    from search.sensitivity import _aggressiveness, least_violation, most_aggressive
+    from squeezer.search.sensitivity import _aggressiveness, least_violation, most_aggressive
 
     sens, sp = load_or_measure(ctx), ctx.space
     full = space_choices(sp)
@@ -253,7 +253,7 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
         job.sensitivity_first(again, progress=False)
     assert again.extra["narrowed"] == after and again.extra["readmitted"] == back
     # `squeezer sensitivity RUN` shows what the search of that run narrows to.
-    r = subprocess.run([sys.executable, "-m", "search.cli", "sensitivity", str(run), "--json"],
+    r = subprocess.run([sys.executable, "-m", "squeezer", "sensitivity", str(run), "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
@@ -277,7 +277,7 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
     # Backing off from the extreme (the fallback where the forward greedy cannot reach the
     # limit): the result meets the limits, and no single step milder that the probes say buys
     # back accuracy still would.
-    from search.sensitivity import _choice_loss, backed_off_params, damage_table
+    from squeezer.search.sensitivity import _choice_loss, backed_off_params, damage_table
 
     def fits(pol):
         v = job.total_violation(c.estimate(pol), c.cfg, sram)
@@ -307,7 +307,7 @@ def test_seeds_spend_the_slack_a_latency_limit_leaves(ctx):
     compression, and the guided seed spends what it leaves too. Size-only runs are unchanged."""
     import optuna
 
-    from search.sensitivity import _aggressiveness, _choice_loss, damage_table, filled_params
+    from squeezer.search.sensitivity import _aggressiveness, _choice_loss, damage_table, filled_params
 
     sens, sp = load_or_measure(ctx), ctx.space
     sram = job.target_sram(ctx.target)
@@ -363,7 +363,7 @@ def test_filling_skips_dimensions_a_policy_leaves_out():
     unquantized) is left alone instead of failing (CI's base narrowed a seed that way)."""
     from types import SimpleNamespace
 
-    from search.sensitivity import _undo_compression
+    from squeezer.search.sensitivity import _undo_compression
 
     space = SimpleNamespace(trial_policy=lambda p: p)
     ladder = {"abits:conv1": [None, 8, 4], "prune:conv1": [0.0, 0.25, 0.5], "prune:fc": [0.0, 0.25, 0.5]}
@@ -382,7 +382,7 @@ def test_divergence_ranks_settings_more_repeatably_than_accuracy(ctx):
     them about the same on other images, which is what the seeds' greedies need."""
     from scipy.stats import spearmanr
 
-    from search.sensitivity import measure
+    from squeezer.search.sensitivity import measure
 
     calib = ctx.trial_train.first_batches(2, ctx.cfg.batch_size, seed=0)
     a, b = (measure(ctx.base, ctx.space, ctx.data.val, ctx.input_shape, seed=s, calib=calib,

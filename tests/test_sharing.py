@@ -8,14 +8,14 @@ import copy
 import pytest
 import torch
 
-from compressors.apply import apply_policy_, compressible_layers
-from compressors.coding import (decode_tensor, encode_tensor, fixed_width_bytes, huffman_bytes, huffman_code,
+from squeezer.compressors.apply import apply_policy_, compressible_layers
+from squeezer.compressors.coding import (decode_tensor, encode_tensor, fixed_width_bytes, huffman_bytes, huffman_code,
                                 huffman_decode)
-from compressors.policy import LayerPolicy, Policy
-from compressors.quantize import QUANTIZERS, weight_quantizer
-from compressors.sharing import SHARING, ProductQuantizer, attach_sharing_, sharing_bits
-from compressors.sparsity import magnitude_mask
-from evaluators.train import evaluate
+from squeezer.compressors.policy import LayerPolicy, Policy
+from squeezer.compressors.quantize import QUANTIZERS, weight_quantizer
+from squeezer.compressors.sharing import SHARING, ProductQuantizer, attach_sharing_, sharing_bits
+from squeezer.compressors.sparsity import magnitude_mask
+from squeezer.evaluators.train import evaluate
 
 torch.set_num_threads(1)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from evaluators.models import build_model
-from search.space import SearchSpace
+from squeezer.evaluators.models import build_model
+from squeezer.search.space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from compressors.apply import apply_policy_
-from compressors.policy import LayerPolicy, Policy, SparsityConfig
-from compressors.sparsity import SPARSITY_METHODS, attach_mask_, n_zero, sparsity_step_hook, weight_mask
-from evaluators.train import evaluate, train
+from squeezer.compressors.apply import apply_policy_
+from squeezer.compressors.policy import LayerPolicy, Policy, SparsityConfig
+from squeezer.compressors.sparsity import SPARSITY_METHODS, attach_mask_, n_zero, sparsity_step_hook, weight_mask
+from squeezer.evaluators.train import evaluate, train
 
 torch.set_num_threads(1)
 

@@ -44,23 +44,23 @@ def register(subparsers: Any) -> None:
 
 def check_names(policy: Any) -> None:
     """Every method the policy names exists (before any training); UserError with a hint otherwise."""
-    from compressors.lowrank import DECOMPOSITIONS
-    from compressors.pruning import PRUNING_CRITERIA
-    from compressors.quantize import QUANTIZERS
-    from compressors.registry import UnknownNameError
-    from compressors.sparsity import SPARSITY_METHODS
+    from ...compressors.lowrank import DECOMPOSITIONS
+    from ...compressors.pruning import PRUNING_CRITERIA
+    from ...compressors.quantize import QUANTIZERS
+    from ...compressors.registry import UnknownNameError
+    from ...compressors.sparsity import SPARSITY_METHODS
 
     checks = [(PRUNING_CRITERIA, policy.pruning.criterion), (SPARSITY_METHODS, policy.sparsity.method)]
     for lp in policy.layers.values():
         checks += [(QUANTIZERS, lp.quantizer), (DECOMPOSITIONS, lp.decomposition)]
         if lp.sharing is not None:
-            from compressors.sharing import SHARING
+            from ...compressors.sharing import SHARING
             checks.append((SHARING, lp.sharing))
     if policy.regularizer is not None:
-        from compressors.regularizers import REGULARIZERS
+        from ...compressors.regularizers import REGULARIZERS
         checks.append((REGULARIZERS, policy.regularizer))
     if policy.distill is not None:
-        from compressors.distill import DISTILLATION
+        from ...compressors.distill import DISTILLATION
         checks.append((DISTILLATION, policy.distill.method))
     for reg, name in checks:
         try:
@@ -70,7 +70,7 @@ def check_names(policy: Any) -> None:
 
 
 def load_policy(path: str) -> Any:
-    from compressors.policy import Policy, PolicyError
+    from ...compressors.policy import Policy, PolicyError
 
     try:
         policy = Policy.load(path)
@@ -84,9 +84,9 @@ def base_model(args: argparse.Namespace, data: Any) -> tuple[Any, dict[str, Any]
     """``--checkpoint``, else the cache (same key as the search's), else train and cache."""
     import torch
 
-    from evaluators.checkpoint import CheckpointError, load_checkpoint, load_state_dict_into, save_checkpoint
-    from evaluators.models import build_model
-    from evaluators.train import train
+    from ...evaluators.checkpoint import CheckpointError, load_checkpoint, load_state_dict_into, save_checkpoint
+    from ...evaluators.models import build_model
+    from ...evaluators.train import train
 
     torch.manual_seed(args.seed)  # the initialisation too: one seed, one base
     try:
@@ -118,7 +118,7 @@ def base_model(args: argparse.Namespace, data: Any) -> tuple[Any, dict[str, Any]
 def measure(model: Any, input_shape: tuple[int, ...], policy: Any, target: str) -> dict[str, Any]:
     """Size / latency / energy from ``hw_models`` (``base`` model + policy); parameter count if unavailable."""
     try:
-        import hw_models
+        from ... import hw_models
 
         cost = hw_models.estimate(model, input_shape=input_shape, target=target, policy=policy)
         return {"size_bytes": int(cost.size_bytes), "latency_ms": float(cost.latency_ms),
@@ -136,11 +136,11 @@ def measure(model: Any, input_shape: tuple[int, ...], policy: Any, target: str) 
 def handler(args: argparse.Namespace) -> int:
     import torch
 
-    from compressors.apply import apply_policy_
-    from compressors.pruning import PruneResult
-    from compressors.sparsity import sparsity_step_hook
-    from evaluators.datasets import load_dataset
-    from evaluators.train import evaluate, recalibrate_bn_, train
+    from ...compressors.apply import apply_policy_
+    from ...compressors.pruning import PruneResult
+    from ...compressors.sparsity import sparsity_step_hook
+    from ...evaluators.datasets import load_dataset
+    from ...evaluators.train import evaluate, recalibrate_bn_, train
 
     if args.finetune_epochs < 0:
         raise UserError(f"`--finetune-epochs >= 0` must hold, but got {args.finetune_epochs}")
@@ -159,7 +159,7 @@ def handler(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     reg_stats: dict[str, Any] = {}
     if policy.regularizer is not None:
-        from compressors.regularizers import regularized_train
+        from ...compressors.regularizers import regularized_train
 
         reg_stats = regularized_train(model, data.train, policy, epochs=max(args.finetune_epochs, 0.5), lr=args.lr,
                                       seed=args.seed, progress=not args.json, desc="regularised training")
@@ -184,7 +184,7 @@ def handler(args: argparse.Namespace) -> int:
     if reg_stats:
         out["regularizer"] = {k: v for k, v in reg_stats.items() if k not in ("steps", "loss")}
     if args.out:
-        from evaluators.checkpoint import save_checkpoint
+        from ...evaluators.checkpoint import save_checkpoint
 
         save_checkpoint(args.out, model, model_name=args.model, input_shape=shape, num_classes=data.num_classes,
                         policy=resolved, normalization={"mean": data.mean, "std": data.std},

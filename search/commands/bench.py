@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from compressors.export_bench import BenchError, bench_artifact
+    from ...compressors.export_bench import BenchError, bench_artifact
 
     shape = None
     if args.input_shape:

@@ -79,10 +79,10 @@ def resolve_model(run: Path, trial: int | None, finetune: float | None, data_fn:
     if finetune is None:
         raise UserError(f"trial {trial} has no fine-tuned model ({ckpt} is missing); fine-tune it first: "
                         f"squeezer export {run} --trial {trial} --finetune 1")
-    from compressors.export import finetune_policy
-    from compressors.policy import Policy, PolicyError
-    from evaluators.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from evaluators.train import evaluate
+    from ...compressors.export import finetune_policy
+    from ...compressors.policy import Policy, PolicyError
+    from ...evaluators.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from ...evaluators.train import evaluate
 
     try:
         policy = Policy.from_dict(rec.get("policy") or {})
@@ -128,9 +128,9 @@ def format_table(results: list[Any], reported: dict[str, Any], label: str) -> st
 
 
 def handler(args: argparse.Namespace) -> int:
-    from compressors.export import EXPORT_FORMATS, ExportError, VerificationError, export_model
-    from compressors.registry import UnknownNameError
-    from evaluators.checkpoint import CheckpointError, load_checkpoint
+    from ...compressors.export import EXPORT_FORMATS, ExportError, VerificationError, export_model
+    from ...compressors.registry import UnknownNameError
+    from ...evaluators.checkpoint import CheckpointError, load_checkpoint
 
     run = Path(args.run)
     if not run.is_dir():
@@ -149,7 +149,7 @@ def handler(args: argparse.Namespace) -> int:
 
     def data_fn() -> Any:
         if "data" not in cache:
-            from evaluators.datasets import DatasetNotFound, load_dataset
+            from ...evaluators.datasets import DatasetNotFound, load_dataset
 
             try:
                 d = load_dataset(cfg.get("dataset") or "fashion-mnist", args.data_root or cfg.get("data_root"),

@@ -9,13 +9,13 @@ from typing import Any
 
 #: kind -> (module, registry attribute, policy field that selects it)
 KINDS: dict[str, tuple[str, str, str]] = {
-    "pruning_criteria": ("compressors.pruning", "PRUNING_CRITERIA", 'pruning.criterion'),
-    "sparsity_methods": ("compressors.sparsity", "SPARSITY_METHODS", 'sparsity.method'),
-    "quantizers": ("compressors.quantize", "QUANTIZERS", 'layers.*.quantizer'),
-    "sharing": ("compressors.sharing", "SHARING", 'layers.*.sharing'),
-    "decompositions": ("compressors.lowrank", "DECOMPOSITIONS", 'layers.*.decomposition'),
-    "regularizers": ("compressors.regularizers", "REGULARIZERS", 'regularizer'),
-    "distillation": ("compressors.distill", "DISTILLATION", 'distill.method'),
+    "pruning_criteria": ("...compressors.pruning", "PRUNING_CRITERIA", 'pruning.criterion'),
+    "sparsity_methods": ("...compressors.sparsity", "SPARSITY_METHODS", 'sparsity.method'),
+    "quantizers": ("...compressors.quantize", "QUANTIZERS", 'layers.*.quantizer'),
+    "sharing": ("...compressors.sharing", "SHARING", 'layers.*.sharing'),
+    "decompositions": ("...compressors.lowrank", "DECOMPOSITIONS", 'layers.*.decomposition'),
+    "regularizers": ("...compressors.regularizers", "REGULARIZERS", 'regularizer'),
+    "distillation": ("...compressors.distill", "DISTILLATION", 'distill.method'),
 }
 
 
@@ -34,7 +34,7 @@ def collect() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for kind, (mod, attr, fld) in KINDS.items():
         try:
-            reg = getattr(importlib.import_module(mod), attr)  # lazy: sharing etc. load only here
+            reg = getattr(importlib.import_module(mod, __package__), attr)  # lazy: sharing etc. load only here
             out[kind] = {"field": fld, "methods": {n: reg.summary(n) for n in reg.names()}}
         except Exception as e:  # noqa: BLE001 - report, keep listing the others
             out[kind] = {"field": fld, "methods": {}, "error": f"{type(e).__name__}: {e}"}

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from search.errors import UserError
+from ..errors import UserError
 
 
 def register(subparsers: Any) -> None:
@@ -30,9 +30,9 @@ def register(subparsers: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from search import job
-    from search.config import SearchConfig
-    from search.sensitivity import load_or_measure, space_choices, summarize
+    from .. import job
+    from ..config import SearchConfig
+    from ..sensitivity import load_or_measure, space_choices, summarize
 
     run = Path(args.run_dir)
     if not run.is_dir():

@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from squeezer.compressors.export import deploy_model, export_model, export_onnx, runtime_op_types  # noqa: E402
 from squeezer.evaluators.checkpoint import load_checkpoint  # noqa: E402
 from squeezer.evaluators.datasets import load_dataset  # noqa: E402
+from squeezer.evaluators.export import deploy_model, export_model, export_onnx, runtime_op_types  # noqa: E402
 
 BUDGETS = {"resnet20": "300kB", "mobilenet_v2": "2MB"}
 

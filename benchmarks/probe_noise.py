@@ -40,14 +40,15 @@ def main(argv=None) -> int:
     p.add_argument("--many", type=int, default=1024, help="validation images of the reference probes")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
-    from squeezer.search import job
     from squeezer.search.config import SearchConfig
+    from squeezer.search.context import prepare
     from squeezer.search.sensitivity import measure
+    from squeezer.search.workload import named_workload
 
     torch.set_num_threads(1)
     run = Path(args.run)
     cfg = SearchConfig.load(run / "config.yaml")
-    ctx = job.prepare(cfg, run, progress=False)
+    ctx = prepare(cfg, run, named_workload(cfg), progress=False)
     calib = ctx.trial_train.first_batches(2, cfg.batch_size, seed=0)
     res = {n: measure(ctx.base, ctx.space, ctx.data.val, ctx.input_shape, val_size=n, seed=cfg.seed, calib=calib,
                       bn_data=ctx.trial_train, bn_images=cfg.sensitivity_bn_images)

@@ -64,8 +64,10 @@ def run_search(args, model, budget, name, *, step_budget: int | None = None, **k
     """One search; with ``step_budget``, more trials until its fine-tune steps would exceed it."""
     import optuna
 
-    from squeezer.search import job
+    from squeezer.search.pipeline import start
     from squeezer.search.report import report
+    from squeezer.search.runfolder import storage_url
+    from squeezer.search.study import STUDY_NAME
 
     cfg = _cfg(args, model, budget, name, **kw)
 
@@ -73,15 +75,15 @@ def run_search(args, model, budget, name, *, step_budget: int | None = None, **k
         return (step_budget - fine_tune_steps(study)) // cfg.trial_steps  # each trial runs <= trial_steps
 
     t0 = time.time()
-    summary = job.search(cfg, progress=False, extend=extend if step_budget else None)
+    summary = start(cfg, progress=False, extend=extend if step_budget else None)[1]
     rep = report(cfg.run)
     best = summary["best"]
     return {"method": name, "test_accuracy": best["test_accuracy"], "val_accuracy": best["val_accuracy"],
             "latency_ms": best["latency_ms"], "energy_mj": best["energy_mj"], "size_bytes": best["size_bytes"],
             "status": best["status"], "hypervolume": rep["hypervolume"]["value"],
             "trained_trials": summary["trials"], "samples": summary["samples"],
-            "fine_tune_steps": fine_tune_steps(optuna.load_study(study_name=job.STUDY_NAME,
-                                                                storage=job.storage_url(cfg, Path(cfg.run)))),
+            "fine_tune_steps": fine_tune_steps(optuna.load_study(study_name=STUDY_NAME,
+                                                                storage=storage_url(cfg, Path(cfg.run)))),
             "search_seconds": summary["search_seconds"], "wall_seconds": round(time.time() - t0, 1)}
 
 
@@ -143,12 +145,13 @@ def run_uniform_fit(args, model, budget) -> dict:
 def _baseline_ctx(args, model, budget, name):
     """A baseline without search: its run folder and prepared context (the cached base), and
     the time it starts (the row's wall time leaves out preparing)."""
-    from squeezer.search import job
+    from squeezer.search.context import prepare
+    from squeezer.search.workload import named_workload
 
     cfg = _cfg(args, model, budget, name, sensitivity=False)
     run = Path(cfg.run)
     run.mkdir(parents=True, exist_ok=True)
-    return job.prepare(cfg, run, progress=False), time.time()
+    return prepare(cfg, run, named_workload(cfg), progress=False), time.time()
 
 
 def _fine_tune_and_test(name, ctx, m, cost, t0, **extra) -> dict:
@@ -171,7 +174,7 @@ def _fine_tune_and_test(name, ctx, m, cost, t0, **extra) -> dict:
 def scaling(args, model, budget) -> dict:
     """Trials per hour with the Ray backend, 1 worker vs 2 (fresh runs, same settings).
 
-    Trial work = time inside ``job.train_trial`` on a worker (copy of the base model, apply the
+    Trial work = time inside ``train_trial`` on a worker (copy of the base model, apply the
     policy, fine-tune with rungs, validation accuracy), summed over trained trials. Everything
     else a worker's slot spends is "outside trial work": sampling and pricing on the driver while
     the worker waits, storage writes, Ray scheduling and result transfer, and a worker idling at
@@ -182,16 +185,18 @@ def scaling(args, model, budget) -> dict:
     """
     import optuna
 
-    from squeezer.search import job
+    from squeezer.search.pipeline import start
+    from squeezer.search.runfolder import storage_url
+    from squeezer.search.study import STUDY_NAME, trained_trials
 
     out = {}
     for workers in (1, 2):
         cfg = _cfg(args, model, budget, f"ray{workers}", backend="ray", workers=workers,
                    trials=args.scaling_trials, rungs=None, sensitivity=False, sampler=args.scaling_sampler,
                    final_epochs=0.0)
-        job.search(cfg, progress=False)
-        study = optuna.load_study(study_name=job.STUDY_NAME, storage=job.storage_url(cfg, Path(cfg.run)))
-        n = len(job.trained_trials(study))
+        start(cfg, progress=False)[1]
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url(cfg, Path(cfg.run)))
+        n = len(trained_trials(study))
         info = json.loads((Path(cfg.run) / "ray_workers.json").read_text())
         out[workers] = {"trials": n, "samples": info["samples"], "wall_seconds": info["wall_seconds"],
                         "startup_seconds": info["startup_seconds"], "loop_seconds": info["loop_seconds"],
@@ -208,9 +213,9 @@ def scaling(args, model, budget) -> dict:
     # The Optuna backend (trials in this process) for reference: its share of the search loop.
     cfg = _cfg(args, model, budget, "optuna1", trials=args.scaling_trials, rungs=None, sensitivity=False,
                sampler=args.scaling_sampler, final_epochs=0.0)
-    summary = job.search(cfg, progress=False)
-    study = optuna.load_study(study_name=job.STUDY_NAME, storage=job.storage_url(cfg, Path(cfg.run)))
-    trained = job.trained_trials(study)
+    summary = start(cfg, progress=False)[1]
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url(cfg, Path(cfg.run)))
+    trained = trained_trials(study)
     busy = sum(t.user_attrs.get("train_seconds", 0.0) for t in trained)
     out["optuna_backend"] = {"trials": len(trained), "search_seconds": summary["search_seconds"],
                              "trial_work_seconds": round(busy, 2),

@@ -16,11 +16,12 @@ from . import criteria as _criteria  # noqa: F401  (registers the data-driven pr
 from .apply import ApplyResult, apply_policy_, compressible_layers
 from .distill import DISTILLATION, Distiller, make_distiller
 from .lowrank import DECOMPOSITIONS
-from .policy import (SCHEMA, DistillConfig, LayerPolicy, Policy, PolicyError, PruningConfig,
-                     SparsityConfig)
+from .policy import SCHEMA, DistillConfig, LayerPolicy, Policy, PolicyError, PruningConfig, SparsityConfig
 from .pruning import PRUNING_CRITERIA, ChannelGroups, channel_groups, kept_channels, prune_
 from .quantize import ACT_QUANTIZERS, QUANTIZERS, QuantizedTensor, WeightQuantizer
 from .registry import Registry, UnknownNameError
+from .regularizers import REGULARIZERS
+from .sharing import SHARING
 from .sparsity import SPARSITY_METHODS, sparsity_step_hook
 
 __all__ = [
@@ -31,15 +32,3 @@ __all__ = [
     "QuantizedTensor", "WeightQuantizer", "Distiller", "make_distiller", "sparsity_step_hook",
     "Registry", "UnknownNameError", "SHARING", "REGULARIZERS",
 ]
-
-
-def __getattr__(name: str):  # sklearn-heavy registries load on first use
-    if name == "SHARING":
-        from .sharing import SHARING
-
-        return SHARING
-    if name == "REGULARIZERS":
-        from .regularizers import REGULARIZERS
-
-        return REGULARIZERS
-    raise AttributeError(f"module 'compressors' has no attribute {name!r}")

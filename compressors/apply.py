@@ -22,11 +22,14 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from .layers import compressible_layers
 from .lowrank import DECOMPOSITIONS, can_decompose
 from .policy import LayerPolicy, Policy
 from .pruning import prune_
 from .quantize import attach_act_quant_, attach_weight_quant_
+from .sharing import attach_sharing_
 from .sparsity import attach_mask_
 
 
@@ -44,14 +47,10 @@ class ApplyResult:
     kept: dict[str, int] = field(default_factory=dict)
     layers: dict[str, list[str]] = field(default_factory=dict)  # original FQN -> compressible FQNs now
     decomposed: list[str] = field(default_factory=list)
-    #: The policy with data-driven choices made explicit (e.g. per-group ratios of a global
-    #: saliency rate): replaying it on a fresh model gives the same shapes. Save this one.
+    #: The policy with every pruned group's ratio explicit on its root (``(C - k) / C``; also the
+    #: per-group ratios a global saliency rate chose): replaying it on a fresh model gives the
+    #: same shapes. Save this one.
     policy: Policy | None = None
-
-
-def compressible_layers(model: nn.Module) -> list[str]:
-    """FQNs of conv/linear layers (what a policy can address)."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -80,7 +79,7 @@ def apply_policy_(model: nn.Module, policy: Policy, input_shape: Sequence[int], 
     originals = compressible_layers(model)
     result.kept = prune_(model, policy, input_shape, data=data)
     resolve = getattr(result.kept, "resolved_policy", None)
-    result.policy = resolve(policy) if (resolve is not None and policy.pruning.global_ratio is not None) else policy
+    result.policy = resolve(policy) if resolve is not None else policy
 
     mods = dict(model.named_modules())
     for name in originals:
@@ -102,16 +101,12 @@ def apply_policy_(model: nn.Module, policy: Policy, input_shape: Sequence[int], 
 
 
 def _compress_layer_(layer: nn.Module, lp: LayerPolicy, policy: Policy, *, skip_quantization: bool) -> None:
-    from torch.nn.utils import parametrize
-
     if lp.sparsity > 0:
         attach_mask_(layer, lp.sparsity, policy.sparsity.method)
     if skip_quantization:
         return
     if lp.sharing is not None:
-        from .sharing import attach_sharing_  # weight sharing (k-means, BIRCH, ...) replaces the quantizer
-
-        attach_sharing_(layer, lp)
+        attach_sharing_(layer, lp)  # weight sharing (k-means, BIRCH, ...) replaces the quantizer
     elif lp.weight_bits == 16:
         parametrize.register_parametrization(layer, "weight", _Fp16())
     elif lp.weight_bits is not None:

@@ -1,4 +1,6 @@
-"""More structured-pruning criteria, registered into :data:`compressors.pruning.PRUNING_CRITERIA`.
+"""Structured-pruning criteria: the registry :data:`PRUNING_CRITERIA` and every criterion in it.
+
+* ``l1``, ``l2``, ``random`` — Torch-Pruning's magnitude and random importances.
 
 * ``bn_scale`` — network slimming (Liu et al. 2017): |gamma| of the group's BatchNorms
   (train with the ``slimming`` regulariser to push unimportant gammas to zero).
@@ -26,12 +28,56 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
+import torch_pruning as tp
 from torch import nn
+from torch_pruning.pruner import function as F
 
-from .pruning import PRUNING_CRITERIA, PruneContext, normalize_group_scores
+from .registry import Registry
+
+
+@dataclass
+class PruneContext:
+    """What a criterion may use: the model, a few batches of training data and the loss."""
+
+    model: nn.Module
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    batches: int = 8
+    config: Any = None
+    input_shape: tuple[int, ...] | None = None
+    groups: Any = None  # compressors.pruning.ChannelGroups
+
+
+#: Importance criteria: ``factory(ctx) -> callable(group) -> 1-D scores`` (higher = keep).
+PRUNING_CRITERIA: Registry[Callable[[PruneContext], Callable[[Any], torch.Tensor]]] = Registry("pruning criterion")
+
+
+@PRUNING_CRITERIA.register("l1", summary="L1 norm of the coupled weights (Li et al. 2017)")
+def _l1(ctx: PruneContext):
+    return tp.importance.GroupMagnitudeImportance(p=1)
+
+
+@PRUNING_CRITERIA.register("l2", summary="L2 norm of the coupled weights")
+def _l2(ctx: PruneContext):
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+@PRUNING_CRITERIA.register("random", summary="random channels (a baseline)")
+def _random(ctx: PruneContext):
+    return tp.importance.RandomImportance()
+
+
+def normalize_group_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Scores divided by their group mean, so groups of different layers compare (global ranking)."""
+    m = scores.abs().mean()
+    return scores / m if float(m) > 0 else torch.ones_like(scores)
+
+
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -48,7 +94,6 @@ def iter_batches(data: Any, n: int, batch_size: int = 128) -> Iterator[tuple[tor
 
 
 def _fns():
-    from torch_pruning.pruner import function as F
     return F
 
 
@@ -106,7 +151,6 @@ def _reduce(items: list[tuple[torch.Tensor, list[int]]], size: int) -> torch.Ten
 
 @PRUNING_CRITERIA.register("bn_scale", summary="BN scaling factor |gamma| (network slimming, Liu et al. 2017)")
 def _bn_scale(ctx: PruneContext):
-    import torch_pruning as tp
     return tp.importance.BNScaleImportance()
 
 
@@ -220,8 +264,6 @@ class HardwareBalancedImportance:
     """L1 importance per unit cost: conv groups costed by MACs, FC groups by parameters."""
 
     def __init__(self, ctx: PruneContext) -> None:
-        import torch_pruning as tp
-
         self.l1 = tp.importance.GroupMagnitudeImportance(p=1, normalizer=None)
         self.cost: dict[str, float] = {}
         self.kind: dict[str, str] = {}
@@ -370,7 +412,6 @@ class LassoImportance:
         if got is None:
             return None
         z, size = got
-        import numpy as np
         from sklearn.linear_model import lasso_path
 
         z = z.double().numpy()

@@ -46,9 +46,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
-from .quantize import ActQuantizer, QuantizedTensor, raw_weight
+from .apply import _Fp16
+from .coding import encode_positions, encode_tensor
+from .quantize import ActQuantizer, CodebookQuantizer, QuantizedTensor, TTQQuantizer
+from .sparsity import WeightMask
 
 
 def _pack_bits(codes: np.ndarray, bits: int, signed: bool) -> bytes:
@@ -65,8 +69,6 @@ def _pack_bits(codes: np.ndarray, bits: int, signed: bool) -> bytes:
 
 def _weight_chain(module: nn.Module) -> tuple[torch.Tensor, Any, Any, bool]:
     """(weight before the quantizer, quantizer-like with ``encode`` or None, mask or None, fp16?)."""
-    from .apply import _Fp16
-    from .sparsity import WeightMask
 
     plist = getattr(getattr(module, "parametrizations", None), "weight", None)
     if plist is None:
@@ -87,7 +89,6 @@ def _weight_chain(module: nn.Module) -> tuple[torch.Tensor, Any, Any, bool]:
 
 def _folded_bns(model: nn.Module) -> dict[str, str]:
     """BN FQN -> conv/linear FQN it folds into (the BN's only input, read by nothing else)."""
-    import torch.fx as fx
 
     leaf = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -131,8 +132,6 @@ def _pack_weight(module: nn.Module, coding: str | None, bn_scale: np.ndarray | N
     if mask is not None:
         keep = mask.mask.detach().reshape(-1).bool().cpu().numpy()
         if coding == "huffman":
-            from .coding import encode_positions
-
             parts.append(encode_positions(keep))
         else:
             parts.append(np.packbits(keep.astype(np.uint8), bitorder="little").tobytes())
@@ -173,15 +172,12 @@ def unit_scale(quant: Any) -> bool:
     """Whether ``quant``'s per-channel scale is all ones by construction (k-means / BIRCH /
     spectral codebooks, trained ternary): the codebook holds the values, so no scale is
     stored unless a BatchNorm folds into the layer (then the BN's per-channel scale is)."""
-    from .quantize import CodebookQuantizer, TTQQuantizer
 
     return isinstance(quant, (CodebookQuantizer, TTQQuantizer))
 
 
 def _encode_codes(codes: np.ndarray, bits: int, signed: bool, coding: str | None) -> bytes:
     if coding == "huffman":
-        from .coding import encode_tensor
-
         return encode_tensor(codes.astype(np.int64))
     return _pack_bits(codes, bits, signed)
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+
 SCHEMA = "squeezer.policy/1"
 #: Older schema names we know how to read (migrated on load).
 _LEGACY_SCHEMAS = {"squeezer.policy/0"}
@@ -78,10 +80,6 @@ class LayerPolicy:
         if self.clusters is not None:
             _check(isinstance(self.clusters, int) and self.clusters >= 2, "clusters >= 2",
                    f"clusters={self.clusters!r}")
-
-    @property
-    def is_identity(self) -> bool:
-        return self == LayerPolicy()
 
 
 @dataclass(frozen=True)
@@ -232,9 +230,6 @@ class Policy:
             regularizer=d.get("regularizer"),
         )
 
-    def to_json(self, **kw: Any) -> str:
-        return json.dumps(self.to_dict(), indent=2, **kw)
-
     def save(self, path: str | Path, *, meta: Mapping[str, Any] | None = None) -> Path:
         """Write JSON (or YAML when the suffix is .yaml/.yml)."""
         path = Path(path)
@@ -243,7 +238,6 @@ class Policy:
         if meta:
             d["meta"] = dict(meta)
         if path.suffix in (".yaml", ".yml"):
-            import yaml
             path.write_text(yaml.safe_dump(d, sort_keys=False))
         else:
             path.write_text(json.dumps(d, indent=2) + "\n")
@@ -257,7 +251,6 @@ class Policy:
         text = path.read_text()
         try:
             if path.suffix in (".yaml", ".yml"):
-                import yaml
                 d = yaml.safe_load(text)
             else:
                 d = json.loads(text)

@@ -18,14 +18,16 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Sequence
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
+from .criteria import PRUNING_CRITERIA, PruneContext, normalize_group_scores
+from .layers import classifier_name
 from .policy import Policy
-from .registry import Registry
 
 Segment = tuple[str | None, int, int]  # (group id or None if never pruned, channels, group size)
 
@@ -84,8 +86,7 @@ def _example(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
 
 
 def build_graph(model: nn.Module, input_shape: Sequence[int]):
-    import torch_pruning as tp
-
+    
     was_training = model.training
     model.eval()
     try:
@@ -96,8 +97,6 @@ def build_graph(model: nn.Module, input_shape: Sequence[int]):
 
 
 def _ignored(model: nn.Module, ignored: Iterable[str] | None) -> list[nn.Module]:
-    from ..evaluators.models import classifier_name  # local: evaluators is a sibling, no cycle at import
-
     names = set(ignored or ())
     last = classifier_name(model)
     if last is not None:
@@ -146,43 +145,6 @@ def channel_groups(model: nn.Module, input_shape: Sequence[int], *,
     return cg
 
 
-# --- importance criteria -----------------------------------------------------------------
-
-@dataclass
-class PruneContext:
-    """What a criterion may use: the model, a few batches of training data and the loss."""
-
-    model: nn.Module
-    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
-    batches: int = 8
-    config: Any = None
-    input_shape: tuple[int, ...] | None = None
-    groups: ChannelGroups | None = None
-
-
-#: Importance criteria: ``factory(ctx) -> callable(group) -> 1-D scores`` (higher = keep).
-PRUNING_CRITERIA: Registry[Callable[[PruneContext], Callable[[Any], torch.Tensor]]] = Registry("pruning criterion")
-
-
-@PRUNING_CRITERIA.register("l1", summary="L1 norm of the coupled weights (Li et al. 2017)")
-def _l1(ctx: PruneContext):
-    import torch_pruning as tp
-    return tp.importance.GroupMagnitudeImportance(p=1)
-
-
-@PRUNING_CRITERIA.register("l2", summary="L2 norm of the coupled weights")
-def _l2(ctx: PruneContext):
-    import torch_pruning as tp
-    return tp.importance.GroupMagnitudeImportance(p=2)
-
-
-@PRUNING_CRITERIA.register("random", summary="random channels (a baseline)")
-def _random(ctx: PruneContext):
-    import torch_pruning as tp
-    return tp.importance.RandomImportance()
-
-
 class PruneResult(dict):
     """``{group id: channels kept}`` plus each group's original size (``.sizes``).
 
@@ -213,7 +175,6 @@ def resolve_pruned_policy(policy: Policy, kept: dict[str, int], sizes: dict[str,
         >>> kept_channels(16, p.layers["conv"].prune_ratio)
         5
     """
-    from dataclasses import replace
 
     out = replace(policy, pruning=replace(policy.pruning, global_ratio=None))
     for gid, k in kept.items():
@@ -249,12 +210,6 @@ def _allocate_global(scores: dict[str, torch.Tensor], sizes: dict[str, int], rat
     if round_to and round_to > 1:
         kept = {g: min(sizes[g], int(math.ceil(k / round_to) * round_to)) for g, k in kept.items()}
     return kept
-
-
-def normalize_group_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Scores divided by their group mean, so groups of different layers compare (global ranking)."""
-    m = scores.abs().mean()
-    return scores / m if float(m) > 0 else torch.ones_like(scores)
 
 
 def prune_(model: nn.Module, policy: Policy, input_shape: Sequence[int], *,
@@ -327,6 +282,3 @@ def prune_(model: nn.Module, policy: Policy, input_shape: Sequence[int], *,
         after(ctx, dropped)
     return PruneResult(kept, cg.sizes)
 
-
-# Extra criteria (bn_scale, taylor, saliency, hardware_balanced, lasso) register themselves here.
-from . import criteria as _criteria  # noqa: E402,F401  (import for registration)

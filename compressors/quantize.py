@@ -26,7 +26,9 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from .coding import huffman_bytes
 from .registry import Registry
 
 
@@ -73,7 +75,6 @@ class QuantizedTensor:
             24
         """
         if coding == "huffman":
-            from .coding import huffman_bytes
             code_bytes = huffman_bytes(self.codes)
         elif coding is None:
             code_bytes = math.ceil(self.codes.numel() * self.bits / 8)
@@ -729,7 +730,6 @@ def attach_act_quant_(module: nn.Module, bits: int, method: str = "uniform") -> 
 
 def attach_weight_quant_(module: nn.Module, quantizer: str, bits: int) -> WeightQuantizer:
     """Fake-quantize ``module.weight`` with the named quantizer (a parametrization)."""
-    from torch.nn.utils import parametrize
 
     q = QUANTIZERS.get(quantizer)(bits, module.weight.detach())
     parametrize.register_parametrization(module, "weight", q)

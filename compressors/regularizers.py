@@ -15,26 +15,19 @@ pruning / quantization / sharing step loses little (``Policy.regularizer`` selec
 A regulariser is ``factory(policy, model, **options) -> Regularizer`` with ``loss(model)``
 (added to the training loss), ``step(model, step)`` (after each optimizer step) and
 ``finish(model) -> dict`` (the final projection / clustering; returns statistics).
-:func:`regularized_train` wires it into :func:`evaluators.train.train`.
-
-Example:
-    >>> from squeezer.evaluators.datasets import load_dataset
-    >>> from squeezer.compressors.policy import Policy
-    >>> d = load_dataset("digits")
-    >>> m = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 10))
-    >>> stats = regularized_train(m, d.train, Policy(regularizer="sgl_admm"), epochs=0.2, progress=False)
-    >>> stats["zero_channels"] > 0
-    True
+:func:`evaluators.finetune.regularized_train` wires it into :func:`evaluators.train.train`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .layers import classifier_name
 from .policy import Policy
 from .registry import Registry
 
@@ -66,8 +59,6 @@ REGULARIZERS: Registry[Callable[..., Regularizer]] = Registry("regularizer")
 
 def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv/linear layers except the classifier (its outputs are the classes)."""
-    from ..evaluators.models import classifier_name
-
     last = classifier_name(model)
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and n != last
@@ -270,8 +261,6 @@ class OWLAPRegularizer(Regularizer):
 
     @torch.no_grad()
     def finish(self, model: nn.Module) -> dict[str, Any]:
-        import warnings
-
         from sklearn.cluster import AffinityPropagation
         from sklearn.exceptions import ConvergenceWarning
 
@@ -315,43 +304,3 @@ def make_regularizer(policy: Policy, model: nn.Module, **options: Any) -> Regula
     if policy.regularizer is None:
         return Regularizer()
     return REGULARIZERS.get(policy.regularizer)(policy, model, **options)
-
-
-def regularized_train(model: nn.Module, data: Any, policy: Policy, *, epochs: float = 1.0, lr: float = 0.05,
-                      options: dict[str, Any] | None = None, finish: bool = True, retrain_fraction: float = 0.3,
-                      **train_kw: Any) -> dict[str, Any]:
-    """Train ``model`` with ``policy.regularizer`` (extra loss + per-step hook), then finish it.
-
-    ``retrain_fraction`` of the epochs is spent after :meth:`Regularizer.finish` retraining
-    inside the final set (masked + quantized for ``sgl_admm``, tied for ``owl_ap``).
-    Other keyword arguments go to :func:`evaluators.train.train` (``step_hook`` is chained).
-
-    Returns:
-        The training statistics merged with the regulariser's ``finish`` statistics.
-    """
-    from ..evaluators.train import train
-
-    reg = make_regularizer(policy, model, **(options or {}))
-    user_hook = train_kw.pop("step_hook", None)
-
-    def hook(m: nn.Module, step: int) -> None:
-        reg.step(m, step)
-        if user_hook is not None:
-            user_hook(m, step)
-
-    if not 0.0 <= retrain_fraction < 1.0:
-        raise ValueError(f"`0 <= retrain_fraction < 1` must hold, but got retrain_fraction={retrain_fraction}")
-    if not finish:
-        retrain_fraction = 0.0
-    stats: dict[str, Any] = dict(train(model, data, epochs=epochs * (1 - retrain_fraction), lr=lr,
-                                       extra_loss=reg.loss, step_hook=hook, **train_kw))
-    if finish:
-        stats.update(reg.finish(model))
-        if retrain_fraction > 0 and policy.regularizer is not None:
-            def retrain_hook(m: nn.Module, step: int) -> None:
-                reg.constrain(m, step)
-                if user_hook is not None:
-                    user_hook(m, step)
-
-            train(model, data, epochs=epochs * retrain_fraction, lr=lr, step_hook=retrain_hook, **train_kw)
-    return stats

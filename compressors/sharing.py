@@ -36,9 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from .coding import huffman_bytes
 from .policy import LayerPolicy
-from .quantize import CodebookQuantizer, KMeansQuantizer, QuantizedTensor, WeightQuantizer, kmeans1d, nearest_level
+from .quantize import CodebookQuantizer, KMeansQuantizer, QuantizedTensor, WeightQuantizer, kmeans1d
 from .registry import Registry
 
 #: Weight-sharing methods by name: ``cls(bits, weight, clusters=None) -> WeightQuantizer``.
@@ -125,7 +127,6 @@ class ProductQuantizedTensor(QuantizedTensor):
 
     def storage_bytes(self, coding: str | None = None) -> int:
         if coding == "huffman":
-            from .coding import huffman_bytes
             code_bytes = huffman_bytes(self.codes)
         else:
             code_bytes = math.ceil(self.codes.numel() * self.bits / 8)
@@ -227,7 +228,6 @@ def attach_sharing_(layer: nn.Module, layer_policy: LayerPolicy) -> WeightQuanti
         >>> q.encode(lin.parametrizations.weight.original).codebook.numel() <= 16
         True
     """
-    from torch.nn.utils import parametrize
 
     cls = SHARING.get(layer_policy.sharing)
     w = layer.weight.detach()

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .registry import Registry
 
@@ -119,8 +120,6 @@ def sparsity_step_hook(model: nn.Module, *, interval: int = 1) -> Callable[[nn.M
 
 
 def attach_mask_(module: nn.Module, sparsity: float, method: str = "magnitude") -> WeightMask:
-    from torch.nn.utils import parametrize
-
     m = SPARSITY_METHODS.get(method)(module.weight.detach(), sparsity)
     parametrize.register_parametrization(module, "weight", m)
     return m

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..compressors.apply import apply_policy_
 from ..compressors.policy import Policy
+from .models import build_model
 
 FORMAT = "squeezer.model/1"
+#: Model names of this form (``object:ResNetLike``) stand for a model a user passed as an
+#: object: the file holds its weights, the architecture must be passed again.
+OBJECT_PREFIX = "object:"
 
 
 class CheckpointError(ValueError):
@@ -45,20 +51,20 @@ class Loaded:
     model: nn.Module
     model_name: str
     input_shape: tuple[int, int, int]
-    num_classes: int
+    num_classes: int | None
     policy: Policy | None
     normalization: dict[str, list[float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, model_name: str,
-                    input_shape: Sequence[int], num_classes: int, policy: Policy | None = None,
+                    input_shape: Sequence[int], num_classes: int | None, policy: Policy | None = None,
                     normalization: dict[str, Sequence[float]] | None = None,
                     meta: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"format": FORMAT, "model": model_name, "in_channels": int(input_shape[0]),
-            "num_classes": int(num_classes), "input_shape": [int(s) for s in input_shape],
+            "num_classes": None if num_classes is None else int(num_classes), "input_shape": [int(s) for s in input_shape],
             "policy": None if policy is None else policy.to_dict(),
             "normalization": {k: [float(v) for v in vs] for k, vs in (normalization or {}).items()},
             "meta": dict(meta or {}),
@@ -79,11 +85,10 @@ def _read(path: Path) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> Loaded:
-    from ..compressors.apply import apply_policy_
-
-    from .models import build_model
-
+def load_checkpoint(path: str | os.PathLike, *, architecture: nn.Module | None = None) -> Loaded:
+    """Rebuild the model a checkpoint holds: its architecture (by name, or a copy of
+    ``architecture``: the uncompressed model object a run was made from), the policy replayed,
+    the weights loaded."""
     path = Path(path)
     blob = _read(path)
     if not isinstance(blob, dict) or "state_dict" not in blob:
@@ -93,7 +98,13 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
     if blob.get("format") != FORMAT:
         raise CheckpointError(f"unsupported checkpoint format {blob.get('format')!r} in {path}; expected {FORMAT!r}")
     shape = tuple(blob["input_shape"])
-    model = build_model(blob["model"], in_channels=blob["in_channels"], num_classes=blob["num_classes"])
+    if architecture is not None:
+        model = copy.deepcopy(architecture)
+    elif str(blob["model"]).startswith(OBJECT_PREFIX):
+        raise CheckpointError(f"{path} holds a model that was passed as a Python object ({blob['model']}); "
+                              "pass that model again to rebuild it (architecture=...)")
+    else:
+        model = build_model(blob["model"], in_channels=blob["in_channels"], num_classes=blob["num_classes"])
     policy = Policy.from_dict(blob["policy"]) if blob.get("policy") else None
     if policy is not None:
         apply_policy_(model, policy, shape)

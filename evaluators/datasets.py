@@ -1,4 +1,4 @@
-"""Datasets as in-memory tensors with a train / validation / test split.
+"""Named datasets, loaded into memory with a train / validation / test split.
 
 ``load_dataset(name, root=None)`` returns a :class:`DataSplits` whose ``val`` is carved from
 the training set (the search never sees ``test``). Names: ``fashion-mnist`` (default),
@@ -16,82 +16,21 @@ Example:
 from __future__ import annotations
 
 import gzip
-import itertools
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..compressors.registry import did_you_mean
+from .splits import DataSplits, TensorData
 
 KNOWN = ("fashion-mnist", "mnist", "cifar10", "digits", "imagefolder:PATH")
 
 
 class DatasetNotFound(FileNotFoundError):
     """The data is not on this machine and cannot be downloaded; the message says how to get it."""
-
-
-@dataclass
-class TensorData:
-    x: torch.Tensor  # float32, normalised, [N, C, H, W]
-    y: torch.Tensor  # int64 [N]
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def subset(self, n: int | None, seed: int = 0) -> "TensorData":
-        if n is None or n >= len(self):
-            return self
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=g)[:n]
-        return TensorData(self.x[idx], self.y[idx])
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            xb = self.x[idx]
-            if augment:
-                xb = _augment(xb, seed + i)
-            yield xb, self.y[idx]
-
-    def first_batches(self, n: int, batch_size: int, *, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``n`` shuffled batches (calibration data for data-driven criteria), built lazily."""
-        return list(itertools.islice(self.batches(batch_size, shuffle=True, seed=seed), n))
-
-
-def _augment(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Random shifts of up to 2 px (pad + crop) and horizontal flips (cheap, tensor-only)."""
-    g = torch.Generator().manual_seed(seed)
-    n, _, h, w = x.shape
-    pad = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
-    dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
-    out = pad[:, :, dy:dy + h, dx:dx + w]
-    flip = torch.rand(n, generator=g) < 0.5
-    out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    return out.contiguous()
-
-
-@dataclass
-class DataSplits:
-    name: str
-    train: TensorData
-    val: TensorData
-    test: TensorData
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: tuple[str, ...] = ()
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
 
 
 def _search_dirs(root: str | os.PathLike | None, debian_name: str) -> list[Path]:

@@ -198,12 +198,3 @@ def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10) -> nn
         return _adapt_torchvision(models.get_model(name, weights=None), in_channels, num_classes)
     raise ValueError(did_you_mean(name, known_models(), "model", shown=ZOO.names(),
                                   more=", any torchvision classification model, or package.module:factory"))
-
-
-def classifier_name(model: nn.Module) -> str | None:
-    """FQN of the output layer (last Linear, else last Conv2d): never pruned."""
-    last = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            last = name
-    return last

@@ -13,19 +13,26 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..compressors.distill import make_distiller
 from ..compressors.policy import DistillConfig
+from .splits import Split
 
-from .datasets import TensorData
+#: A user's metric: ``metric(model, loader) -> float``, higher is better (``loader`` yields
+#: ``(inputs, targets)`` batches of the split being judged).
+Metric = Callable[[nn.Module, Any], float]
+#: A user's fine-tuning loss: ``loss(model, batch, teacher) -> scalar tensor``; ``teacher`` is the
+#: uncompressed model when distillation is on, else None.
+Loss = Callable[[nn.Module, Any, "nn.Module | None"], torch.Tensor]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512) -> float:
+def evaluate(model: nn.Module, data: Split, *, batch_size: int = 512) -> float:
     """Top-1 accuracy in [0, 1]."""
     was = model.training
     model.eval()
@@ -36,12 +43,36 @@ def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512) -> fl
     return correct / max(1, len(data))
 
 
-def train(model: nn.Module, data: TensorData, *, epochs: float = 1.0, lr: float = 0.05,
+def score(model: nn.Module, data: Split, metric: Metric | None = None, *, batch_size: int = 512) -> float:
+    """``metric(model, loader)`` on ``data`` with the model in eval mode (top-1 accuracy if None).
+
+    Example:
+        >>> from squeezer.evaluators.datasets import load_dataset
+        >>> d = load_dataset("digits")
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        >>> score(m, d.val) == evaluate(m, d.val)
+        True
+        >>> score(m, d.val, lambda model, loader: float(sum(len(y) for _, y in loader))) == len(d.val)
+        True
+    """
+    if metric is None:
+        return evaluate(model, data, batch_size=batch_size)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(metric(model, data.loader(batch_size)))
+    finally:
+        model.train(was)
+
+
+def train(model: nn.Module, data: Split, *, epochs: float = 1.0, lr: float = 0.05,
           batch_size: int = 128, weight_decay: float = 5e-4, teacher: nn.Module | None = None,
           distill: DistillConfig | None = None, max_steps: int | None = None, seed: int = 0,
           augment: bool = False, progress: bool | Callable[[int, int, float], None] = True,
           desc: str = "train", step_hook: Callable[[nn.Module, int], None] | None = None,
-          extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> dict[str, float]:
+          extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+          loss_fn: Loss | None = None) -> dict[str, float]:
     """SGD with momentum and a cosine schedule; optional distillation from ``teacher``.
 
     Args:
@@ -50,6 +81,8 @@ def train(model: nn.Module, data: TensorData, *, epochs: float = 1.0, lr: float 
             ``(step, total, loss)`` called every step.
         step_hook: called after each optimizer step (e.g. DNS mask updates, ADMM projections).
         extra_loss: added to the loss (regularisers such as group lasso).
+        loss_fn: the user's loss ``loss_fn(model, batch, teacher)`` instead of cross-entropy with
+            distillation from ``teacher`` (the user's loss does its own distillation).
 
     Returns:
         ``{"steps": ..., "loss": final running loss}``.
@@ -68,19 +101,16 @@ def train(model: nn.Module, data: TensorData, *, epochs: float = 1.0, lr: float 
     model.train()
     bar = None
     if progress is True:
-        from tqdm.auto import tqdm
         bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
     step, running = 0, float("nan")
     try:
         epoch = 0
         while step < total:
             for xb, yb in data.batches(batch_size, shuffle=True, seed=seed + epoch, augment=augment):
-                out = model(xb)
-                t_out = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(xb)
-                loss = distiller.loss(out, t_out, yb)
+                if loss_fn is not None:
+                    loss = loss_fn(model, (xb, yb), teacher)
+                else:
+                    loss = _default_loss(model, teacher, distiller, xb, yb)
                 if extra_loss is not None:
                     loss = loss + extra_loss(model)
                 opt.zero_grad(set_to_none=True)
@@ -108,8 +138,18 @@ def train(model: nn.Module, data: TensorData, *, epochs: float = 1.0, lr: float 
     return {"steps": float(step), "loss": running}
 
 
+def _default_loss(model: nn.Module, teacher: nn.Module | None, distiller: Any, xb: Any, yb: Any) -> torch.Tensor:
+    """Cross-entropy, distilled from ``teacher``'s outputs when there is one."""
+    out = model(xb)
+    t_out = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_out = teacher(xb)
+    return distiller.loss(out, t_out, yb)
+
+
 @torch.no_grad()
-def recalibrate_bn_(model: nn.Module, data: TensorData, *, batches: int = 20, batch_size: int = 128) -> None:
+def recalibrate_bn_(model: nn.Module, data: Split, *, batches: int = 20, batch_size: int = 128) -> None:
     """Re-estimate BatchNorm running statistics (after pruning or quantization)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:

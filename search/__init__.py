@@ -1,4 +1,9 @@
-"""The search: configuration, space, study, run folder and report.
+"""The search: configuration, space, study, backends, run folder, report -- and the Python API.
+
+The public names are re-exported by ``squeezer`` itself (``import squeezer``); this package's
+modules are described in ARCHITECTURE.md. The package is callable: ``squeezer.search(model,
+data, budget="2MB", ...)`` is :func:`search.api.search`, so the API function and the package
+share their name without one hiding the other (``import squeezer.search.space`` still works).
 
 Example:
     >>> from squeezer.search import SearchConfig, parse_size
@@ -8,21 +13,31 @@ Example:
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Any
+
+from . import api
+from .api import Candidate, SearchResult, report, resume, search, sensitivity
+from .apply import Applied, apply
+from .artifacts import Exported, export
 from .budget import format_bytes, parse_size
 from .config import SearchConfig
 from .errors import UserError
 from .space import SearchSpace
+from .tools import bench, calibrate, cost, methods, targets
 
-__all__ = ["SearchConfig", "SearchSpace", "parse_size", "format_bytes", "UserError", "search", "resume", "report"]
+__all__ = ["search", "resume", "report", "sensitivity", "apply", "export", "cost", "targets", "methods", "calibrate",
+           "bench", "SearchResult", "Candidate", "Applied", "Exported", "SearchConfig", "SearchSpace", "UserError",
+           "parse_size", "format_bytes"]
 
 
-def __getattr__(name: str):  # the job pulls in optuna and hw_models: load on use
-    if name in ("search", "resume"):
-        from . import job
+class _CallableModule(types.ModuleType):
+    """This package, callable as :func:`search.api.search`."""
 
-        return getattr(job, name)
-    if name == "report":
-        from .report import report
+    def __call__(self, *args: Any, **kwargs: Any) -> SearchResult:
+        return api.search(*args, **kwargs)
 
-        return report
-    raise AttributeError(f"module 'search' has no attribute {name!r}")
+
+sys.modules[__name__].__class__ = _CallableModule
+__wrapped__ = api.search  # inspect.signature(squeezer.search) and help() show the function's

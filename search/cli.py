@@ -1,8 +1,9 @@
 """The ``squeezer`` command line (the only place that parses arguments or prints for people).
 
-Subcommands here: ``search``, ``resume``, ``report``, ``cost``, ``targets``, ``calibrate``.
-More are discovered in ``search/commands/*.py``: each module's ``register(subparsers)`` adds
-one and sets ``func=handler`` (``handler(args) -> int``).
+Every command parses its arguments, calls the Python API (:mod:`search.api`, :mod:`search.tools`,
+...) and prints. Subcommands here: ``search``, ``resume``, ``report``, ``cost``, ``targets``,
+``calibrate``. More are discovered in ``search/commands/*.py``: each module's
+``register(subparsers)`` adds one and sets ``func=handler`` (``handler(args) -> int``).
 
 Bad input raises :class:`~search.errors.UserError`; ``main`` prints it as one line on
 stderr and exits 2 (set ``SQUEEZER_DEBUG=1`` for tracebacks of unexpected errors).
@@ -17,10 +18,14 @@ import logging
 import os
 import pkgutil
 import sys
-from pathlib import Path
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Sequence
 
+from . import api, commands, tools
+from .budget import format_bytes
+from .config import SearchConfig
 from .errors import UserError
+from .report import format_report, summary_table
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,8 +84,6 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from .config import SearchConfig
-
     base: dict[str, Any] = {}
     if args.config:
         try:
@@ -110,41 +113,14 @@ def _config_from_args(args: argparse.Namespace):
         raise UserError(str(e)) from None
 
 
-def _check_names(cfg) -> None:
-    """Fail fast on unknown model / dataset / target before any work."""
-    from ..evaluators.datasets import KNOWN
-    from ..evaluators.models import ZOO, known_models
-
-    from ..compressors.registry import did_you_mean
-
-    if cfg.model not in ZOO and ":" not in cfg.model and cfg.model not in known_models():
-        try:
-            from ..evaluators.models import build_model
-
-            build_model(cfg.model, in_channels=1, num_classes=10)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    if cfg.dataset not in KNOWN and not cfg.dataset.startswith("imagefolder:"):
-        raise UserError(did_you_mean(cfg.dataset, list(KNOWN), "dataset"))
-    from .job import resolve_target
-
-    resolve_target(cfg.target)
-
-
 def cmd_search(args: argparse.Namespace) -> int:
-    from . import job
-    from .report import summary_table
-
     cfg = _config_from_args(args)
-    _check_names(cfg)
-    summary = job.search(cfg, progress=not args.quiet)
-    _print_summary(summary, args)
+    result = api.search(progress=not args.quiet, **cfg.to_dict())
+    _print_summary(result.summary, args)
     return 0
 
 
 def _print_summary(summary: dict, args: argparse.Namespace) -> None:
-    from .report import summary_table
-
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2, default=str))
         return
@@ -159,31 +135,27 @@ def _print_summary(summary: dict, args: argparse.Namespace) -> None:
     print(f"next: squeezer report {summary['run']}   |   squeezer export {summary['run']} --format onnx")
 
 
-def cmd_resume(args: argparse.Namespace) -> int:
-    from . import job
+def _whole_number(text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise UserError(f"malformed {flag} {text!r}; expected a whole number >= 1") from None
+    if n < 1:
+        raise UserError(f"`trials >= 1` must hold, but got trials={n}")
+    return n
 
-    trials = None
-    if args.trials is not None:
-        try:
-            trials = int(args.trials)
-        except ValueError:
-            raise UserError(f"malformed --trials {args.trials!r}; expected a whole number >= 1") from None
-        if trials < 1:
-            raise UserError(f"`trials >= 1` must hold, but got trials={trials}")
-    summary = job.resume(args.run_dir, trials=trials, progress=not args.quiet, storage=args.storage)
-    _print_summary(summary, args)
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    result = api.resume(args.run_dir, trials=_whole_number(args.trials, "--trials"), progress=not args.quiet,
+                        storage=args.storage)
+    _print_summary(result.summary, args)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import format_report, report
-
-    rep = report(args.run_dir)
-    if not getattr(args, "no_files", False):
-        from .plots import write_report_files
-
-        files = write_report_files(rep, args.run_dir)
-        rep["files"] = {"pareto_png": files["png"], "report_html": files["html"]}
+    rep = api.report(args.run_dir, files=not getattr(args, "no_files", False))
     print(json.dumps(rep, indent=2, default=str) if args.json else format_report(rep))
     if rep.get("files") and not args.json:
         print(f"\nhypervolume {rep['hypervolume']['value']:.4f}; wrote {rep['files']['pareto_png']} "
@@ -192,32 +164,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from .. import hw_models
-    from ..compressors.policy import Policy, PolicyError
-    from ..evaluators.models import build_model
-
-    from .job import resolve_target
-
-    target = resolve_target(args.target)
     shape = _parse_shape(args.input_shape)
-    try:
-        model = build_model(args.model, in_channels=shape[0], num_classes=args.num_classes)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    policy = None
-    if args.policy:
-        try:
-            policy = Policy.load(args.policy)
-        except PolicyError as e:
-            raise UserError(str(e)) from None
-    cost = hw_models.estimate(model, input_shape=shape, target=target, policy=policy)
-    d = cost.to_dict() if hasattr(cost, "to_dict") else dict(cost.__dict__)
+    cost = tools.cost(args.model, input_shape=shape, target=args.target, policy=args.policy,
+                      num_classes=args.num_classes)
     if args.json:
-        print(json.dumps(d, indent=2, default=str))
+        print(json.dumps(cost.to_dict(), indent=2, default=str))
         return 0
-    from .budget import format_bytes
-
-    print(f"{args.model} on {args.target}, input {tuple(shape)}" + (f", policy {args.policy}" if policy else ""))
+    print(f"{args.model} on {args.target}, input {tuple(shape)}" + (f", policy {args.policy}" if args.policy else ""))
     print(f"  size          {format_bytes(cost.size_bytes)} ({int(cost.size_bytes):,} bytes)")
     print(f"  MACs          {cost.macs / 1e6:.2f} M")
     print(f"  latency       {cost.latency_ms:.3f} ms")
@@ -237,11 +190,7 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .. import hw_models
-
-    names = hw_models.list_targets()
-    rows = [hw_models.describe_target(n) for n in names] if hasattr(hw_models, "describe_target") else \
-        [{"name": n} for n in names]
+    rows = tools.targets()
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -253,12 +202,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .. import hw_models
-
-    try:
-        summary = hw_models.cli_calibrate(args.target, args.measurements, args.out)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise UserError(str(e).strip("'\"")) from None
+    summary = tools.calibrate(args.target, args.measurements, args.out)
     print(json.dumps(summary, indent=2, default=str) if args.json else
           "\n".join(f"{k}: {v}" for k, v in summary.items()))
     return 0
@@ -267,7 +211,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="squeezer", description="Make CNNs fit real hardware: joint search of pruning, "
                                              "quantization, low-rank and distillation policies.")
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         v = version("squeezer")
@@ -316,7 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_calibrate)
 
-    from . import commands
 
     for info in pkgutil.iter_modules(commands.__path__):
         mod = importlib.import_module(f"{commands.__name__}.{info.name}")

@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+
+from ..compressors.registry import did_you_mean
 from .budget import parse_positive, parse_size
+
+#: CLI spellings of config fields (``--tolerance`` is ``tolerance_pp``, ...), accepted by
+#: :meth:`SearchConfig.from_dict` and the Python API.
+ALIASES = {"tolerance": "tolerance_pp", "sensitivity_threshold": "sensitivity_threshold_pp"}
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,6 @@ class SearchConfig:
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"`workers >= 1` must hold, but got workers={self.workers!r}")
         if self.backend not in ("optuna", "ray"):
-            from ..compressors.registry import did_you_mean
-
             raise ValueError(did_you_mean(self.backend, ["optuna", "ray"], "backend"))
 
     @property
@@ -134,21 +139,17 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SearchConfig":
         names = {f.name for f in fields(cls)}
-        norm = {str(k).replace("-", "_"): v for k, v in d.items()}
+        norm = {ALIASES.get(k, k): v for k, v in ((str(k).replace("-", "_"), v) for k, v in d.items())}
         unknown = set(norm) - names
         if unknown:
             raise ValueError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(names)}")
         return cls(**norm)
 
     def save(self, path: str | os.PathLike) -> None:
-        import yaml
-
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SearchConfig":
-        import yaml
-
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")

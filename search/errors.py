@@ -3,5 +3,8 @@
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """Bad input from a person (arguments, files, budgets). One line, exit status 2."""
+class UserError(ValueError):
+    """Bad input from a person (arguments, files, budgets, objects passed to the API): one line.
+
+    The CLI prints it and exits with status 2; from Python it is a ``ValueError``.
+    """

@@ -1,58 +1,13 @@
-"""Report files of a run: ``pareto.png`` and ``report.html``, plus the hypervolume.
-
-Hypervolume (2-D, reported as ``hypervolume`` in the report JSON): the area dominated by the
-feasible evaluated trials in the plane (validation accuracy, latency / base latency), bounded by
-the reference point (accuracy 0, the base model's latency). 1.0 would be a perfect model at
-zero latency; a trial no faster than the base model adds nothing. It is comparable across runs
-of the same model and target (the benchmark uses it to compare searches).
-
-Example:
-    >>> hypervolume_2d([(0.9, 0.5), (0.8, 0.25)], ref_latency=1.0)
-    0.65
-"""
+"""Report files of a run: ``pareto.png`` and ``report.html`` (the report data is :mod:`search.report`'s)."""
 
 from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-
-def hypervolume_2d(points: Iterable[tuple[float, float]], *, ref_latency: float) -> float:
-    """Area dominated by ``(accuracy, latency)`` points (max accuracy, min latency) up to
-    ``(0, ref_latency)``, with latency divided by ``ref_latency``."""
-    pts = sorted((lat / ref_latency, acc) for acc, lat in points if lat < ref_latency and acc > 0)
-    area, best = 0.0, 0.0
-    for i, (x, y) in enumerate(pts):
-        best = max(best, y)
-        nxt = pts[i + 1][0] if i + 1 < len(pts) else 1.0
-        area += (nxt - x) * best
-    return round(area, 6)
-
-
-def _feasible(row: dict[str, Any]) -> bool:
-    return max(row.get("constraints") or [0.0]) <= 0
-
-
-def evaluated_points(rep: dict[str, Any]) -> list[dict[str, Any]]:
-    """One point per evaluated trial of the report: accuracy, latency, size, energy, feasibility."""
-    out = []
-    for t in rep.get("trials", []):
-        if t.get("state") != "COMPLETE" or not t.get("evaluated") or not t.get("cost"):
-            continue
-        c = t["cost"]
-        out.append({"number": t["number"], "val_accuracy": t["val_accuracy"], "latency_ms": c["latency_ms"],
-                    "size_bytes": c["size_bytes"], "energy_mj": c["energy_mj"], "feasible": _feasible(t)})
-    return out
-
-
-def report_hypervolume(rep: dict[str, Any]) -> dict[str, Any]:
-    pts = [p for p in evaluated_points(rep) if p["feasible"]]
-    base = rep.get("base") or {}
-    ref = base.get("latency_ms") or max((p["latency_ms"] for p in pts), default=1.0) or 1.0
-    return {"value": hypervolume_2d([(p["val_accuracy"], p["latency_ms"]) for p in pts], ref_latency=ref),
-            "objectives": ["val_accuracy (max)", "latency_ms / reference (min)"],
-            "reference_point": {"val_accuracy": 0.0, "latency_ms": ref}, "n_points": len(pts)}
+from .budget import parse_size
+from .report import evaluated_points, format_report, report_hypervolume
 
 
 def plot_pareto(rep: dict[str, Any], path: str | Path) -> dict[str, Any]:
@@ -63,7 +18,6 @@ def plot_pareto(rep: dict[str, Any], path: str | Path) -> dict[str, Any]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .budget import parse_size
 
     cfg = rep.get("config") or {}
     pts = evaluated_points(rep)
@@ -116,7 +70,6 @@ def plot_pareto(rep: dict[str, Any], path: str | Path) -> dict[str, Any]:
 
 def write_html(rep: dict[str, Any], path: str | Path, *, image: str = "pareto.png") -> None:
     """A self-contained summary page next to the plot (links it by relative path)."""
-    from .report import format_report
 
     hv = rep.get("hypervolume") or report_hypervolume(rep)
     cfg = rep.get("config") or {}

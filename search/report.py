@@ -7,17 +7,32 @@ state name), ``status`` (:func:`trial_status`), ``origin`` (``sampler``, or ``se
 ``seed:sensitivity``, ``seed:sensitivity-latency``), ``values``, ``params``, ``worker``, ``val_accuracy``
 and, for early-stopped trials, ``pruned_at`` and ``rung_accuracy``); ``format_report`` renders it
 for people.
+
+Hypervolume (2-D, reported as ``hypervolume`` in the report JSON): the area dominated by the
+feasible evaluated trials in the plane (validation accuracy, latency / base latency), bounded by
+the reference point (accuracy 0, the base model's latency). 1.0 would be a perfect model at
+zero latency; a trial no faster than the base model adds nothing. It is comparable across runs
+of the same model and target (the benchmark uses it to compare searches).
+
+Example:
+    >>> hypervolume_2d([(0.9, 0.5), (0.8, 0.25)], ref_latency=1.0)
+    0.65
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+import optuna
 
 from .budget import format_bytes
-from .config import SearchConfig
 from .errors import UserError
+from .limits import is_feasible
+from .runfolder import load_config, storage_url
+from .selection import pareto_front
+from .study import STUDY_NAME
 
 
 def _load_json(path: Path) -> dict[str, Any] | None:
@@ -30,19 +45,8 @@ def _load_json(path: Path) -> dict[str, Any] | None:
 
 
 def report(run_dir: str | Path) -> dict[str, Any]:
-    import optuna
-
-    from .job import STUDY_NAME, pareto_front, storage_url
-
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder not found: {run_dir}")
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a squeezer run (no config.yaml)")
-    try:
-        cfg = SearchConfig.load(run_dir / "config.yaml")
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
+    cfg = load_config(run_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials: list = []
     try:
@@ -77,7 +81,6 @@ def report(run_dir: str | Path) -> dict[str, Any]:
     rep = {"schema": "squeezer.report/1", "run": str(run_dir), "config": cfg.to_dict(), "base": base,
            "best": best, "pareto": front, "trials": rows,
            "summary": _load_json(run_dir / "summary.json")}
-    from .plots import report_hypervolume
 
     rep["hypervolume"] = report_hypervolume(rep)
     return rep
@@ -168,3 +171,40 @@ def summary_table(base: dict | None, best: dict | None) -> str:
             r = f"{100 * (best[key] - base[key]):+.2f} pp"
         out.append(f"  {label:<14} {cell(base, key, fmt):>12} {cell(best, key, fmt):>12} {r:>8}")
     return "\n".join(out)
+
+
+def hypervolume_2d(points: Iterable[tuple[float, float]], *, ref_latency: float) -> float:
+    """Area dominated by ``(accuracy, latency)`` points (max accuracy, min latency) up to
+    ``(0, ref_latency)``, with latency divided by ``ref_latency``."""
+    pts = sorted((lat / ref_latency, acc) for acc, lat in points if lat < ref_latency and acc > 0)
+    area, best = 0.0, 0.0
+    for i, (x, y) in enumerate(pts):
+        best = max(best, y)
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else 1.0
+        area += (nxt - x) * best
+    return round(area, 6)
+
+
+def _feasible(row: dict[str, Any]) -> bool:
+    return is_feasible(row.get("constraints"))
+
+
+def evaluated_points(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    """One point per evaluated trial of the report: accuracy, latency, size, energy, feasibility."""
+    out = []
+    for t in rep.get("trials", []):
+        if t.get("state") != "COMPLETE" or not t.get("evaluated") or not t.get("cost"):
+            continue
+        c = t["cost"]
+        out.append({"number": t["number"], "val_accuracy": t["val_accuracy"], "latency_ms": c["latency_ms"],
+                    "size_bytes": c["size_bytes"], "energy_mj": c["energy_mj"], "feasible": _feasible(t)})
+    return out
+
+
+def report_hypervolume(rep: dict[str, Any]) -> dict[str, Any]:
+    pts = [p for p in evaluated_points(rep) if p["feasible"]]
+    base = rep.get("base") or {}
+    ref = base.get("latency_ms") or max((p["latency_ms"] for p in pts), default=1.0) or 1.0
+    return {"value": hypervolume_2d([(p["val_accuracy"], p["latency_ms"]) for p in pts], ref_latency=ref),
+            "objectives": ["val_accuracy (max)", "latency_ms / reference (min)"],
+            "reference_point": {"val_accuracy": 0.0, "latency_ms": ref}, "n_points": len(pts)}

@@ -1,4 +1,7 @@
-"""Samplers beyond Optuna's own: a grid of uniform policies.
+"""The samplers a search can use, by name (:data:`SAMPLERS`): Optuna's and a grid of uniform policies.
+
+``tpe`` (multi-objective TPE with constraints, the default), ``nsga2``, ``random`` (a baseline)
+and ``grid``: :class:`UniformGridSampler`.
 
 ``UniformGridSampler`` walks the grid prune ratio x weight bits x activation bits, giving
 every layer the same settings in a trial (no low-rank, default distillation). Each grid
@@ -17,14 +20,18 @@ Example:
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-KD_DEFAULTS = {"kd_temperature": 4.0, "kd_alpha": 0.5}
+from ..compressors.registry import Registry, UnknownNameError
+from .config import SearchConfig
+from .errors import UserError
+from .space import KD_DEFAULTS, PRUNE_CHOICES, SearchSpace
 
 
 def _nearest(v: Any, choices: Sequence[Any]) -> Any:
@@ -87,3 +94,54 @@ class UniformGridSampler(BaseSampler):
         used = {t.system_attrs.get("grid_id") for t in study.get_trials(deepcopy=False)
                 if t.state != TrialState.FAIL}
         return all(i in used for i in range(len(self.grid)))
+
+
+#: Samplers by name: ``factory(cfg, space) -> optuna.samplers.BaseSampler``.
+SAMPLERS: Registry[Callable[[SearchConfig, SearchSpace | None], BaseSampler]] = Registry("sampler")
+#: Trials of the model-based samplers drawn at random before they model the results.
+N_STARTUP_TRIALS = 4
+
+
+def _constraints(trial: FrozenTrial) -> list[float]:
+    return list(trial.user_attrs.get("constraints", [0.0]))
+
+
+def _constraint_kwargs() -> dict[str, Any]:
+    """Optuna >= 5 reads constraints set on the trial; older versions need ``constraints_func``."""
+    return {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": _constraints}
+
+
+@SAMPLERS.register("tpe", summary="multi-objective TPE with constraints (the default)")
+def _tpe(cfg: SearchConfig, space: SearchSpace | None) -> BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental-feature notices for `group`
+        return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=N_STARTUP_TRIALS, multivariate=True,
+                                          group=True, **_constraint_kwargs())
+
+
+@SAMPLERS.register("nsga2", summary="NSGA-II, population 8")
+def _nsga2(cfg: SearchConfig, space: SearchSpace | None) -> BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=8, **_constraint_kwargs())
+
+
+@SAMPLERS.register("random", summary="uniform random policies (a baseline)")
+def _random(cfg: SearchConfig, space: SearchSpace | None) -> BaseSampler:
+    return optuna.samplers.RandomSampler(seed=cfg.seed)
+
+
+@SAMPLERS.register("grid", summary="the grid of uniform policies, each once (a baseline)")
+def _grid(cfg: SearchConfig, space: SearchSpace | None) -> BaseSampler:
+    return UniformGridSampler(prune_choices=space.prune_choices if space else PRUNE_CHOICES,
+                              weight_bits=space.weight_bits if space else (2, 4, 8),
+                              act_bits=space.act_bits if space else (8,), seed=cfg.seed)
+
+
+def make_sampler(cfg: SearchConfig, space: SearchSpace | None = None) -> BaseSampler:
+    """The sampler ``cfg.sampler`` names (a one-line error for an unknown name)."""
+    try:
+        factory = SAMPLERS.get(cfg.sampler)
+    except UnknownNameError as e:
+        raise UserError(str(e)) from None
+    return factory(cfg, space)

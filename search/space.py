@@ -23,13 +23,24 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from ..compressors.layers import classifier_name
 from ..compressors.lowrank import can_decompose
 from ..compressors.policy import DistillConfig, LayerPolicy, Policy, PruningConfig
 from ..compressors.pruning import ChannelGroups, channel_groups
-from ..evaluators.models import classifier_name
 
 PRUNE_CHOICES = (0.0, 0.25, 0.5, 0.75)
 RANK_CHOICES = (None, 0.5, 0.25)
+
+
+def kd_params(distill: DistillConfig | None = None) -> dict[str, float]:
+    """The distillation dimensions' values for ``distill`` (the defaults of :class:`DistillConfig`
+    when None: what seeds and the uniform grid use)."""
+    d = distill or DistillConfig()
+    return {"kd_temperature": d.temperature, "kd_alpha": d.alpha}
+
+
+#: The default distillation settings as search parameters.
+KD_DEFAULTS = kd_params()
 
 
 @dataclass
@@ -142,8 +153,7 @@ class SearchSpace:
             r = policy.for_layer(name).rank_ratio
             p[f"rank:{name}"] = r if r in self.rank_choices else None
         if self.distill:
-            d = policy.distill or DistillConfig()
-            p["kd_temperature"], p["kd_alpha"] = d.temperature, d.alpha
+            p.update(kd_params(policy.distill))
         return p
 
     # --- reference policies --------------------------------------------------------------

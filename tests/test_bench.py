@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
-from squeezer.compressors.export import export_model
-from squeezer.compressors.export_bench import BenchError, bench_artifact
-from squeezer.compressors.policy import LayerPolicy, Policy
-from squeezer.search.cli import main
 from conftest import compressed
+
+from squeezer.compressors.policy import LayerPolicy, Policy
+from squeezer.evaluators.formats import export_model
+from squeezer.hw_models.bench import BenchError, bench_artifact
+from squeezer.search.cli import main
 
 torch.set_num_threads(1)
 POLICY = Policy(layers={"_default": LayerPolicy(prune_ratio=0.5, weight_bits=8)})

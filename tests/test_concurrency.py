@@ -27,7 +27,7 @@ def test_two_processes_one_run_no_lost_or_duplicate_trials(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     summaries = [json.loads(out) for out, _ in outs]
-    from squeezer.search.job import STUDY_NAME, trained_trials
+    from squeezer.search.study import STUDY_NAME, trained_trials
 
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
     trained = trained_trials(study)

@@ -10,9 +10,15 @@ import re
 import optuna
 import pytest
 
-from squeezer.search import job
+from squeezer.search.backends.local import run_trials
 from squeezer.search.config import SearchConfig
+from squeezer.search.context import prepare
+from squeezer.search.pipeline import start
 from squeezer.search.report import format_report, report
+from squeezer.search.rungs import RungPruner, peers_at
+from squeezer.search.selection import choose_best
+from squeezer.search.study import open_study, trained_trials
+from squeezer.search.workload import named_workload
 
 
 def test_rung_rule_keeps_the_best_fraction():
@@ -21,9 +27,9 @@ def test_rung_rule_keeps_the_best_fraction():
     for acc in (0.9, 0.8):
         t = study.ask()
         t.set_user_attr("rung_acc", {"5": acc})
-    assert not job.should_stop_at_rung(study, 99, 10, 0.1, cfg)     # nobody else reached step 10
-    assert job.should_stop_at_rung(study, 99, 5, 0.5, cfg)          # below the best 1/2 of 3
-    assert not job.should_stop_at_rung(study, 99, 5, 0.95, cfg)     # the best goes on
+    assert not RungPruner(cfg).decide(peers_at(study, 10, but=99), 0.1, None)     # nobody else reached step 10
+    assert RungPruner(cfg).decide(peers_at(study, 5, but=99), 0.5, None)          # below the best 1/2 of 3
+    assert not RungPruner(cfg).decide(peers_at(study, 5, but=99), 0.95, None)     # the best goes on
     assert cfg.rung_steps == (5, 10)
 
 
@@ -34,12 +40,12 @@ def test_rung_rule_judges_a_trial_against_trials_at_least_as_fast():
         t = study.ask()
         t.set_user_attr("rung_acc", {"5": acc})
         t.set_user_attr("cost", {"latency_ms": lat})
-    assert job.should_stop_at_rung(study, 99, 5, 0.7, cfg)                   # all trials count: below the best 2
-    assert job.should_stop_at_rung(study, 99, 5, 0.7, cfg, latency_ms=12.0)  # slower than all: the same
-    assert not job.should_stop_at_rung(study, 99, 5, 0.7, cfg, latency_ms=4.0)   # only the 3 ms one is as fast
-    assert job.should_stop_at_rung(study, 99, 5, 0.7, cfg, latency_ms=7.7)   # 8 ms is within the 5% slack
-    assert not job.should_stop_at_rung(study, 99, 5, 0.1, cfg, latency_ms=2.0)   # the fastest always goes on
-    assert job.should_stop_at_rung(study, 99, 5, 0.5, cfg, latency_ms=9.0)   # 8 ms and 3 ms peers beat it
+    assert RungPruner(cfg).decide(peers_at(study, 5, but=99), 0.7, None)                   # all trials count: below the best 2
+    assert RungPruner(cfg).decide(peers_at(study, 5, but=99), 0.7, 12.0)  # slower than all: the same
+    assert not RungPruner(cfg).decide(peers_at(study, 5, but=99), 0.7, 4.0)   # only the 3 ms one is as fast
+    assert RungPruner(cfg).decide(peers_at(study, 5, but=99), 0.7, 7.7)   # 8 ms is within the 5% slack
+    assert not RungPruner(cfg).decide(peers_at(study, 5, but=99), 0.1, 2.0)   # the fastest always goes on
+    assert RungPruner(cfg).decide(peers_at(study, 5, but=99), 0.5, 9.0)   # 8 ms and 3 ms peers beat it
 
 
 def test_the_chosen_trial_is_the_fastest_within_the_tolerance():
@@ -49,9 +55,9 @@ def test_the_chosen_trial_is_the_fastest_within_the_tolerance():
         t.set_user_attr("evaluated", True)
         t.set_user_attr("constraints", [cons])
         study.tell(t, [acc, lat])
-    assert job.choose_best(study, 0.0)[0].values == [0.910, 10.0]       # the most accurate feasible
-    assert job.choose_best(study, 0.5)[0].values == [0.906, 6.0]        # 0.4 pp less, 40% faster
-    assert job.choose_best(study, 2.0)[0].values == [0.899, 3.0]        # never the infeasible 1 ms one
+    assert choose_best(study, 0.0)[0].values == [0.910, 10.0]       # the most accurate feasible
+    assert choose_best(study, 0.5)[0].values == [0.906, 6.0]        # 0.4 pp less, 40% faster
+    assert choose_best(study, 2.0)[0].values == [0.899, 3.0]        # never the infeasible 1 ms one
     with pytest.raises(ValueError, match="tolerance"):
         SearchConfig(tolerance_pp=-1)
 
@@ -68,16 +74,16 @@ def test_a_destructive_policy_is_stopped_at_the_first_rung(tmp_path):
                        sensitivity=False, seed=1, run=str(tmp_path / "run"),
                        rung_latency_class=False)  # the bad policy is faster: compare with all trials
     run = tmp_path / "run"
-    ctx = job.prepare(cfg, run, progress=False)
+    ctx = prepare(cfg, run, named_workload(cfg), progress=False)
     cfg.save(run / "config.yaml")
-    study = job.open_study(cfg, run, create=True, space=ctx.space)
+    study = open_study(cfg, run, space=ctx.space)
     sp = ctx.space
     good = sp.params_for(sp.uniform_policy(prune_ratio=0.0, weight_bits=8, act_bits=8))
     bad = sp.params_for(sp.uniform_policy(prune_ratio=0.75, weight_bits=8, act_bits=8))
     bad["kd_alpha"] = 0.0
     for p in (good, good, bad):
         study.enqueue_trial(p)
-    job.run_trials(ctx, study, progress=False)
+    run_trials(ctx, study, progress=False)
     trials = study.get_trials()
     first, last = trials[0], trials[2]
     assert first.state.name == "COMPLETE" and first.user_attrs["steps"] == 16    # nothing to compare with yet
@@ -86,7 +92,7 @@ def test_a_destructive_policy_is_stopped_at_the_first_rung(tmp_path):
     assert rec["status"] == "pruned" and rec["steps"] == 4 < cfg.trial_steps
     assert rec["rung_accuracy"]["4"] < first.user_attrs["rung_acc"]["4"]
     # Stopped trials count as trained: exactly the asked-for number ran, no more.
-    assert len(job.trained_trials(study)) == 3 and len(trials) == 3
+    assert len(trained_trials(study)) == 3 and len(trials) == 3
 
     rep = report(run)
     rows = {t["number"]: t for t in rep["trials"]}
@@ -110,10 +116,10 @@ def test_extend_runs_more_trials_before_the_final_stage(tmp_path):
     asked = []
 
     def extend(study):
-        asked.append(len(job.trained_trials(study)))
+        asked.append(len(trained_trials(study)))
         return 2 if len(asked) == 1 else 0
 
-    summary = job.search(cfg, progress=False, extend=extend)
+    summary = start(cfg, progress=False, extend=extend)[1]
     assert asked == [2, 4]                            # asked after the first 2 trials, then after 2 more
     assert summary["trials"] == 4
     assert SearchConfig.load(tmp_path / "run" / "config.yaml").trials == 4      # resume sees the real count

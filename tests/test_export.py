@@ -8,12 +8,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from squeezer.compressors.export import (EXPORT_FORMATS, SIZE_TOLERANCE, MissingExtraError, VerificationError,
-                                compare_runtime, export_model, onnx_runner)
-from squeezer.compressors.policy import LayerPolicy, Policy, PolicyError
-from squeezer.search.cli import main
 from conftest import compressed, fmnist_subset, make_run
+
+from squeezer.compressors.policy import LayerPolicy, Policy, PolicyError
+from squeezer.evaluators.export import (
+    SIZE_TOLERANCE,
+    MissingExtraError,
+    VerificationError,
+    compare_runtime,
+    onnx_runner,
+)
+from squeezer.evaluators.formats import EXPORT_FORMATS, export_model
+from squeezer.search.cli import main
 
 torch.set_num_threads(1)
 
@@ -145,20 +151,20 @@ def test_verification_mismatch_raises(tmp_path):
     # An artifact that computes something else is caught by its accuracy on the test set.
     wrong = lambda x: onnx_runner(ok.path)(x[:, :, ::-1].copy())  # noqa: E731 - flipped images
     acc, tacc, _ = compare_runtime(ld.model, wrong, d.test, mean=d.mean, std=d.std)
-    from squeezer.compressors.export import check_accuracy
+    from squeezer.evaluators.export import check_accuracy
     with pytest.raises(VerificationError, match="PyTorch compressed model"):
         check_accuracy("onnx", acc, tacc, None)
 
 
 def test_pte_missing_extra_names_the_extra(tmp_path, monkeypatch):
-    import squeezer.compressors.export_pte as ep
+    import squeezer.evaluators.export_pte as ep
 
     monkeypatch.setattr(ep, "executorch_available", lambda: False)
     with pytest.raises(MissingExtraError, match=r"pip install squeezer\[executorch\]"):
         export_model(compressed("lenet5", QUANT8, steps=0), "pte", tmp_path / "m.pte")
 
 
-@pytest.mark.skipif(not __import__("squeezer.compressors.export_pte", fromlist=["x"]).executorch_available(),
+@pytest.mark.skipif(not __import__("squeezer.evaluators.export_pte", fromlist=["x"]).executorch_available(),
                     reason="executorch not installed (pip install squeezer[executorch])")
 def test_pte_runs_in_executorch_runtime(tmp_path):
     # A trained base (80% test accuracy): XNNPACK calibrates its own int8 activation grid and

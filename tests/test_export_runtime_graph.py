@@ -14,11 +14,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import compressed, fmnist_subset
 
-from squeezer.compressors.export import deploy_model, export_model, export_onnx, onnx_runner, runtime_op_types
 from squeezer.compressors.policy import LayerPolicy as LP
 from squeezer.compressors.policy import Policy
-from conftest import compressed, fmnist_subset
+from squeezer.evaluators.export import deploy_model, export_onnx, onnx_runner, runtime_op_types
+from squeezer.evaluators.formats import export_model
 
 torch.set_num_threads(1)
 
@@ -93,7 +94,7 @@ def test_weight_only_int8_runs_like_fp32(tmp_path):
 
 
 def test_bench_reports_what_ort_runs(mixed, tmp_path, capsys):
-    from squeezer.compressors.export_bench import bench_artifact
+    from squeezer.hw_models.bench import bench_artifact
     from squeezer.search.cli import main
 
     path = export_model(mixed, "onnx", tmp_path / "m.onnx").path

@@ -159,8 +159,9 @@ def test_time_models_interleaves_models_so_load_drift_hits_all_alike():
 
 
 def test_nb201_isomorphism_classes_match_the_published_count():
-    from squeezer.hw_models.nb201 import OPS, measured_representatives, unique_str
     import itertools
+
+    from squeezer.hw_models.nb201 import OPS, measured_representatives, unique_str
 
     archs = dict(enumerate(itertools.product(OPS, repeat=6)))
     assert len({unique_str(a) for a in archs.values()}) == 6466  # NAS-Bench-201 paper: 6,466 unique cells

@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from squeezer import hw_models
-from squeezer.hw_models.targets import TARGETS_DIR, Target, TargetError, get_target, list_targets, load_target, save_target
+from squeezer.hw_models.targets import (
+    TARGETS_DIR,
+    Target,
+    TargetError,
+    get_target,
+    list_targets,
+    load_target,
+    save_target,
+)
 
 REQUIRED = ["arm-a53", "arm-a72", "arm-a76", "arm-m7", "arm-m4", "host", "eyeriss", "edge-gpu"]
 

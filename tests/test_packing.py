@@ -104,7 +104,12 @@ def test_relative_indices_round_trip_and_beat_the_bitmap_on_a_pruned_layer(train
     """Deep Compression's sparse format: gaps between kept weights, Huffman-coded, escapes for long gaps."""
     import numpy as np
 
-    from squeezer.compressors.coding import decode_positions, encode_positions, relative_index_estimate, relative_index_symbols
+    from squeezer.compressors.coding import (
+        decode_positions,
+        encode_positions,
+        relative_index_estimate,
+        relative_index_symbols,
+    )
 
     assert relative_index_symbols(np.array([0, 0, 0, 0, 0, 0, 0, 1, 1], bool), 3).tolist() == [3, 3, 1, 0]
     w = trained_lenet.classifier[1].weight.detach().abs().reshape(-1).numpy()   # fc1, 48,000 weights

@@ -10,8 +10,14 @@ import torch
 from torch import nn
 
 from squeezer.compressors.policy import LayerPolicy, Policy, PruningConfig
-from squeezer.compressors.pruning import (PRUNING_CRITERIA, PruneContext, build_graph, channel_groups, kept_channels,
-                                 prune_)
+from squeezer.compressors.pruning import (
+    PRUNING_CRITERIA,
+    PruneContext,
+    build_graph,
+    channel_groups,
+    kept_channels,
+    prune_,
+)
 from squeezer.evaluators.datasets import load_dataset
 from squeezer.evaluators.models import build_model
 from squeezer.evaluators.train import evaluate, train

@@ -10,8 +10,14 @@ from torch import nn
 
 from squeezer.compressors.apply import apply_policy_, compressible_layers
 from squeezer.compressors.policy import LayerPolicy, Policy
-from squeezer.compressors.quantize import (ACT_QUANTIZERS, QUANTIZERS, ActQuantizer, attach_act_quant_, attach_weight_quant_,
-                                  raw_weight, weight_quantizer)
+from squeezer.compressors.quantize import (
+    ACT_QUANTIZERS,
+    QUANTIZERS,
+    ActQuantizer,
+    attach_act_quant_,
+    raw_weight,
+    weight_quantizer,
+)
 from squeezer.compressors.registry import UnknownNameError
 from squeezer.evaluators.train import evaluate, train
 

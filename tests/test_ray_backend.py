@@ -33,17 +33,18 @@ def _cfg(run, **kw):
 
 
 def test_two_nodes_share_one_study_in_the_run_folder(cluster, tmp_path):
-    from squeezer.search import job
+    from squeezer.search.pipeline import start
     from squeezer.search.report import report
+    from squeezer.search.study import STUDY_NAME, evaluated_trials, trained_trials
 
     run = tmp_path / "r"
-    summary = job.search(_cfg(run, trial_steps=16), progress=False)  # long enough for both workers to join
+    summary = start(_cfg(run, trial_steps=16), progress=False)[1]  # long enough for both workers to join
     info = json.loads((run / "ray_workers.json").read_text())
     assert len({w["node_id"] for w in info["workers"]}) == 2          # one worker per node
     workers = {w["worker"] for w in info["workers"]}
-    study = optuna.load_study(study_name=job.STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
-    trained = job.trained_trials(study)
-    assert len(trained) == 4 and summary["trials"] == len(job.evaluated_trials(study))   # exactly the asked count
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
+    trained = trained_trials(study)
+    assert len(trained) == 4 and summary["trials"] == len(evaluated_trials(study))   # exactly the asked count
     assert {t.user_attrs["worker"] for t in trained} <= workers and len({t.user_attrs["worker"] for t in trained}) == 2
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     for t in study.trials:
@@ -59,7 +60,8 @@ def test_a_dead_worker_is_reaped_and_replaced(cluster, tmp_path):
     import threading
     import time
 
-    from squeezer.search import job
+    from squeezer.search.pipeline import start
+    from squeezer.search.study import STUDY_NAME, trained_trials
 
     run = tmp_path / "d"
     killed: list[str] = []
@@ -68,12 +70,12 @@ def test_a_dead_worker_is_reaped_and_replaced(cluster, tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             try:
-                study = optuna.load_study(study_name=job.STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
+                study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
             except Exception:  # noqa: BLE001 - not created yet
                 time.sleep(0.5)
                 continue
             for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-                if t.user_attrs.get("training") and len(job.trained_trials(study)) >= 1:
+                if t.user_attrs.get("training") and len(trained_trials(study)) >= 1:
                     pid = int(t.user_attrs["worker"].rsplit(":", 1)[1])
                     os.kill(pid, 9)
                     killed.append(t.user_attrs["worker"])
@@ -82,16 +84,16 @@ def test_a_dead_worker_is_reaped_and_replaced(cluster, tmp_path):
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    job.search(_cfg(run, trials=4, trial_steps=30), progress=False)
+    start(_cfg(run, trials=4, trial_steps=30), progress=False)[1]
     th.join(1)
     assert killed, "no trial was caught running"
-    study = optuna.load_study(study_name=job.STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
     states = [t.state.name for t in study.trials]
     assert "FAIL" in states and "RUNNING" not in states
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert failed[0].user_attrs["worker"] == killed[0]
     retried = [t for t in study.trials if t.user_attrs.get("retried_from") == failed[0].number]
     assert retried and retried[0].params == failed[0].params            # the same policy ran again
-    assert len(job.trained_trials(study)) == 4
+    assert len(trained_trials(study)) == 4
     info = json.loads((run / "ray_workers.json").read_text())
     assert info["restarts"] >= 1

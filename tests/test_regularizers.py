@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from squeezer.compressors.policy import LayerPolicy, Policy
-from squeezer.compressors.regularizers import REGULARIZERS, _prunable, owl_weights, project_sgl_quant, prox_owl, regularized_train
+from squeezer.compressors.regularizers import REGULARIZERS, _prunable, owl_weights, project_sgl_quant, prox_owl
 from squeezer.evaluators.datasets import load_dataset
+from squeezer.evaluators.finetune import regularized_train
 from squeezer.evaluators.train import evaluate, train
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from squeezer.search.plots import hypervolume_2d
+from squeezer.search.report import hypervolume_2d
 
 
 def test_hypervolume_2d_by_hand():
@@ -21,13 +21,13 @@ def test_hypervolume_2d_by_hand():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from squeezer.search import job
     from squeezer.search.config import SearchConfig
+    from squeezer.search.pipeline import start
 
     root = tmp_path_factory.mktemp("rep")
     cfg = SearchConfig(model="resnet20", dataset="digits", budget="60kB", base_epochs=4, trial_steps=4,
                        final_epochs=0.2, trials=3, seed=2, sensitivity=False, run=str(root / "r"))
-    job.search(cfg, progress=False)
+    start(cfg, progress=False)[1]
     return root / "r"
 
 

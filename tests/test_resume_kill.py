@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from squeezer.search.job import STUDY_NAME, trained_trials
+from squeezer.search.study import STUDY_NAME, trained_trials
 
 FAST = ["--model", "resnet20", "--dataset", "digits", "--budget", "2MB", "--target", "arm", "--base-epochs", "1",
         "--trial-steps", "6", "--final-epochs", "0.1", "--seed", "5", "--no-sensitivity", "--sampler", "random",
@@ -132,13 +132,13 @@ def test_ray_driver_killed_mid_sweep_then_resume(tmp_path):
 # writing the file of trained trial number KILL_AT, before Optuna commits that trial.
 KILLER = """
 import os, signal, sys
-from squeezer.search import job
-_write, kill_at = job.write_trial_file, int(os.environ["KILL_AT"])
+import squeezer.search.trial as trial_module
+_write, kill_at = trial_module.write_trial_file, int(os.environ["KILL_AT"])
 def write_then_die(run_dir, rec):
     _write(run_dir, rec)
     if rec["status"] in ("evaluated", "pruned") and rec["number"] >= kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-job.write_trial_file = write_then_die
+trial_module.write_trial_file = write_then_die
 from squeezer.search.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -177,7 +177,7 @@ def test_kill_between_trial_file_and_commit_recovers_the_result(tmp_path, backen
 
 def test_a_trial_file_of_another_study_is_not_recovered(tmp_path):
     """A run folder reused with a new storage has files of other trials under the same numbers."""
-    from squeezer.search.job import recover_from_trial_file
+    from squeezer.search.recovery import recover_from_trial_file
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     t = study.ask()
@@ -201,7 +201,7 @@ def test_a_trial_killed_mid_sampling_is_requeued_with_what_it_had():
     The retry keeps those and the params it was enqueued with, and draws only the rest."""
     from optuna.distributions import FloatDistribution, IntDistribution
 
-    from squeezer.search.job import fail_and_requeue
+    from squeezer.search.recovery import fail_and_requeue
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
     study.enqueue_trial({"a": 3, "c": 0.25})

@@ -7,8 +7,7 @@ import pytest
 
 from squeezer.search.config import SearchConfig
 from squeezer.search.errors import UserError
-from squeezer.search.job import make_sampler
-from squeezer.search.samplers import UniformGridSampler
+from squeezer.search.samplers import UniformGridSampler, make_sampler
 from squeezer.search.space import SearchSpace
 
 

@@ -86,7 +86,7 @@ def test_resume_after_kill_keeps_finished_trials(tmp_path):
 
     import optuna
 
-    from squeezer.search.job import STUDY_NAME
+    from squeezer.search.study import STUDY_NAME
 
     storage = f"sqlite:///{run / 'study.db'}"
 
@@ -159,15 +159,15 @@ def test_one_seed_trains_one_base(tmp_path):
     trained a different base); another seed, another base."""
     import torch
 
-    from squeezer.search import job
     from squeezer.search.config import SearchConfig
+    from squeezer.search.workload import build_base, named_workload
 
     def base(where, seed):
         run = tmp_path / where / "r"
         run.mkdir(parents=True)
         cfg = SearchConfig(model="resnet20", dataset="digits", budget="60kB", base_epochs=1, seed=seed, run=str(run))
         torch.manual_seed(1234 + len(where))  # whatever the process did before must not matter
-        model, meta = job.build_base(cfg, job.load_data(cfg), run, progress=False)
+        model, meta = build_base(cfg, named_workload(cfg), run / "base" / "model.pt", run.parent / ".cache", progress=False)
         assert meta["source"] == "trained"
         return model.state_dict()
 

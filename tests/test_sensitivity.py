@@ -8,10 +8,15 @@ import sys
 
 import pytest
 
-from squeezer.search import job
+import squeezer.search.narrowing as narrowing_module
 from squeezer.search.config import SearchConfig
-from squeezer.search.sensitivity import (guided_params, load_or_measure, narrowed_choices, project_params,
-                                space_choices)
+from squeezer.search.context import prepare
+from squeezer.search.limits import constraints_of, target_sram, total_violation
+from squeezer.search.narrowing import narrowed_choices, project_params, sensitivity_first
+from squeezer.search.samplers import make_sampler
+from squeezer.search.seeds import enqueue_seeds, guided_params, latency_seeds
+from squeezer.search.sensitivity import load_or_measure, space_choices
+from squeezer.search.workload import named_workload
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +25,7 @@ def ctx(tmp_path_factory):
     cfg = SearchConfig(model="resnet20", dataset="digits", budget="60kB", base_epochs=4, seed=1, run=str(run))
     run.mkdir(parents=True)
     cfg.save(run / "config.yaml")
-    return job.prepare(cfg, run, progress=False)
+    return prepare(cfg, run, named_workload(cfg), progress=False)
 
 
 def test_probes_cover_the_space_and_are_cached(ctx):
@@ -54,7 +59,7 @@ def test_adaptive_bn_probes_predict_the_loss_after_a_fine_tune(ctx):
 
     from squeezer.compressors.apply import apply_policy_
     from squeezer.evaluators.train import evaluate, train
-    from squeezer.search.sensitivity import _neutral_params, measure
+    from squeezer.search.sensitivity import measure, neutral_params
 
     adaptive = load_or_measure(ctx)
     assert ctx.cfg.sensitivity_bn_images == 512 and adaptive["bn_images"] == 512
@@ -65,7 +70,7 @@ def test_adaptive_bn_probes_predict_the_loss_after_a_fine_tune(ctx):
     assert a["0.5"] < p["0.5"] and a["0.75"] < p["0.75"] - 20
     # The truth: the stem pruned by 75%, fine-tuned for 30 steps, on the probes' images.
     m = copy.deepcopy(ctx.base)
-    apply_policy_(m, ctx.space.policy_from_params({**_neutral_params(ctx.space), "prune:conv1": 0.75}),
+    apply_policy_(m, ctx.space.policy_from_params({**neutral_params(ctx.space), "prune:conv1": 0.75}),
                   ctx.input_shape, data=calib)
     train(m, ctx.trial_train, epochs=10, max_steps=30, lr=ctx.cfg.trial_lr, batch_size=ctx.cfg.batch_size, seed=0, progress=False)
     sub = ctx.data.val.subset(adaptive["val_size"], seed=ctx.cfg.seed)
@@ -91,11 +96,11 @@ def test_narrowing_drops_damaging_choices_and_keeps_the_mildest(ctx):
 
 def test_guided_seed_meets_the_budget_with_the_least_damage(ctx):
     sens = load_or_measure(ctx)
-    sram = job.target_sram(ctx.target)
+    sram = target_sram(ctx.target)
 
     def fits(pol):
         cost = ctx.estimate(pol)
-        return max(job.constraints_of(cost, ctx.cfg, sram)) <= 0, float(cost.size_bytes)
+        return max(constraints_of(cost, ctx.cfg, sram)) <= 0, float(cost.size_bytes)
 
     params = guided_params(ctx.space, sens, fits)
     assert params is not None
@@ -116,21 +121,21 @@ def loose_ctx(ctx):
     load_or_measure(ctx)
     shutil.copy(ctx.run_dir / "sensitivity.json", run / "sensitivity.json")  # same base, same space
     cfg = ctx.cfg.with_(budget="300kB", run=str(run))
-    loose = job.prepare(cfg, run, progress=False)
-    job.sensitivity_first(loose, progress=False)
+    loose = prepare(cfg, run, named_workload(cfg), progress=False)
+    sensitivity_first(loose, progress=False)
     return loose
 
 
 def test_latency_seeds_cut_latency_where_it_costs_least_accuracy(loose_ctx):
-    from squeezer.search.sensitivity import _aggressiveness, damage_table, predicted_loss
+    from squeezer.search.sensitivity import aggressiveness, damage_table, predicted_loss
 
     c, sp = loose_ctx, loose_ctx.space
-    sens, narrowed = c.extra["sensitivity"], c.extra["narrowed"]
-    sram = job.target_sram(c.target)
+    sens, narrowed = c.sensitivity, c.narrowed
+    sram = target_sram(c.target)
 
     def fits(pol):
         cost = c.estimate(pol)
-        return max(job.constraints_of(cost, c.cfg, sram)) <= 0, float(cost.size_bytes)
+        return max(constraints_of(cost, c.cfg, sram)) <= 0, float(cost.size_bytes)
 
     start = guided_params(sp, sens, fits, narrowed=narrowed)
     int8 = sp.uniform_policy(prune_ratio=0.0, weight_bits=8, act_bits=8)
@@ -138,12 +143,12 @@ def test_latency_seeds_cut_latency_where_it_costs_least_accuracy(loose_ctx):
     # The reference is the fastest near-lossless seed: uniform int8 here (the guided seed keeps fp32 layers).
     ref = min(lat(start), lat(int8))
     assert lat(int8) < lat(start)
-    out = job.latency_seeds(c, sens, start, narrowed, [int8])
+    out = latency_seeds(c, sens, start, narrowed, [int8])
     assert len(out) == 2
     for frac, params in zip((0.75, 0.6), out):
         pol = sp.trial_policy(params)
         assert lat(params) <= frac * ref + 1e-9
-        assert max(job.constraints_of(c.estimate(pol), c.cfg, sram)) <= 0      # still within budget
+        assert max(constraints_of(c.estimate(pol), c.cfg, sram)) <= 0      # still within budget
     assert lat(out[1]) < lat(out[0])
     # Least loss per ms (by the probes): faster than uniform 25% pruning + int8 at less predicted
     # loss (measured: a third to a half of it; the probes vary with the digits base's training).
@@ -155,7 +160,7 @@ def test_latency_seeds_cut_latency_where_it_costs_least_accuracy(loose_ctx):
     assert predicted_loss(damage, out[0]) < predicted_loss(damage, project_params(sp.params_for(uni), narrowed))
     # Each seed only goes further than the one before it (greedy steps never undo one).
     for a, b in ((start, out[0]), (out[0], out[1])):
-        assert all(_aggressiveness(d, b[d]) >= _aggressiveness(d, a[d]) for d in space_choices(sp))
+        assert all(aggressiveness(d, b[d]) >= aggressiveness(d, a[d]) for d in space_choices(sp))
 
 
 def test_search_enqueues_latency_seeds_unless_turned_off(loose_ctx):
@@ -165,7 +170,7 @@ def test_search_enqueues_latency_seeds_unless_turned_off(loose_ctx):
         study = optuna.create_study(directions=["maximize", "minimize"])
         loose_ctx.cfg, old = cfg, loose_ctx.cfg
         try:
-            job.enqueue_seeds(loose_ctx, study)
+            enqueue_seeds(loose_ctx, study)
         finally:
             loose_ctx.cfg = old
         return [t.user_attrs.get("seed_policy") for t in study.get_trials(deepcopy=False)]
@@ -189,10 +194,11 @@ def test_prune_choices_set_the_ratios_of_every_group_the_probes_and_the_uniform_
     assert SearchConfig(prune_choices=[0.375]).prune_ratio_choices == (0.0, 0.375)   # 0 always there
     run = ctx.run_dir.parent / "fine"
     run.mkdir()
-    c = job.prepare(ctx.cfg.with_(prune_choices="0,0.125,0.25,0.375", run=str(run)), run, progress=False)
+    fine = ctx.cfg.with_(prune_choices="0,0.125,0.25,0.375", run=str(run))
+    c = prepare(fine, run, named_workload(fine), progress=False)
     assert c.space.prune_choices == (0.0, 0.125, 0.25, 0.375)
     assert all(space_choices(c.space)[f"prune:{g}"] == [0.0, 0.125, 0.25, 0.375] for g in c.space.groups)
-    grid = job.make_sampler(c.cfg.with_(sampler="grid"), space=c.space)
+    grid = make_sampler(c.cfg.with_(sampler="grid"), c.space)
     assert sorted({p for p, _, _ in grid.grid}) == [0.0, 0.125, 0.25, 0.375]
     # The smallest reachable policy follows the most aggressive choice.
     pol = c.space.smallest_policy()
@@ -205,7 +211,8 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
     leave the search without a feasible policy."""
     import optuna
 
-    from squeezer.search.sensitivity import _aggressiveness, least_violation, most_aggressive
+    from squeezer.search.narrowing import least_violation, most_aggressive
+    from squeezer.search.sensitivity import aggressiveness
 
     sens, sp = load_or_measure(ctx), ctx.space
     full = space_choices(sp)
@@ -226,9 +233,9 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
     shutil.copy(ctx.run_dir / "sensitivity.json", run / "sensitivity.json")
     cfg = ctx.cfg.with_(max_latency_ms=limit, sensitivity_threshold_pp=thr, run=str(run))
     cfg.save(run / "config.yaml")
-    c = job.prepare(cfg, run, progress=False)
-    job.sensitivity_first(c, progress=False)
-    after, back = c.extra["narrowed"], c.extra["readmitted"]
+    c = prepare(cfg, run, named_workload(cfg), progress=False)
+    sensitivity_first(c, progress=False)
+    after, back = c.narrowed, c.readmitted
     assert back and fastest({d: after.get(d, cs) for d, cs in full.items()}) <= limit
     # Only dropped choices come back, each dimension's in order of aggressiveness, and only as
     # many as needed: the space stays narrowed.
@@ -237,7 +244,7 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
         assert loss == sens["probes"][d]["none" if choice is None else str(choice)]
     for d in {d for d, _, _ in back}:
         order = [ch for dd, ch, _ in back if dd == d]
-        assert order == sorted(order, key=lambda ch: _aggressiveness(d, ch))
+        assert order == sorted(order, key=lambda ch: aggressiveness(d, ch))
     dropped = lambda n: sum(len(full[d]) - len(v) for d, v in n.items())  # noqa: E731
     assert dropped(after) == dropped(before) - len(back) and dropped(after) > 0
     # Kept in the run: a later process (resume, a second worker) uses the same choices even if
@@ -248,10 +255,10 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
         raise AssertionError("narrowed again")
 
     with monkeypatch.context() as mp:
-        mp.setattr(job, "narrow", changed)
-        again = job.prepare(cfg, run, progress=False)
-        job.sensitivity_first(again, progress=False)
-    assert again.extra["narrowed"] == after and again.extra["readmitted"] == back
+        mp.setattr(narrowing_module, "narrow", changed)
+        again = prepare(cfg, run, named_workload(cfg), progress=False)
+        sensitivity_first(again, progress=False)
+    assert again.narrowed == after and again.readmitted == back
     # `squeezer sensitivity RUN` shows what the search of that run narrows to.
     r = subprocess.run([sys.executable, "-m", "squeezer", "sensitivity", str(run), "--json"],
                        capture_output=True, text=True, timeout=300)
@@ -262,9 +269,9 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
     # The seeds then meet the limit and the budget (a sensitivity-guided policy where it is not
     # one of the uniform ones already: the same policy is not enqueued twice).
     study = optuna.create_study(directions=["maximize", "minimize"])
-    seeds = job.enqueue_seeds(c, study)
+    seeds = enqueue_seeds(c, study)
     assert seeds
-    sram = job.target_sram(c.target)
+    sram = target_sram(c.target)
     # Every seed is priced as its trial runs it: the enqueued params (projected into the narrowed
     # space, no activation bits where the trial never asks for them) give the seed's policy, and
     # it meets the budget and the limit.
@@ -272,15 +279,16 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
         fixed = t.system_attrs["fixed_params"]
         assert sp.trial_policy(fixed) == pol and fixed == sp.canonical_params(fixed)
         assert all(fixed[d] in cs for d, cs in after.items())
-        assert max(job.constraints_of(c.estimate(pol), c.cfg, sram)) <= 0
+        assert max(constraints_of(c.estimate(pol), c.cfg, sram)) <= 0
     assert most_aggressive(sp, full) != most_aggressive(sp, {d: after.get(d, cs) for d, cs in full.items()})
     # Backing off from the extreme (the fallback where the forward greedy cannot reach the
     # limit): the result meets the limits, and no single step milder that the probes say buys
     # back accuracy still would.
-    from squeezer.search.sensitivity import _choice_loss, backed_off_params, damage_table
+    from squeezer.search.seeds import backed_off_params
+    from squeezer.search.sensitivity import choice_loss, damage_table
 
     def fits(pol):
-        v = job.total_violation(c.estimate(pol), c.cfg, sram)
+        v = total_violation(c.estimate(pol), c.cfg, sram)
         return v <= 0, v
 
     allowed = {d: after.get(d, cs) for d, cs in full.items()}
@@ -289,16 +297,16 @@ def test_narrowing_gives_choices_back_when_it_would_miss_a_latency_limit(ctx, mo
     assert params is not None and fits(sp.trial_policy(params))[0]
     assert params != most_aggressive(sp, allowed)                              # it did back off
     for d, cs in allowed.items():
-        lad = sorted(cs, key=lambda ch: _aggressiveness(d, ch))
+        lad = sorted(cs, key=lambda ch: aggressiveness(d, ch))
         i = lad.index(params[d])
-        if i and _choice_loss(table, d, lad[i - 1]) < _choice_loss(table, d, params[d]):
+        if i and choice_loss(table, d, lad[i - 1]) < choice_loss(table, d, params[d]):
             assert not fits(sp.trial_policy({**params, d: lad[i - 1]}))[0], d
 
 
 def test_narrowing_is_unchanged_where_the_constraints_are_reachable(loose_ctx):
-    sens = loose_ctx.extra["sensitivity"]
-    assert loose_ctx.extra["readmitted"] == []
-    assert loose_ctx.extra["narrowed"] == narrowed_choices(sens, space_choices(loose_ctx.space), threshold_pp=10.0)
+    sens = loose_ctx.sensitivity
+    assert loose_ctx.readmitted == []
+    assert loose_ctx.narrowed == narrowed_choices(sens, space_choices(loose_ctx.space), threshold_pp=10.0)
 
 
 def test_seeds_spend_the_slack_a_latency_limit_leaves(ctx):
@@ -307,10 +315,11 @@ def test_seeds_spend_the_slack_a_latency_limit_leaves(ctx):
     compression, and the guided seed spends what it leaves too. Size-only runs are unchanged."""
     import optuna
 
-    from squeezer.search.sensitivity import _aggressiveness, _choice_loss, damage_table, filled_params
+    from squeezer.search.seeds import filled_params
+    from squeezer.search.sensitivity import aggressiveness, choice_loss, damage_table
 
     sens, sp = load_or_measure(ctx), ctx.space
-    sram = job.target_sram(ctx.target)
+    sram = target_sram(ctx.target)
     lat = lambda p: float(ctx.estimate(sp.trial_policy(p)).latency_ms)  # noqa: E731
     uni = {r: sp.params_for(sp.uniform_policy(prune_ratio=r, weight_bits=8, act_bits=8)) for r in sp.prune_choices}
     # A latency limit between two uniform steps, and a loose budget: the 0.5 uniform seed has slack.
@@ -321,12 +330,12 @@ def test_seeds_spend_the_slack_a_latency_limit_leaves(ctx):
     import shutil
     shutil.copy(ctx.run_dir / "sensitivity.json", run / "sensitivity.json")
     cfg = ctx.cfg.with_(budget="1MB", max_latency_ms=limit, run=str(run))
-    c = job.prepare(cfg, run, progress=False)
-    job.sensitivity_first(c, progress=False)
+    c = prepare(cfg, run, named_workload(cfg), progress=False)
+    sensitivity_first(c, progress=False)
 
     def seeds_of(context):
         study = optuna.create_study(directions=["maximize", "minimize"])
-        job.enqueue_seeds(context, study)
+        enqueue_seeds(context, study)
         return [(t.user_attrs["seed_policy"], t.system_attrs["fixed_params"]) for t in study.get_trials(deepcopy=False)]
 
     seeds = seeds_of(c)
@@ -335,24 +344,24 @@ def test_seeds_spend_the_slack_a_latency_limit_leaves(ctx):
     (_, plain), (_, filled) = seeds[:2]
     assert lat(plain) < lat(filled) <= limit
     # It only backs off (no dimension more compressed than the uniform seed) ...
-    assert all(_aggressiveness(d, filled[d]) <= _aggressiveness(d, plain[d]) for d in filled if d in plain)
-    assert any(_aggressiveness(d, filled[d]) < _aggressiveness(d, plain[d]) for d in filled if d in plain)
+    assert all(aggressiveness(d, filled[d]) <= aggressiveness(d, plain[d]) for d in filled if d in plain)
+    assert any(aggressiveness(d, filled[d]) < aggressiveness(d, plain[d]) for d in filled if d in plain)
     # ... as far as it can: no single milder step the probes value still meets the limit.
     table, _ = damage_table(sens)
-    room = lambda pol: -max(job.constraints_of(c.estimate(pol), c.cfg, sram))  # noqa: E731
+    room = lambda pol: -max(constraints_of(c.estimate(pol), c.cfg, sram))  # noqa: E731
     headroom = lambda p: room(sp.trial_policy(p))  # noqa: E731
-    allowed = {d: c.extra["narrowed"].get(d, cs) for d, cs in space_choices(sp).items()}
+    allowed = {d: c.narrowed.get(d, cs) for d, cs in space_choices(sp).items()}
     for d, cs in allowed.items():
-        lad = sorted(cs, key=lambda ch: _aggressiveness(d, ch))
+        lad = sorted(cs, key=lambda ch: aggressiveness(d, ch))
         if d in filled and lad.index(filled[d]) > 0:
             milder = lad[lad.index(filled[d]) - 1]
-            if _choice_loss(table, d, milder) < _choice_loss(table, d, filled[d]):
+            if choice_loss(table, d, milder) < choice_loss(table, d, filled[d]):
                 assert headroom({**filled, d: milder}) < 0, d
     # Every seed meets the limit; the guided one leaves no step of slack either.
     for kind, params in seeds:
         assert headroom(params) >= 0, kind
     guided = next(p for k, p in seeds if k == "sensitivity")
-    assert filled_params(sp, sens, guided, room, narrowed=c.extra["narrowed"]) == guided
+    assert filled_params(sp, sens, guided, room, narrowed=c.narrowed) == guided
     # A size budget alone: no filled seed (the guided seeds already stop at the budget).
     assert "uniform-filled" not in [k for k, _ in seeds_of(ctx)]
 
@@ -363,7 +372,7 @@ def test_filling_skips_dimensions_a_policy_leaves_out():
     unquantized) is left alone instead of failing (CI's base narrowed a seed that way)."""
     from types import SimpleNamespace
 
-    from squeezer.search.sensitivity import _undo_compression
+    from squeezer.search.seeds import undo_compression
 
     space = SimpleNamespace(trial_policy=lambda p: p)
     ladder = {"abits:conv1": [None, 8, 4], "prune:conv1": [0.0, 0.25, 0.5], "prune:fc": [0.0, 0.25, 0.5]}
@@ -371,7 +380,7 @@ def test_filling_skips_dimensions_a_policy_leaves_out():
     cost = {0.0: 2.0, 0.25: 1.0, 0.5: 0.0}
     room = lambda p: 2.5 - sum(cost[p[d]] for d in ("prune:conv1", "prune:fc"))  # noqa: E731
     start = {"prune:conv1": 0.5, "prune:fc": 0.5}
-    out = _undo_compression(space, probes, ladder, start, room, per_room=True, eps=1e-6, max_steps=100)
+    out = undo_compression(space, probes, ladder, start, room, per_room=True, eps=1e-6, max_steps=100)
     # 2.5 units of room: conv1 back to 0.0 buys 5 points for 2 units; fc's 0.6 for 2 more does not fit.
     assert out == {"prune:conv1": 0.0, "prune:fc": 0.5} and "abits:conv1" not in out
 

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from squeezer.compressors.apply import apply_policy_, compressible_layers
-from squeezer.compressors.coding import (decode_tensor, encode_tensor, fixed_width_bytes, huffman_bytes, huffman_code,
-                                huffman_decode)
+from squeezer.compressors.coding import (
+    decode_tensor,
+    encode_tensor,
+    fixed_width_bytes,
+    huffman_bytes,
+    huffman_code,
+    huffman_decode,
+)
 from squeezer.compressors.policy import LayerPolicy, Policy
 from squeezer.compressors.quantize import QUANTIZERS, weight_quantizer
 from squeezer.compressors.sharing import SHARING, ProductQuantizer, attach_sharing_, sharing_bits

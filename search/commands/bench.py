@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..errors import UserError
+from ..tools import bench
 
 
 def register(subparsers: Any) -> None:
@@ -24,20 +25,14 @@ def register(subparsers: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ...compressors.export_bench import BenchError, bench_artifact
-
     shape = None
     if args.input_shape:
         try:
             shape = tuple(int(s) for s in args.input_shape.split(","))
         except ValueError:
             raise UserError(f"malformed --input-shape {args.input_shape!r}; expected C,H,W such as 1,28,28") from None
-    try:
-        r = bench_artifact(args.artifact, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
-                           threads=args.threads, input_shape=shape,
-                           target=None if args.target == "none" else args.target)
-    except BenchError as e:
-        raise UserError(str(e)) from None
+    r = bench(args.artifact, batch=args.batch, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+              input_shape=shape, target=None if args.target == "none" else args.target)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
         return 0

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..api import sensitivity
+from ..sensitivity import summarize
 
 
 def register(subparsers: Any) -> None:
@@ -30,35 +31,15 @@ def register(subparsers: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from .. import job
-    from ..config import SearchConfig
-    from ..sensitivity import load_or_measure, space_choices, summarize
-
-    run = Path(args.run_dir)
-    if not run.is_dir():
-        raise UserError(f"run folder not found: {run}")
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run} is not a squeezer run (no config.yaml)")
-    if args.val_size < 1:
-        raise UserError(f"`--val-size >= 1` must hold, but got {args.val_size}")
-    try:
-        cfg = SearchConfig.load(run / "config.yaml")
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
-    ctx = job.prepare(cfg, run, progress=not args.json)
-    sens = load_or_measure(ctx, force=args.force, val_size=args.val_size, progress=not args.json)
-    thr = args.threshold if args.threshold is not None else cfg.sensitivity_threshold_pp
-    full = space_choices(ctx.space)
-    # The run's own narrowing (as its search uses it), or what another threshold would give.
-    narrowed, readmitted = job.run_narrowing(ctx, sens) if thr == cfg.sensitivity_threshold_pp \
-        else job.narrow(ctx, sens, thr)
+    sens = sensitivity(args.run_dir, force=args.force, val_size=args.val_size, threshold_pp=args.threshold,
+                       progress=not args.json)
+    run, thr, narrowed, readmitted = Path(args.run_dir), sens["threshold_pp"], sens["narrowed"], sens["readmitted"]
     if args.json:
-        print(json.dumps({**sens, "threshold_pp": thr, "narrowed": narrowed,
-                          "readmitted": [{"dimension": d, "choice": c, "loss_pp": v} for d, c, v in readmitted]},
-                         indent=2, default=str))
+        print(json.dumps({k: v for k, v in sens.items() if k not in ("model", "dataset", "dropped")}, indent=2,
+                         default=str))
         return 0
     bn = sens.get("bn_images", 0)
-    print(f"{cfg.model} on {cfg.dataset}: {sens['n_probes']} probes on {sens['val_size']} validation images "
+    print(f"{sens['model']} on {sens['dataset']}: {sens['n_probes']} probes on {sens['val_size']} validation images "
           f"in {sens['seconds']:.1f} s (base accuracy {100 * sens['base_accuracy']:.2f}%"
           + (f"; BatchNorm statistics re-estimated on {bn} training images per probe)" if bn else ")"))
     div = sens.get("divergence", {})
@@ -67,14 +48,13 @@ def handler(args: argparse.Namespace) -> int:
     for dim, choice, loss in summarize(sens, top=args.top):
         kl = div.get(dim, {}).get(choice)
         print(f"  {dim:<48} {choice:>6} {loss:>8.2f}" + (f" {kl:>9.4f}" if kl is not None else ""))
-    dropped = sum(len(full[d]) - len(v) for d, v in narrowed.items())
-    print(f"\na search drops {dropped} choice(s) in {len(narrowed)} dimension(s) (threshold {thr:g} pp):")
+    print(f"\na search drops {sens['dropped']} choice(s) in {len(narrowed)} dimension(s) (threshold {thr:g} pp):")
     for d, v in narrowed.items():
         print(f"  {d:<48} keeps {v}")
     if readmitted:
         print(f"\n{len(readmitted)} dropped choice(s) given back so that the space can still meet the run's "
               "budget and limits:")
-        for d, c, v in readmitted:
-            print(f"  {d:<48} {str(c):>6} {v:>8.2f}")
+        for r in readmitted:
+            print(f"  {r['dimension']:<48} {str(r['choice']):>6} {r['loss_pp']:>8.2f}")
     print(f"\n{run / 'sensitivity.json'}")
     return 0

@@ -1,7 +1,7 @@
 """ExecuTorch export: XNNPACK delegate with PT2E int8 quantization (optional extra).
 
 The deploy model (pruned, decomposed, BN folded, normalisation folded; see
-:func:`compressors.export.deploy_model`) is captured with ``torch.export``, quantized by
+:func:`evaluators.export.deploy_model`) is captured with ``torch.export``, quantized by
 ``XNNPACKQuantizer`` (int8 per-channel symmetric weights, int8 activations calibrated on
 training images), lowered to XNNPACK and written as a ``.pte`` program. For 8-bit uniform
 policies the int8 weight grid equals ours (both use ``absmax / 127`` per channel), so the
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export import ActQDQ, ExportResult, MissingExtraError, _finish, deploy_model
+from .export import ActQDQ, ExportResult, MissingExtraError, deploy_model, verify_artifact
 
 EXTRA_HINT = "ExecuTorch is not installed; install the extra with `pip install squeezer[executorch]`"
 
@@ -77,7 +77,9 @@ def export_pte(job: Any) -> ExportResult:
         raise MissingExtraError(EXTRA_HINT)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config)
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
     from executorch.exir import to_edge_transform_and_lower
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -102,7 +104,7 @@ def export_pte(job: Any) -> ExportResult:
     job.out_path.with_name(job.out_path.name + ".json").write_text(json.dumps(job.metadata(), indent=2) + "\n")
     notes = list(dep.notes) + ["XNNPACK int8 (PT2E): weights per-channel int8, activations int8 calibrated on "
                                "training images; batch size fixed to 1"]
-    res = _finish(job, "pte", pte_runner(str(job.out_path)), dep, notes, check_size=False)
+    res = verify_artifact(job, "pte", pte_runner(str(job.out_path)), dep, notes, check_size=False)
     return dataclasses.replace(res, extra_paths=(job.out_path.with_name(job.out_path.name + ".json"),))
 
 

@@ -1,6 +1,7 @@
 """Export a compressed model to deployable artifacts, and prove each one right after writing.
 
-Formats (registry :data:`EXPORT_FORMATS`):
+Formats (registry :data:`evaluators.formats.EXPORT_FORMATS`; this module holds what they share:
+the deploy model, the ONNX writer, the runtime runners and the verification):
 
 - ``policy``: the ``squeezer.policy/1`` file (JSON, or YAML by extension), replayable with
   ``squeezer apply``.
@@ -22,21 +23,11 @@ Formats (registry :data:`EXPORT_FORMATS`):
 - ``state_dict``: the ``squeezer.model/1`` checkpoint (state dict + policy), loadable with
   ``torch.load(..., weights_only=True)`` and :func:`evaluators.checkpoint.load_checkpoint`.
 - ``pte``: ExecuTorch program via XNNPACK with PT2E int8 quantization
-  (:mod:`compressors.export_pte`, optional extra ``squeezer[executorch]``).
+  (:mod:`evaluators.export_pte`, optional extra ``squeezer[executorch]``).
 
 Every artifact is verified by its own runtime on the test set when ``data`` is given: its
 accuracy must be within :data:`ACCURACY_TOLERANCE` of the PyTorch compressed model (and of the
 accuracy the search reported, when given), else :class:`VerificationError`.
-
-Example:
-    >>> import tempfile, torch
-    >>> from squeezer.evaluators.models import build_model
-    >>> from squeezer.evaluators.checkpoint import Loaded
-    >>> m = build_model("lenet5", in_channels=1, num_classes=10).eval()
-    >>> ld = Loaded(m, "lenet5", (1, 28, 28), 10, None, {"mean": [0.5], "std": [0.25]})
-    >>> r = export_model(ld, "onnx", tempfile.mktemp(suffix=".onnx"))
-    >>> r.file_bytes > 200_000
-    True
 """
 
 from __future__ import annotations
@@ -45,18 +36,22 @@ import copy
 import json
 import math
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import onnxruntime as ort
 import torch
+import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .policy import Policy
-from .quantize import QuantizedTensor, weight_quantizer
-from .registry import Registry
+from ..compressors import packing
+from ..compressors.policy import Policy
+from ..compressors.quantize import QuantizedTensor, weight_quantizer
 
 #: Allowed difference between an artifact's test accuracy and the reference, in [0, 1] (0.5 pp).
 ACCURACY_TOLERANCE = 0.005
@@ -207,8 +202,6 @@ def _effective_input(module: nn.Module, upto: nn.Module) -> torch.Tensor:
 
 
 def _fx_trace(model: nn.Module):
-    import torch.fx
-
     try:
         return torch.fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - dynamic control flow: no BN folding, ORT runs BN itself
@@ -229,7 +222,6 @@ def deploy_model(model: nn.Module, *, mean: Sequence[float] = (), std: Sequence[
     Returns:
         A :class:`DeployModel`.
     """
-    from torch.nn.utils import parametrize
 
     m = copy.deepcopy(model).eval()
     dep = DeployModel(module=m, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
@@ -376,8 +368,6 @@ def _pack_int4(codes: np.ndarray, signed: bool) -> bytes:
 def _int4_supported() -> bool:
     """Does this ONNX Runtime run per-channel INT4 DequantizeLinear (opset 21)?"""
     try:
-        import onnx
-        import onnxruntime as ort
         from onnx import TensorProto, helper
 
         w = helper.make_tensor("q", TensorProto.INT4, [2, 2], _pack_int4(np.array([[-8, 7], [1, -1]]), True), raw=True)
@@ -561,10 +551,8 @@ def runtime_op_types(model_or_path: Any, *, threads: int = 1) -> list[tuple[str,
         >>> runtime_op_types(helper.make_model(g))
         [('Relu', ('x',))]
     """
-    import tempfile
 
     import onnx
-    import onnxruntime as ort
 
     data = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -590,6 +578,9 @@ def fold_unfused_weight_dq_(model: Any) -> tuple[int, int]:
     are bit-identical (``DequantizeLinear`` with a zero zero-point is ``float(q) * scale``).
     Which DQs stay is asked of ORT itself (:func:`runtime_op_types`), so it follows whatever
     the installed ORT can fuse.
+
+    The weights ORT does fuse into int8 kernels are stored as uint8 with zero point 128
+    (:func:`_unsigned_weights_`): the same numbers, computed by ORT's exact u8u8 kernels.
 
     Returns:
         ``(weights fused into int8 kernels, weights rewritten to dequantize at load)``.
@@ -629,12 +620,36 @@ def fold_unfused_weight_dq_(model: Any) -> tuple[int, int]:
         g.node.insert(idx, helper.make_node("Mul", [f"{out}_f", s_name], [out]))
         g.node.insert(idx, helper.make_node("Cast", [q_name], [f"{out}_f"], to=TensorProto.FLOAT))
         folded += 1
+    _unsigned_weights_(g, [n for n in weight_dq if n.input[0] not in still])
     return sum(n.input[0] not in still for n in weight_dq), folded
+
+
+def _unsigned_weights_(graph: Any, fused: list[Any]) -> None:
+    """Store the int8 weights of int8 kernels as uint8 + 128 with zero point 128 (same values).
+
+    On x86 CPUs without VNNI, ONNX Runtime computes uint8 x int8 products with ``VPMADDUBSW``,
+    which adds pairs of products in saturating int16: activations near 255 (or around a large
+    zero point, as after a low-rank factor) times large weights overflow it. Measured on a
+    low-rank digits model: 34 of 360 predictions flipped and logits off by 5.4. uint8 x uint8
+    runs on exact kernels (there: 0 flips, 10% slower).
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    for n in fused:
+        q = numpy_helper.to_array(inits[n.input[0]])
+        if q.dtype != np.int8 or len(n.input) != 2:
+            continue
+        graph.initializer.remove(inits[n.input[0]])
+        graph.initializer.append(numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8), n.input[0]))
+        scale = numpy_helper.to_array(inits[n.input[1]])
+        zp = numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), f"{n.input[0]}_zp")
+        graph.initializer.append(zp)
+        n.input.append(zp.name)
 
 
 def onnx_runner(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
     """A function running the ONNX file with ONNX Runtime (one thread, CPU)."""
-    import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -675,47 +690,39 @@ def size_model_bytes(model: nn.Module, input_shape: Sequence[int], policy: Polic
                      dep: DeployModel) -> tuple[int, str]:
     """(bytes, source): the packed size (``compressors.packing``), else the payload count."""
     try:
-        from . import packing  # type: ignore[attr-defined]
-
         return len(packing.pack_model(model)), "compressors.packing.pack_model"
-    except Exception:  # noqa: BLE001 - not written yet, or cannot pack this model
+    except Exception:  # noqa: BLE001 - a model the packer cannot pack: count the payload instead
         pass
-    return payload_bytes(dep), "compressors.export.payload_bytes"
+    return payload_bytes(dep), "evaluators.export.payload_bytes"
 
 
 # ---------------------------------------------------------------------------------------------
 # Verification
 # ---------------------------------------------------------------------------------------------
-def _batches(x: torch.Tensor, bs: int):
-    for i in range(0, x.shape[0], bs):
-        yield i, x[i:i + bs]
-
-
 @torch.no_grad()
 def compare_runtime(torch_model: nn.Module, run: Callable[[np.ndarray], np.ndarray], data, *,
                     mean: Sequence[float], std: Sequence[float], batch_size: int = 256,
                     raw_input: bool = True) -> tuple[float, float, float]:
-    """(artifact accuracy, torch accuracy, max |logit diff|) on ``data`` (a ``TensorData``).
+    """(artifact accuracy, torch accuracy, max |logit diff|) on ``data`` (a split).
 
     ``torch_model`` takes normalised inputs; the artifact gets ``x * std + mean`` (images in
     [0, 1]) when ``raw_input``.
     """
     torch_model.eval()
-    x, y = data.x, data.y
-    c = x.shape[1]
+    c = data.input_shape[0]
     m = torch.tensor(list(mean) or [0.0] * c).reshape(1, -1, 1, 1)
     s = torch.tensor(list(std) or [1.0] * c).reshape(1, -1, 1, 1)
-    ok_a = ok_t = 0
+    ok_a = ok_t = n = 0
     diff = 0.0
-    for i, xb in _batches(x, batch_size):
-        yb = y[i:i + xb.shape[0]]
+    for xb, yb in data.batches(batch_size):
+        n += len(yb)
         ref = torch_model(xb)
         inp = xb * s + m if raw_input else xb
         out = torch.as_tensor(np.asarray(run(inp.numpy())))
         ok_a += int((out.argmax(1) == yb).sum())
         ok_t += int((ref.argmax(1) == yb).sum())
         diff = max(diff, float((out.float() - ref).abs().max()))
-    n = max(1, len(y))
+    n = max(1, n)
     return ok_a / n, ok_t / n, diff
 
 
@@ -764,85 +771,12 @@ class ExportJob:
         return md
 
 
-#: Format name -> ``fn(job) -> ExportResult`` (writes and verifies).
-EXPORT_FORMATS: Registry[Callable[[ExportJob], ExportResult]] = Registry("export format")
-
-
-def _reported_acc(job: ExportJob) -> float | None:
+def reported_accuracy(job: ExportJob) -> float | None:
     v = job.reported.get("test_accuracy")
     return None if v is None else float(v)
 
 
-@EXPORT_FORMATS.register("policy", summary="squeezer.policy/1 JSON/YAML, replayable with `squeezer apply`")
-def _export_policy(job: ExportJob) -> ExportResult:
-    pol = job.loaded.policy or Policy()
-    path = job.out_path
-    if path.suffix not in (".json", ".yaml", ".yml"):
-        raise ExportError(f"a policy file needs a .json, .yaml or .yml name, but got {path.name!r}")
-    pol.save(path, meta={"model": job.loaded.model_name, "target": job.target,
-                         **{k: v for k, v in job.reported.items() if k in ("test_accuracy", "size_bytes")}})
-    # Verified by replay: the file reads back to the same policy.
-    if Policy.load(path) != pol:
-        raise VerificationError(f"policy file {path} does not read back to the exported policy")
-    return ExportResult(path, "policy", path.stat().st_size, reported_accuracy=_reported_acc(job))
-
-
-@EXPORT_FORMATS.register("state_dict", summary="squeezer.model/1 checkpoint (state dict + policy), torch.load-able")
-def _export_state_dict(job: ExportJob) -> ExportResult:
-    from ..evaluators.checkpoint import load_checkpoint, save_checkpoint
-
-    ld = job.loaded
-    path = save_checkpoint(job.out_path, ld.model, model_name=ld.model_name, input_shape=ld.input_shape,
-                           num_classes=ld.num_classes, policy=ld.policy, normalization=ld.normalization,
-                           meta={**ld.meta, "target": job.target, **{k: v for k, v in job.reported.items()
-                                                                     if isinstance(v, (int, float, str))}})
-    extra: tuple[Path, ...] = ()
-    if ld.policy is not None:
-        extra = (ld.policy.save(path.with_name(path.stem + ".policy.json")),)
-    back = load_checkpoint(path).model
-    acc = tacc = diff = None
-    if job.data is not None:
-        acc, tacc, diff = compare_runtime(ld.model, lambda a: back(torch.from_numpy(a)).numpy(), job.data.test,
-                                          mean=job.mean, std=job.std, raw_input=False)
-        check_accuracy("state_dict", acc, tacc, _reported_acc(job))
-    return ExportResult(path, "state_dict", path.stat().st_size, acc, tacc, _reported_acc(job),
-                        max_logit_diff=diff, extra_paths=extra)
-
-
-def _deploy(job: ExportJob) -> DeployModel:
-    return deploy_model(job.loaded.model, mean=job.mean, std=job.std)
-
-
-@EXPORT_FORMATS.register("torchscript", summary="torch.jit.trace of the deploy model (dequantized weights), input [0,1]")
-def _export_torchscript(job: ExportJob) -> ExportResult:
-    dep = _deploy(job)
-    x = torch.rand(1, *job.loaded.input_shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(dep.module, (x,))
-    extra = {"squeezer.json": json.dumps(job.metadata())}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # jit.save/load are deprecated in favour of torch.export
-        torch.jit.save(traced, str(job.out_path), _extra_files=extra)
-        back = torch.jit.load(str(job.out_path))
-    return _finish(job, "torchscript", lambda a: back(torch.from_numpy(a)).detach().numpy(), dep, dep.notes)
-
-
-@EXPORT_FORMATS.register("onnx", summary="ONNX opset 21, QDQ int8/int4 weights, folded BN and normalisation, input [0,1]")
-def _export_onnx(job: ExportJob) -> ExportResult:
-    dep = _deploy(job)
-    notes = dep.notes + export_onnx(dep, job.out_path, job.loaded.input_shape, metadata=job.metadata())
-    return _finish(job, "onnx", onnx_runner(job.out_path), dep, notes)
-
-
-@EXPORT_FORMATS.register("pte", summary="ExecuTorch program, XNNPACK, PT2E int8 (extra: squeezer[executorch])")
-def _export_pte(job: ExportJob) -> ExportResult:
-    from .export_pte import export_pte
-
-    return export_pte(job)
-
-
-def _finish(job: ExportJob, fmt: str, run: Callable[[np.ndarray], np.ndarray], dep: DeployModel,
+def verify_artifact(job: ExportJob, fmt: str, run: Callable[[np.ndarray], np.ndarray], dep: DeployModel,
             notes: Sequence[str], *, tol: float = ACCURACY_TOLERANCE, check_size: bool = True) -> ExportResult:
     """Measure the written artifact against the PyTorch model and the size model; raise on mismatch."""
     ld = job.loaded
@@ -851,14 +785,14 @@ def _finish(job: ExportJob, fmt: str, run: Callable[[np.ndarray], np.ndarray], d
     acc = tacc = diff = None
     if job.data is not None:
         acc, tacc, diff = compare_runtime(ld.model, run, job.data.test, mean=job.mean, std=job.std)
-        check_accuracy(fmt, acc, tacc, _reported_acc(job), tol)
+        check_accuracy(fmt, acc, tacc, reported_accuracy(job), tol)
     if check_size and fmt == "onnx" and is_int8_policy(dep) and expected and \
             abs(size - expected) > SIZE_TOLERANCE * expected + SIZE_SLACK_BYTES:
         raise VerificationError(
             f"onnx file is {size:,} bytes but the size model says {expected:,} ({source}); "
             f"`|file - size model| <= {SIZE_TOLERANCE} * size model + {SIZE_SLACK_BYTES} B` must hold for "
             f"int8 policies, but got ratio={size / expected:.3f}")
-    return ExportResult(job.out_path, fmt, size, acc, tacc, _reported_acc(job), expected, source, diff,
+    return ExportResult(job.out_path, fmt, size, acc, tacc, reported_accuracy(job), expected, source, diff,
                         tuple(dict.fromkeys(notes)))
 
 
@@ -873,73 +807,3 @@ def is_int8_policy(dep: DeployModel) -> bool:
                                 for n in layers)
 
 
-# ---------------------------------------------------------------------------------------------
-# Public entry point
-# ---------------------------------------------------------------------------------------------
-def load_for_export(ckpt_or_loaded: Any):
-    """A :class:`evaluators.checkpoint.Loaded` from a path or an already loaded checkpoint."""
-    from ..evaluators.checkpoint import Loaded, load_checkpoint
-
-    if isinstance(ckpt_or_loaded, Loaded):
-        return ckpt_or_loaded
-    return load_checkpoint(ckpt_or_loaded)
-
-
-def export_model(ckpt_or_loaded: Any, fmt: str, out_path: str | os.PathLike, *, data: Any = None,
-                 target: str | None = None, reported: Mapping[str, Any] | None = None) -> ExportResult:
-    """Write ``fmt`` to ``out_path`` and verify it with its own runtime.
-
-    Args:
-        ckpt_or_loaded: a ``squeezer.model/1`` checkpoint path or a ``Loaded``.
-        fmt: a name in :data:`EXPORT_FORMATS` (``policy``, ``onnx``, ``pte``, ``torchscript``,
-            ``state_dict``).
-        out_path: the file to write (parent folders are created).
-        data: ``DataSplits``; when given, the artifact runs on ``data.test`` and its accuracy is
-            checked against the PyTorch model and ``reported["test_accuracy"]``.
-        target: hardware target name recorded in the metadata.
-        reported: the search's metrics (``best/metrics.json``).
-
-    Raises:
-        VerificationError: the artifact disagrees beyond tolerance.
-        ExportError: unknown format (``UnknownNameError``), missing extra, unsupported layer.
-
-    Example:
-        >>> import tempfile
-        >>> from squeezer.evaluators.models import build_model
-        >>> from squeezer.evaluators.checkpoint import Loaded
-        >>> ld = Loaded(build_model("lenet5", in_channels=1, num_classes=10).eval(), "lenet5", (1, 28, 28), 10, None)
-        >>> export_model(ld, "torchscript", tempfile.mktemp(suffix=".pt")).format
-        'torchscript'
-    """
-    runner = EXPORT_FORMATS.get(fmt)
-    loaded = load_for_export(ckpt_or_loaded)
-    loaded.model.eval()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return runner(ExportJob(loaded, out, data, target, dict(reported or {})))
-
-
-def finetune_policy(base: Any, policy: Policy, data: Any, *, epochs: float = 1.0, lr: float = 0.01,
-                    max_steps: int | None = None, progress: Any = False) -> nn.Module:
-    """Rebuild a trial's model: base checkpoint -> ``apply_policy_`` -> short fine-tune (distilled).
-
-    Args:
-        base: the base ``squeezer.model/1`` checkpoint (path or ``Loaded``).
-        policy: the trial's policy.
-        data: ``DataSplits``; fine-tunes on ``data.train``.
-
-    Returns:
-        The compressed, fine-tuned model (eval mode).
-    """
-    from ..evaluators.train import train
-
-    from .apply import apply_policy_
-
-    ld = load_for_export(base)
-    teacher = copy.deepcopy(ld.model).eval()
-    model = copy.deepcopy(ld.model)
-    calib = [b for _, b in zip(range(4), data.train.batches(64, shuffle=True))]
-    apply_policy_(model, policy, ld.input_shape, data=calib)
-    train(model, data.train, epochs=epochs, lr=lr, max_steps=max_steps, teacher=teacher,
-          distill=policy.distill, progress=progress)
-    return model.eval()

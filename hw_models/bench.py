@@ -10,7 +10,7 @@ Example:
     >>> import tempfile
     >>> from squeezer.evaluators.models import build_model
     >>> from squeezer.evaluators.checkpoint import Loaded
-    >>> from squeezer.compressors.export import export_model
+    >>> from squeezer.evaluators.formats import export_model
     >>> ld = Loaded(build_model("lenet5", in_channels=1, num_classes=10).eval(), "lenet5", (1, 28, 28), 10, None)
     >>> p = export_model(ld, "onnx", tempfile.mktemp(suffix=".onnx")).path
     >>> r = bench_artifact(p, batch=4, repeats=3, warmup=1)
@@ -23,13 +23,23 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 import torch
+
+from ..compressors.policy import Policy
+from ..evaluators.checkpoint import CheckpointError, load_checkpoint
+from ..evaluators.export import runtime_op_types
+from ..evaluators.export_pte import EXTRA_HINT, executorch_available
+from ..evaluators.models import build_model
+from .cost import estimate
 
 
 class BenchError(ValueError):
@@ -90,8 +100,7 @@ def load_artifact(path: str | Path, *, threads: int = 1) -> tuple[str, Callable[
         raise BenchError(f"artifact not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        import onnx
-        import onnxruntime as ort
+        import onnx  # 0.85 s to import: only for .onnx artifacts
 
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         so = ort.SessionOptions()
@@ -104,8 +113,6 @@ def load_artifact(path: str | Path, *, threads: int = 1) -> tuple[str, Callable[
             meta["squeezer.input_shape"] = json.dumps(shape[1:])
         return "onnx", lambda x: sess.run(None, {name: x}), meta
     if suffix == ".pte":
-        from .export_pte import EXTRA_HINT, executorch_available
-
         if not executorch_available():
             raise BenchError(EXTRA_HINT)
         from executorch.runtime import Runtime
@@ -118,8 +125,6 @@ def load_artifact(path: str | Path, *, threads: int = 1) -> tuple[str, Callable[
         torch.set_num_threads(threads)
         if zipfile.is_zipfile(path):
             try:
-                import warnings
-
                 extra = {"squeezer.json": ""}
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -128,8 +133,6 @@ def load_artifact(path: str | Path, *, threads: int = 1) -> tuple[str, Callable[
                 return "torchscript", lambda x: mod(torch.from_numpy(x)), meta
             except RuntimeError:
                 pass  # not TorchScript: a torch.save checkpoint (also a zip)
-        from ..evaluators.checkpoint import CheckpointError, load_checkpoint
-
         try:
             ld = load_checkpoint(path)
         except CheckpointError as e:
@@ -153,16 +156,11 @@ def predict_latency_ms(meta: dict[str, Any], target: str) -> tuple[float | None,
     if not name:
         return None, "the artifact does not record its model; no prediction"
     try:
-        from .. import hw_models
-        from ..evaluators.models import build_model
-
-        from .policy import Policy
-
         shape = json.loads(meta["squeezer.input_shape"])
         pol_raw = json.loads(meta.get("squeezer.policy") or "null")
         policy = Policy.from_dict(pol_raw) if pol_raw else None
         model = build_model(name, in_channels=int(shape[0]), num_classes=int(meta.get("squeezer.num_classes", 10)))
-        cost = hw_models.estimate(model, tuple(shape), target, policy)
+        cost = estimate(model, tuple(shape), target, policy)
     except Exception as e:  # noqa: BLE001 - a prediction is extra information, never a failure
         return None, f"no prediction: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return float(cost.latency_ms), f"hw_models.estimate(target={target!r})"
@@ -192,10 +190,6 @@ def bench_artifact(path: str | Path, *, batch: int = 32, repeats: int = 30, warm
     pred, note = predict_latency_ms(meta, target) if target else (None, None)
     ops = None
     if kind == "onnx":
-        from collections import Counter
-
-        from .export import runtime_op_types
-
         ops = dict(sorted(Counter(op for op, _ in runtime_op_types(path, threads=threads)).items()))
     return BenchResult(str(path), kind, shape, batch if lat_b is not None else 1, repeats, warmup, threads, lat1, lat_b,
                        None if lat_b is None else lat_b / batch, target, pred, note, ops)

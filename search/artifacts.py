@@ -1,0 +1,148 @@
+"""Export a run's model as deployable artifacts, each verified by its own runtime: :func:`export`.
+
+Without a format it writes the chosen policy (``policy.json``) and the compressed model
+(``model.pt``, a ``squeezer.model/1`` checkpoint) into ``RUN/export/``. ``trial=N`` exports
+trial N instead; its model is fine-tuned from the base first (``finetune`` epochs) when
+``trials/NNNN/model.pt`` does not exist yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..compressors.policy import Policy, PolicyError
+from ..compressors.registry import UnknownNameError
+from ..evaluators.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..evaluators.export import ExportError, ExportResult, VerificationError
+from ..evaluators.finetune import compress, finetune
+from ..evaluators.formats import EXPORT_FORMATS, export_model
+from ..evaluators.splits import DataSplits
+from ..evaluators.train import evaluate
+from .config import SearchConfig
+from .errors import UserError
+from .runfolder import BASE_MODEL, BEST, load_config, read_json, trial_path
+from .workload import load_data
+
+log = logging.getLogger("squeezer")
+
+#: File name of each format's artifact.
+SUFFIX = {"policy": "policy.json", "onnx": "model.onnx", "pte": "model.pte", "torchscript": "model.torchscript.pt",
+          "state_dict": "model.pt"}
+
+
+@dataclass
+class Exported:
+    """What :func:`export` wrote: the artifacts, the model they came from and what the search reported."""
+
+    source: Path
+    label: str
+    reported: dict[str, Any]
+    artifacts: list[ExportResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": str(self.source), "label": self.label, "reported": self.reported,
+                "artifacts": [r.to_dict() for r in self.artifacts]}
+
+
+def _check_args(fmt: str | None, trial: int | None, test_size: int | None) -> None:
+    if fmt is not None:
+        try:
+            EXPORT_FORMATS.get(fmt)
+        except UnknownNameError as e:
+            raise UserError(str(e)) from None
+    if trial is not None and trial < 0:
+        raise UserError(f"`--trial >= 0` must hold, but got --trial {trial}")
+    if test_size is not None and test_size < 1:
+        raise UserError(f"`--test-size >= 1` must hold, but got --test-size {test_size}")
+
+
+def _run_data(cfg: SearchConfig, data_root: str | None, test_size: int | None, data: Any) -> DataSplits:
+    """The run's dataset (its test split cut to ``test_size``), or ``data`` passed again."""
+    splits = data if data is not None else load_data(cfg.with_(data_root=data_root or cfg.data_root))
+    if test_size is not None and splits.test is not None:
+        splits = DataSplits(splits.name, splits.train, splits.val, splits.test.subset(test_size), splits.num_classes,
+                            splits.mean, splits.std, splits.classes)
+    return splits
+
+
+def _trial_model(run: Path, trial: int, epochs: float | None, data: DataSplits,
+                 architecture: nn.Module | None) -> tuple[Path, dict[str, Any]]:
+    """Trial ``trial``'s fine-tuned checkpoint (made from the base model if asked) and its metrics."""
+    rec_path = trial_path(run, trial)
+    if not rec_path.is_file():
+        known = sorted(p.stem for p in (run / "trials").glob("[0-9]*.json")) if (run / "trials").is_dir() else []
+        raise UserError(f"trial {trial} not found ({rec_path} is missing); trials in {run}: "
+                        f"{', '.join(str(int(k)) for k in known) or 'none'}")
+    rec = read_json(rec_path)
+    metrics = dict(rec.get("metrics") or {})
+    ckpt = run / "trials" / f"{trial:04d}" / "model.pt"
+    if ckpt.is_file():
+        return ckpt, metrics
+    if epochs is None:
+        raise UserError(f"trial {trial} has no fine-tuned model ({ckpt} is missing); fine-tune it first: "
+                        f"squeezer export {run} --trial {trial} --finetune 1")
+    try:
+        policy = Policy.from_dict(rec.get("policy") or {})
+        base = load_checkpoint(run / BASE_MODEL, architecture=architecture)
+    except (PolicyError, CheckpointError) as e:
+        raise UserError(str(e)) from None
+    log.info("fine-tuning trial %d for %g epoch(s) from %s ...", trial, epochs, run / BASE_MODEL)
+    model, policy = compress(base.model, policy, base.input_shape, calib=data.train.first_batches(4, 64))
+    finetune(model, data.train, teacher=base.model, distill=policy.distill, epochs=epochs, progress=True)
+    # A re-fine-tuned trial has its own accuracy: the search's numbers were from a short fine-tune.
+    metrics = {**metrics, "test_accuracy": evaluate(model, data.test), "finetune_epochs": epochs}
+    save_checkpoint(ckpt, model, model_name=base.model_name, input_shape=base.input_shape,
+                    num_classes=base.num_classes, policy=policy, normalization=base.normalization, meta=metrics)
+    return ckpt, metrics
+
+
+def export(run: str | Path, fmt: str | None = None, out: str | Path | None = None, *, trial: int | None = None,
+           finetune: float | None = None, data_root: str | None = None, test_size: int | None = None,
+           model: nn.Module | None = None, data: Any = None) -> Exported:
+    """Write the run's chosen model (or trial ``trial``'s) as ``fmt`` (default: policy + state
+    dict) and verify each artifact in its runtime on the test split. A run made from objects
+    needs its ``model`` (the uncompressed architecture) and ``data`` again.
+
+    Raises:
+        UserError: bad arguments, a missing model, or an export the format cannot do.
+        VerificationError: an artifact that disagrees with the PyTorch model beyond tolerance.
+    """
+    run = Path(run)
+    cfg = load_config(run)
+    _check_args(fmt, trial, test_size)
+    splits = _run_data(cfg, data_root, test_size, data)
+    if trial is None:
+        ckpt = run / BEST / "model.pt"
+        if not ckpt.is_file():
+            raise UserError(f"{run} has no chosen model yet ({ckpt} is missing); finish the search with "
+                            f"`squeezer resume {run}`")
+        metrics_path = run / BEST / "metrics.json"
+        ckpt, reported, label = ckpt, read_json(metrics_path) if metrics_path.is_file() else {}, "best"
+    else:
+        (ckpt, reported), label = _trial_model(run, trial, finetune, splits, model), f"trial {trial}"
+    if test_size is not None:
+        reported = {k: v for k, v in reported.items() if k != "test_accuracy"}  # measured on another set
+    try:
+        loaded = load_checkpoint(ckpt, architecture=model)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    target = reported.get("target") or cfg.target
+    sub = "" if trial is None else f"trial-{trial:04d}/"
+    if fmt is None:
+        out_dir = Path(out) if out else run / "export" / sub
+        jobs = [("policy", out_dir / SUFFIX["policy"]), ("state_dict", out_dir / SUFFIX["state_dict"])]
+    else:
+        path = Path(out) if out else run / "export" / sub / SUFFIX[fmt]
+        jobs = [(fmt, path / SUFFIX[fmt] if path.is_dir() else path)]
+    try:
+        results = [export_model(loaded, f, p, data=splits, target=target, reported=reported) for f, p in jobs]
+    except VerificationError:
+        raise
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    return Exported(ckpt, label, reported, results)

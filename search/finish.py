@@ -1,0 +1,68 @@
+"""The final stage: the chosen policy's full fine-tune (QAT + distillation), its test metric, ``best/``.
+
+Runs once per run: concurrent processes wait on a lock and then read ``best/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import optuna
+from optuna.trial import FixedTrial
+
+from ..compressors.packing import packed_size
+from ..evaluators.checkpoint import save_checkpoint
+from ..evaluators.finetune import compress_and_finetune
+from .context import Context
+from .limits import constraints_of, cost_dict, target_sram
+from .runfolder import BEST, file_lock, read_json, write_json
+from .selection import choose_best
+from .workload import seed_everything
+
+log = logging.getLogger("squeezer")
+
+#: Calibration batches the data-driven pruning criteria see in the final fine-tune.
+CALIB_BATCHES = 8
+
+
+def finish(ctx: Context, study: optuna.Study, *, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the chosen trial's policy, measure it, save ``best/``; returns its metrics."""
+    with file_lock(ctx.run_dir / ".finish.lock"):
+        path = ctx.run_dir / BEST / "metrics.json"
+        if path.is_file():
+            return read_json(path)
+        return _finish(ctx, study, progress=progress)
+
+
+def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, Any]:
+    cfg, best_dir = ctx.cfg, ctx.run_dir / BEST
+    trial, status = choose_best(study, cfg.tolerance_pp)
+    policy = ctx.space.sample(FixedTrial(trial.params))
+    cost = ctx.estimate(policy)
+    if status != "feasible":
+        cons = constraints_of(cost, cfg, target_sram(ctx.target))
+        log.warning("no trained candidate met every constraint; using trial %d, %.1f%% over its tightest limit",
+                    trial.number, 100 * max(cons))
+    log.info("final fine-tune of trial %d (%g epochs, QAT + distillation)", trial.number, cfg.final_epochs)
+    seed_everything(cfg.seed)
+    t0 = time.time()
+    model, policy = compress_and_finetune(
+        ctx.base, policy, ctx.data.train, input_shape=ctx.input_shape, distill=cfg.distill,
+        calib_batches=CALIB_BATCHES, calib_seed=0, batch_size=cfg.batch_size, epochs=cfg.final_epochs,
+        lr=cfg.final_lr, seed=cfg.seed, augment=ctx.input_shape[1] >= 16, progress=progress,
+        desc="final fine-tune", loss_fn=ctx.workload.loss)
+    ft_seconds = time.time() - t0
+    val_acc = ctx.score(model, ctx.data.val)
+    test_acc = ctx.score(model, ctx.data.test) if ctx.data.test is not None else None
+    metrics = {**cost_dict(cost), "val_accuracy": val_acc, "test_accuracy": test_acc, "metric": ctx.workload.metric_name,
+               "trial": trial.number, "status": status, "target": cfg.target, "budget_bytes": cfg.budget_bytes,
+               "packed_bytes": packed_size(model, coding=policy.coding), "finetune_seconds": round(ft_seconds, 1)}
+    policy.save(best_dir / "policy.json", meta={"model": cfg.model, "dataset": cfg.dataset, "target": cfg.target,
+                                                "trial": trial.number, "test_accuracy": test_acc})
+    save_checkpoint(best_dir / "model.pt", model, model_name=cfg.model, input_shape=ctx.input_shape,
+                    num_classes=ctx.data.num_classes, policy=policy,
+                    normalization={"mean": ctx.data.mean, "std": ctx.data.std}, meta=metrics)
+    write_json(best_dir / "metrics.json", metrics)
+    return metrics

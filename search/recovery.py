@@ -1,0 +1,173 @@
+"""Dead workers and their trials: who is alive, and what happens to a trial whose process died.
+
+A process running trials holds ``RUN/.workers/<host>-<pid>.lock`` (:func:`hold_worker_lock`),
+so the others see it is alive. A RUNNING trial whose worker is gone is re-queued with the same
+parameters (:func:`fail_and_requeue`), unless its ``trials/NNNN.json`` already holds the
+finished result (the process died between writing the file and committing the trial): then
+the study is told that result (:func:`recover_from_trial_file`) and nothing is trained again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .records import result_attrs
+from .runfolder import trial_path
+from .study import is_shared_storage
+
+log = logging.getLogger("squeezer")
+
+_WORKER_LOCK: dict[str, Any] = {}
+#: A trial with no worker recorded (killed before its first attribute) is reaped after this long.
+ORPHAN_AGE_S = 600
+
+
+def hold_worker_lock(run_dir: Path) -> None:
+    """Hold ``RUN/.workers/<host>-<pid>.lock`` while this process runs trials (others see it is alive)."""
+    path = Path(run_dir) / ".workers" / f"{socket.gethostname()}-{os.getpid()}.lock"
+    if str(path) in _WORKER_LOCK:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    _WORKER_LOCK[str(path)] = fh
+
+
+def other_live_workers(run_dir: Path) -> int:
+    """Processes on this host, other than this one, that hold a worker lock of ``run_dir``."""
+    n = 0
+    for f in (Path(run_dir) / ".workers").glob("*.lock"):
+        if str(f) in _WORKER_LOCK:
+            continue
+        try:
+            with open(f, "a+") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    n += 1  # held: that worker is alive
+                    continue
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            f.unlink(missing_ok=True)  # its process is gone
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_here(ident: str) -> bool:
+    """``host:pid`` names a process of this host, not this one, that is gone."""
+    h, _, pid = ident.rpartition(":")
+    return h == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
+
+
+def _orphaned(study: optuna.Study, trial: FrozenTrial, alone: bool) -> bool:
+    """A trial with no worker recorded: reaped when no other worker of the run is alive on this
+    host (the run's own SQLite storage) or when it is older than :data:`ORPHAN_AGE_S`."""
+    age = (datetime.datetime.now() - trial.datetime_start).total_seconds() if trial.datetime_start else 0.0
+    return (alone and not is_shared_storage(study)) or age > ORPHAN_AGE_S
+
+
+def reap_dead_trials(study: optuna.Study, run_dir: Path | None = None, *,
+                     dead_workers: set[str] | None = None) -> int:
+    """Fail RUNNING trials whose worker process on this host is gone, and re-queue them (or
+    recover their result from the trial file).
+
+    ``dead_workers`` (``host:pid``) are workers known dead elsewhere (the Ray backend's lost
+    actors). A trial whose ``driver`` (the Ray backend's driver process, which asked for it) is
+    dead on this host is reaped too. Trials of other hosts are otherwise left to Optuna's
+    heartbeat. Returns the number of trials re-queued or recovered.
+    """
+    n = 0
+    alone: bool | None = None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w, d = t.user_attrs.get("worker", ""), t.user_attrs.get("driver", "")
+        orphan = False
+        if not w and not d and run_dir is not None:
+            if alone is None:
+                alone = other_live_workers(run_dir) == 0
+            orphan = _orphaned(study, t, alone)
+        if orphan or (dead_workers and w in dead_workers) or _dead_here(w) or _dead_here(d):
+            n += 1
+            if run_dir is not None and recover_from_trial_file(study, t, run_dir):
+                continue
+            fail_and_requeue(study, t)
+    return n
+
+
+def fail_and_requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Mark a RUNNING trial FAIL and enqueue its params again (the same policy runs later).
+
+    A trial killed while its policy was still being sampled (the Ray driver asks, then
+    samples) holds only the params drawn so far: those, plus any it was enqueued with, are
+    re-queued and the retry draws the rest.
+    """
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    study.enqueue_trial(params, user_attrs={"retried_from": trial.number}, skip_if_exists=False)
+
+
+def _recovered_state(rec: dict[str, Any]) -> tuple[dict[str, Any], TrialState, list[float] | None] | None:
+    """(attributes, state, values) a trial file's finished result gives its trial; None if none."""
+    status, metrics = rec.get("status"), rec.get("metrics") or {}
+    attrs: dict[str, Any] = {"recovered_from_file": True}
+    if status == "over_budget":
+        attrs["evaluated"] = False
+        return attrs, TrialState.COMPLETE, [0.0, float(metrics["latency_ms"])]
+    if status not in ("evaluated", "pruned"):
+        return None
+    result = {"status": status, "val_accuracy": metrics.get("val_accuracy"), "steps": rec.get("steps"),
+              "train_seconds": rec.get("train_seconds"), "rung_accuracy": rec.get("rung_accuracy") or {},
+              "pruned_at": rec.get("pruned_at", rec.get("steps"))}
+    if status == "evaluated" and result["val_accuracy"] is None:
+        return None
+    attrs.update(result_attrs(result))
+    if status == "pruned":
+        return attrs, TrialState.PRUNED, None
+    return attrs, TrialState.COMPLETE, [float(result["val_accuracy"]), float(metrics["latency_ms"])]
+
+
+def recover_from_trial_file(study: optuna.Study, trial: FrozenTrial, run_dir: Path) -> bool:
+    """Tell the study a RUNNING ``trial``'s result from its ``trials/NNNN.json``, if that holds one.
+
+    The file is written just before the study commits a trial; a kill in between leaves a
+    finished result on disk and a RUNNING trial in the study. The file counts only if it
+    is this trial's (same worker, same priced size: a folder reused with a new ``--storage``
+    has files of other trials under the same numbers). Returns whether it recovered.
+    """
+    try:
+        rec = json.loads(trial_path(run_dir, trial.number).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    ua, metrics = trial.user_attrs, rec.get("metrics") or {}
+    if rec.get("number") != trial.number or rec.get("worker") != ua.get("worker") or \
+            (ua.get("cost") or {}).get("size_bytes") != metrics.get("size_bytes"):
+        return False
+    recovered = _recovered_state(rec)
+    if recovered is None:
+        return False
+    attrs, state, values = recovered
+    for k, v in attrs.items():
+        study._storage.set_trial_user_attr(trial._trial_id, k, v)
+    study._storage.set_trial_state_values(trial._trial_id, state, values)
+    log.info("trial %d: recovered its %s result from %s", trial.number, rec.get("status"),
+             f"trials/{trial.number:04d}.json")
+    return True

@@ -1,0 +1,167 @@
+"""One trial's lifecycle, shared by both backends.
+
+1. :func:`sample_trial`: the sampler picks a policy (within the narrowed space); the cost model
+   prices it; its cost and constraints are recorded on the trial (what the sampler learns from).
+2. Over a limit: :func:`reject` -- recorded as rejected, never trained.
+3. :func:`claim`: at most ``--trials`` trials train, over all processes and workers of a run.
+4. :func:`train_trial` (on a worker): compress a copy of the base model, fine-tune it briefly
+   (distilled from the base), score it on the validation split; at each rung the
+   early-stopping rule may stop it.
+5. :func:`record`: the trial file first, then the study's attributes (a kill in between
+   loses nothing: :mod:`search.recovery`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+
+from ..compressors.policy import Policy
+from ..evaluators.finetune import compress, distill_config, finetune
+from .context import Context
+from .limits import cost_dict, named_constraints, target_sram
+from .narrowing import NarrowedTrial
+from .records import result_attrs, trial_record, write_trial_file
+from .recovery import reap_dead_trials
+from .runfolder import file_lock
+from .study import tell_constraints, trained_trials
+from .workload import seed_everything
+
+#: Calibration batches the data-driven pruning criteria see when a trial compresses the base.
+CALIB_BATCHES = 8
+
+
+@dataclass
+class Sampled:
+    """A trial whose policy was sampled and priced."""
+
+    trial: Any
+    policy: Policy
+    cost: Any
+    cons: list[float]
+
+    @property
+    def over_budget(self) -> bool:
+        return max(self.cons) > 0
+
+    @property
+    def latency_ms(self) -> float:
+        return float(self.cost.latency_ms)
+
+
+def sample_trial(ctx: Context, trial: Any) -> Sampled:
+    """Ask ``trial`` for a policy (narrowed by sensitivity) and price it on the target."""
+    policy = ctx.space.sample(NarrowedTrial(trial, ctx.narrowed) if ctx.narrowed else trial)
+    cost = ctx.estimate(policy)
+    named = named_constraints(cost, ctx.cfg, target_sram(ctx.target))
+    tell_constraints(trial, named)
+    trial.set_user_attr("cost", cost_dict(cost))
+    return Sampled(trial, policy, cost, list(named.values()))
+
+
+def reject(ctx: Context, s: Sampled, worker: str) -> list[float]:
+    """Record an over-budget trial (rejected by the cost model, never trained); its values."""
+    s.trial.set_user_attr("evaluated", False)
+    write_trial_file(ctx.run_dir, trial_record(s.trial.number, worker, s.policy, s.cost, s.cons, None))
+    return [0.0, s.latency_ms]
+
+
+def try_claim(ctx: Context, study: optuna.Study, trial_number: int) -> bool | None:
+    """One claim attempt (call it under the run's claim lock): True = ``trial_number`` may train
+    (the caller marks it ``training``), False = enough trials trained, None = the last places
+    are held by trials in training elsewhere (wait and retry)."""
+    trained = len(trained_trials(study))
+    if trained >= ctx.cfg.trials:
+        return False
+    busy = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.user_attrs.get("training") and t.number != trial_number]
+    return True if trained + len(busy) < ctx.cfg.trials else None
+
+
+def claim(ctx: Context, trial: Any) -> bool:
+    """Whether this trial should train: trained + in-training trials stay <= ``cfg.trials``.
+
+    Concurrent workers of one run take turns under a file lock; a worker whose peers hold the
+    last places waits for them (a peer that dies is reaped and its place freed).
+    """
+    while True:
+        with file_lock(ctx.run_dir / ".claim.lock"):
+            ok = try_claim(ctx, trial.study, trial.number)
+            if ok:
+                trial.set_user_attr("training", True)
+            if ok is not None:
+                return ok
+        reap_dead_trials(trial.study, ctx.run_dir)
+        time.sleep(1.0)
+
+
+class _StopAtRung(Exception):
+    pass
+
+
+def train_trial(ctx: Context, number: int, policy: Policy, *,
+                on_rung: Callable[[int, float, dict[str, float]], bool] | None = None, bar: Any = None,
+                ) -> dict[str, Any]:
+    """Trial work: compress a copy of the base model, short fine-tune, validation metric.
+
+    ``on_rung(step, metric, rung_acc) -> bool`` is called at each rung step; True stops the
+    trial there (multi-fidelity). Returns ``status`` ("evaluated" | "pruned"),
+    ``val_accuracy`` (the metric; None when stopped), ``rung_accuracy``, ``steps``,
+    ``train_seconds`` (the time of all of the above: what "trial work" means in the scaling
+    numbers).
+    """
+    cfg = ctx.cfg
+    t0 = time.time()
+    seed_everything(cfg.seed + number)
+    calib = ctx.trial_train.first_batches(CALIB_BATCHES, cfg.batch_size, seed=number)
+    model, _ = compress(ctx.base, policy, ctx.input_shape, calib=calib)
+    rungs = set(cfg.rung_steps)
+    steps_done = 0
+    rung_acc: dict[str, float] = {}
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        nonlocal steps_done
+        steps_done = step
+        if bar is not None:
+            bar.set_postfix_str(f"trial {number}: step {step}/{total} loss {loss:.3f}")
+        if step in rungs and step < total and on_rung is not None:
+            rung_acc[str(step)] = ctx.score(model, ctx.rung_val)
+            if on_rung(step, rung_acc[str(step)], dict(rung_acc)):
+                raise _StopAtRung
+
+    out: dict[str, Any] = {"status": "evaluated", "val_accuracy": None}
+    try:
+        finetune(model, ctx.trial_train, teacher=ctx.base, distill=distill_config(policy, cfg.distill),
+                 max_steps=cfg.trial_steps, epochs=10, lr=cfg.trial_lr, batch_size=cfg.batch_size,
+                 seed=cfg.seed + number, progress=on_step, loss_fn=ctx.workload.loss)
+    except _StopAtRung:
+        out.update(status="pruned", pruned_at=steps_done)
+    else:
+        out["val_accuracy"] = ctx.score(model, ctx.data.val)
+    return {**out, "rung_accuracy": rung_acc, "steps": steps_done, "train_seconds": round(time.time() - t0, 3)}
+
+
+def record(ctx: Context, s: Sampled, worker: str, result: dict[str, Any]) -> list[float] | None:
+    """Write a trained trial's file, then its study attributes; its values (None: stopped)."""
+    write_trial_file(ctx.run_dir, trial_record(s.trial.number, worker, s.policy, s.cost, s.cons, result))
+    for k, v in result_attrs(result).items():
+        s.trial.set_user_attr(k, v)
+    if result["status"] == "pruned":
+        return None
+    return [result["val_accuracy"], s.latency_ms]
+
+
+def stopped_message(result: dict[str, Any], cfg: Any) -> str:
+    """Why a trial stopped at a rung, in words."""
+    step = result["pruned_at"]
+    return (f"validation metric {result['rung_accuracy'][str(step)]:.4f} at step {step} is below the best "
+            f"1/{cfg.prune_eta} of its rung (among trials at least as fast)")
+
+
+def sample_limit(study: optuna.Study, cfg: Any) -> int:
+    """Samples after which a sweep stops even short of ``--trials``: a guard against a space that
+    is (nearly) all over budget, where rejected samples cost no training but never end."""
+    return len(study.trials) + 40 * cfg.trials + 200

@@ -164,8 +164,8 @@ def time_trial(run: Path, args) -> int:
     ckpt = load_checkpoint(run / "base" / "model.pt")  # its input shape; exported too if not yet
     base = base_onnx(run, run / "export" / "base_fp32.onnx", base=ckpt)
     pol = json.loads((run / "trials" / f"{args.trial:04d}.json").read_text()).get("policy")
-    lines = [f"Trial {args.trial}: {describe(pol)}; ONNX accuracy {100 * out['accuracy']:.2f}% (PyTorch "
-             f"{100 * out['torch_accuracy']:.2f}%), file {out['file_bytes']:,} B = {out['size_ratio']:.3f}x the size "
+    lines = [f"Trial {args.trial}: {describe(pol)}; ONNX accuracy {100 * out['runtime_test_accuracy']:.2f}% (PyTorch "
+             f"{100 * out['torch_test_accuracy']:.2f}%), file {out['file_bytes']:,} B = {out['size_ratio']:.3f}x the size "
              "model.", ""]
     lines += compare({"fp32 base": base, f"trial {args.trial}": Path(out["path"])}, ckpt.input_shape, args)
     print("\n".join(lines))
@@ -186,7 +186,7 @@ def time_existing(run: Path, args) -> int:
     if (run / "export" / "model.onnx").is_file():
         arts["chosen, file exported before"] = run / "export" / "model.onnx"
     lines = [f"Chosen: {describe(best.policy.to_dict() if best.policy else None)}; ONNX accuracy "
-             f"{100 * new['accuracy']:.2f}% (reported {100 * new['reported_accuracy']:.2f}%), file "
+             f"{100 * new['runtime_test_accuracy']:.2f}% (reported {100 * new['reported_test_accuracy']:.2f}%), file "
              f"{new['file_bytes']:,} B = {new['size_ratio']:.3f}x the size model.", ""]
     lines += compare(arts, best.input_shape, args)
     print("\n".join(lines))
@@ -233,20 +233,20 @@ def main() -> int:
         chosen = chosen["artifacts"][0]
         base_ld = load_checkpoint(run / "base" / "model.pt")
         base_metrics = json.loads((run / "base" / "metrics.json").read_text())
-        base = export_model(base_ld, "onnx", run / "export" / "base_fp32.onnx", data=data,
-                            reported={"test_accuracy": base_metrics.get("test_accuracy")})
+        base = export_model(base_ld, "onnx", run / "export" / "base_fp32.onnx", data=data, reported=base_metrics)
         best = load_checkpoint(run / "best" / "model.pt")
         arts = {"fp32 base": base.path, "chosen": Path(chosen["path"]),
                 "chosen, plain QDQ": plain_qdq(best, data, run / "export" / "model_plain_qdq.onnx")}
         metrics = json.loads((run / "best" / "metrics.json").read_text())
         for k, m in measure(arts, data.input_shape, args).items():
-            acc = base.accuracy if k == "fp32 base" else chosen.get("accuracy") if k == "chosen" else None
+            acc = base.runtime_test_accuracy if k == "fp32 base" else \
+                chosen.get("runtime_test_accuracy") if k == "chosen" else None
             rows.append((name, k, m["bytes"], acc, m["b1"], m["b32"], m["s1"], m["s32"], m["int8"], m["dq"], m["q"]))
             print(rows[-1], flush=True)
         details.append(f"- {name}: search {t_search:.0f} s, chosen trial {(summary.get('best') or {}).get('trial', metrics.get('trial'))}"
                        f" ({describe(best.policy.to_dict() if best.policy else None)}); reported test accuracy "
-                       f"{100 * metrics['test_accuracy']:.2f}%, ONNX {100 * chosen['accuracy']:.2f}% "
-                       f"(base {100 * base.accuracy:.2f}%); file {chosen['file_bytes']:,} B = "
+                       f"{100 * metrics['test_metric']:.2f}%, ONNX {100 * chosen['runtime_test_accuracy']:.2f}% "
+                       f"(base {100 * base.runtime_test_accuracy:.2f}%); file {chosen['file_bytes']:,} B = "
                        f"{chosen['size_ratio']:.3f}x the size model ({chosen.get('expected_bytes') or 0:,} B); "
                        f"notes: {'; '.join(chosen.get('notes', [])) or '-'}")
     import onnxruntime

@@ -78,10 +78,11 @@ def run_search(args, model, budget, name, *, step_budget: int | None = None, **k
     summary = start(cfg, progress=False, extend=extend if step_budget else None)[1]
     rep = report(cfg.run)
     best = summary["best"]
-    return {"method": name, "test_accuracy": best["test_accuracy"], "val_accuracy": best["val_accuracy"],
+    counts = summary["trial_counts"]
+    return {"method": name, "test_accuracy": best["test_metric"], "val_accuracy": best["val_metric"],
             "latency_ms": best["latency_ms"], "energy_mj": best["energy_mj"], "size_bytes": best["size_bytes"],
-            "status": best["status"], "hypervolume": rep["hypervolume"]["value"],
-            "trained_trials": summary["trials"], "samples": summary["samples"],
+            "status": "feasible" if best["feasible"] else "infeasible", "hypervolume": rep["hypervolume"]["value"],
+            "trained_trials": counts["trained"], "samples": counts["sampled"],
             "fine_tune_steps": fine_tune_steps(optuna.load_study(study_name=STUDY_NAME,
                                                                 storage=storage_url(cfg, Path(cfg.run)))),
             "search_seconds": summary["search_seconds"], "wall_seconds": round(time.time() - t0, 1)}

@@ -83,9 +83,10 @@ class ExportResult:
         path: the artifact written.
         format: export format name.
         file_bytes: size of the artifact on disk.
-        accuracy: test accuracy of the artifact run by its own runtime (``None``: no data).
-        torch_accuracy: test accuracy of the PyTorch compressed model on the same inputs.
-        reported_accuracy: test accuracy the search reported (``best/metrics.json``), if given.
+        runtime_test_accuracy: top-1 test accuracy of the artifact run by its own runtime (``None``: no data).
+        torch_test_accuracy: top-1 test accuracy of the PyTorch compressed model on the same inputs.
+        reported_test_accuracy: the test accuracy the search reported (``best/metrics.json``), if
+            given and its metric is top-1 accuracy.
         expected_bytes: the size model's bytes for this model, if available.
         expected_source: what ``expected_bytes`` came from.
         max_logit_diff: largest |artifact - PyTorch| logit difference on the test inputs.
@@ -96,9 +97,9 @@ class ExportResult:
     path: Path
     format: str
     file_bytes: int
-    accuracy: float | None = None
-    torch_accuracy: float | None = None
-    reported_accuracy: float | None = None
+    runtime_test_accuracy: float | None = None
+    torch_test_accuracy: float | None = None
+    reported_test_accuracy: float | None = None
     expected_bytes: int | None = None
     expected_source: str | None = None
     max_logit_diff: float | None = None
@@ -112,8 +113,8 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "format": self.format, "file_bytes": self.file_bytes,
-                "accuracy": self.accuracy, "torch_accuracy": self.torch_accuracy,
-                "reported_accuracy": self.reported_accuracy, "expected_bytes": self.expected_bytes,
+                "runtime_test_accuracy": self.runtime_test_accuracy, "torch_test_accuracy": self.torch_test_accuracy,
+                "reported_test_accuracy": self.reported_test_accuracy, "expected_bytes": self.expected_bytes,
                 "expected_source": self.expected_source, "size_ratio": self.size_ratio,
                 "max_logit_diff": self.max_logit_diff, "notes": list(self.notes),
                 "extra_paths": [str(p) for p in self.extra_paths]}
@@ -759,21 +760,23 @@ class ExportJob:
 
     def metadata(self) -> dict[str, str]:
         pol = self.loaded.policy
-        md = {"squeezer.format": "squeezer.export/1", "squeezer.model": self.loaded.model_name,
+        md = {"squeezer.format": "squeezer.export/2", "squeezer.model": self.loaded.model_name,
               "squeezer.policy": json.dumps(pol.to_dict() if pol is not None else None),
               "squeezer.target": self.target or "", "squeezer.input": "image in [0, 1], NCHW float32",
               "squeezer.input_shape": json.dumps(list(self.loaded.input_shape)),
               "squeezer.num_classes": str(self.loaded.num_classes),
               "squeezer.normalization": json.dumps({"mean": list(self.mean), "std": list(self.std)})}
-        for k in ("test_accuracy", "val_accuracy", "size_bytes", "latency_ms", "energy_mj"):
+        for k in ("metric", "test_metric", "val_metric", "size_bytes", "latency_ms", "energy_mj"):
             if self.reported.get(k) is not None:
                 md[f"squeezer.{k}"] = str(self.reported[k])
         return md
 
 
-def reported_accuracy(job: ExportJob) -> float | None:
-    v = job.reported.get("test_accuracy")
-    return None if v is None else float(v)
+def reported_test_accuracy(job: ExportJob) -> float | None:
+    """The search's test metric when it is top-1 accuracy (what an artifact's accuracy is checked
+    against); None when the search measured another metric or nothing."""
+    v = job.reported.get("test_metric")
+    return None if v is None or job.reported.get("metric", "accuracy") != "accuracy" else float(v)
 
 
 def verify_artifact(job: ExportJob, fmt: str, run: Callable[[np.ndarray], np.ndarray], dep: DeployModel,
@@ -785,14 +788,14 @@ def verify_artifact(job: ExportJob, fmt: str, run: Callable[[np.ndarray], np.nda
     acc = tacc = diff = None
     if job.data is not None:
         acc, tacc, diff = compare_runtime(ld.model, run, job.data.test, mean=job.mean, std=job.std)
-        check_accuracy(fmt, acc, tacc, reported_accuracy(job), tol)
+        check_accuracy(fmt, acc, tacc, reported_test_accuracy(job), tol)
     if check_size and fmt == "onnx" and is_int8_policy(dep) and expected and \
             abs(size - expected) > SIZE_TOLERANCE * expected + SIZE_SLACK_BYTES:
         raise VerificationError(
             f"onnx file is {size:,} bytes but the size model says {expected:,} ({source}); "
             f"`|file - size model| <= {SIZE_TOLERANCE} * size model + {SIZE_SLACK_BYTES} B` must hold for "
             f"int8 policies, but got ratio={size / expected:.3f}")
-    return ExportResult(job.out_path, fmt, size, acc, tacc, reported_accuracy(job), expected, source, diff,
+    return ExportResult(job.out_path, fmt, size, acc, tacc, reported_test_accuracy(job), expected, source, diff,
                         tuple(dict.fromkeys(notes)))
 
 

@@ -38,7 +38,7 @@ from .export import (
     deploy_model,
     export_onnx,
     onnx_runner,
-    reported_accuracy,
+    reported_test_accuracy,
     verify_artifact,
 )
 from .export_pte import export_pte
@@ -54,11 +54,11 @@ def _export_policy(job: ExportJob) -> ExportResult:
     if path.suffix not in (".json", ".yaml", ".yml"):
         raise ExportError(f"a policy file needs a .json, .yaml or .yml name, but got {path.name!r}")
     pol.save(path, meta={"model": job.loaded.model_name, "target": job.target,
-                         **{k: v for k, v in job.reported.items() if k in ("test_accuracy", "size_bytes")}})
+                         **{k: v for k, v in job.reported.items() if k in ("metric", "test_metric", "size_bytes")}})
     # Verified by replay: the file reads back to the same policy.
     if Policy.load(path) != pol:
         raise VerificationError(f"policy file {path} does not read back to the exported policy")
-    return ExportResult(path, "policy", path.stat().st_size, reported_accuracy=reported_accuracy(job))
+    return ExportResult(path, "policy", path.stat().st_size, reported_test_accuracy=reported_test_accuracy(job))
 
 
 @EXPORT_FORMATS.register("state_dict", summary="squeezer.model/1 checkpoint (state dict + policy), torch.load-able")
@@ -76,8 +76,8 @@ def _export_state_dict(job: ExportJob) -> ExportResult:
     if job.data is not None:
         acc, tacc, diff = compare_runtime(ld.model, lambda a: back(torch.from_numpy(a)).numpy(), job.data.test,
                                           mean=job.mean, std=job.std, raw_input=False)
-        check_accuracy("state_dict", acc, tacc, reported_accuracy(job))
-    return ExportResult(path, "state_dict", path.stat().st_size, acc, tacc, reported_accuracy(job),
+        check_accuracy("state_dict", acc, tacc, reported_test_accuracy(job))
+    return ExportResult(path, "state_dict", path.stat().st_size, acc, tacc, reported_test_accuracy(job),
                         max_logit_diff=diff, extra_paths=extra)
 
 
@@ -129,7 +129,8 @@ def export_model(ckpt_or_loaded: Any, fmt: str, out_path: str | os.PathLike, *, 
             ``state_dict``).
         out_path: the file to write (parent folders are created).
         data: ``DataSplits``; when given, the artifact runs on ``data.test`` and its accuracy is
-            checked against the PyTorch model and ``reported["test_accuracy"]``.
+            checked against the PyTorch model and ``reported["test_metric"]`` (when
+            ``reported["metric"]`` is top-1 ``accuracy``).
         target: hardware target name recorded in the metadata.
         reported: the search's metrics (``best/metrics.json``).
 

@@ -14,7 +14,7 @@ Example:
     >>> ld = Loaded(build_model("lenet5", in_channels=1, num_classes=10).eval(), "lenet5", (1, 28, 28), 10, None)
     >>> p = export_model(ld, "onnx", tempfile.mktemp(suffix=".onnx")).path
     >>> r = bench_artifact(p, batch=4, repeats=3, warmup=1)
-    >>> r.latency_ms > 0 and r.batch == 4
+    >>> r.measured_latency_ms > 0 and r.batch == 4
     True
 """
 
@@ -41,6 +41,9 @@ from ..evaluators.export_pte import EXTRA_HINT, executorch_available
 from ..evaluators.models import build_model
 from .cost import estimate
 
+#: The schema of :meth:`BenchResult.to_dict` (``squeezer bench --json``).
+BENCH_SCHEMA = "squeezer.bench/2"
+
 
 class BenchError(ValueError):
     """The artifact cannot be benchmarked (unknown kind, unreadable, missing input shape)."""
@@ -48,14 +51,15 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class BenchResult:
-    """Median latencies of one artifact on this machine.
+    """Median latencies of one artifact on this machine (``measured_*``) and the cost model's
+    (``predicted_latency_ms``: what ``latency_ms`` is in every other JSON).
 
     Attributes:
-        latency_ms: median batch-1 latency.
-        batch_latency_ms: median latency of one batch of ``batch`` (``None`` if the artifact has a
-            fixed batch of 1, as ExecuTorch programs do).
-        per_image_ms: ``batch_latency_ms / batch``.
-        predicted_ms: the cost model's batch-1 latency for ``target`` (``None`` if unavailable).
+        measured_latency_ms: median batch-1 latency.
+        measured_batch_latency_ms: median latency of one batch of ``batch`` (``None`` if the artifact
+            has a fixed batch of 1, as ExecuTorch programs do).
+        measured_per_image_ms: ``measured_batch_latency_ms / batch``.
+        predicted_latency_ms: the cost model's batch-1 latency for ``target`` (``None`` if unavailable).
         runtime_ops: for ONNX, how many of each op ONNX Runtime runs per inference (its optimized
             graph): ``QLinearConv`` are int8 kernels; ``DequantizeLinear``/``QuantizeLinear`` are
             conversions paid at every inference.
@@ -68,18 +72,17 @@ class BenchResult:
     repeats: int
     warmup: int
     threads: int
-    latency_ms: float
-    batch_latency_ms: float | None
-    per_image_ms: float | None
+    measured_latency_ms: float
+    measured_batch_latency_ms: float | None
+    measured_per_image_ms: float | None
     target: str | None = None
-    predicted_ms: float | None = None
+    predicted_latency_ms: float | None = None
     prediction_note: str | None = None
     runtime_ops: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["input_shape"] = list(self.input_shape)
-        return d
+        """``squeezer.bench/2`` (keys as in the README's "JSON fields")."""
+        return {"schema": BENCH_SCHEMA, **asdict(self), "input_shape": list(self.input_shape)}
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> float:

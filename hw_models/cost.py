@@ -69,10 +69,11 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from ..compressors.policy import LayerPolicy, Policy
 from ..compressors.pruning import kept_channels
-
 from .targets import Target, get_target
-from .trace import COMPRESSIBLE, LayerSpec, LayerTable
+from .trace import COMPRESSIBLE, LayerTable
 
+#: The schema of :meth:`Cost.to_dict` (``squeezer cost --json``).
+COST_SCHEMA = "squeezer.cost/2"
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,10 @@ class Cost:
     fits: Mapping[str, bool] = field(default_factory=dict)
 
     def to_dict(self, *, layers: bool = True) -> dict[str, Any]:
-        d: dict[str, Any] = {"target": self.target, "latency_ms": self.latency_ms, "energy_mj": self.energy_mj,
+        """``squeezer.cost/2`` (``squeezer cost --json``; keys as in the README's "JSON fields")."""
+        d: dict[str, Any] = {"schema": COST_SCHEMA, "target": self.target, "latency_ms": self.latency_ms, "energy_mj": self.energy_mj,
                              "size_bytes": self.size_bytes, "peak_memory_bytes": self.peak_memory_bytes,
-                             "macs": self.macs, "params": self.params, "size_exact": self.size_exact,
+                             "macs": self.macs, "param_count": self.params, "size_exact": self.size_exact,
                              "fits": dict(self.fits)}
         if layers:
             d["layers"] = [asdict(l) for l in self.layers]

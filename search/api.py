@@ -182,7 +182,7 @@ def result_of(ctx: Context, summary: dict[str, Any]) -> SearchResult:
     best = Candidate(summary["best"]["trial"], loaded.policy or Policy(), summary["best"], loaded.model)
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url(ctx.cfg, ctx.run_dir))
     front = [Candidate(t.number, ctx.space.sample(FixedTrial(t.params)),
-                       {"val_accuracy": t.values[0], **(t.user_attrs.get("cost") or {})})
+                       {"val_metric": t.values[0], **(t.user_attrs.get("cost") or {})})
              for t in pareto_front(study.get_trials(deepcopy=False))]
     return SearchResult(ctx.run_dir, best, ctx.base_metrics, front, summary, ctx.input_shape, ctx.data,
                         ctx.cfg.model)

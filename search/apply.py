@@ -34,6 +34,7 @@ from ..evaluators.splits import DataSplits
 from ..evaluators.train import Loss, Metric, recalibrate_bn_
 from .config import SearchConfig
 from .errors import UserError
+from .schema import stamped
 from .workload import Workload, base_cache_path, load_data, object_name, splits_of, train_base
 
 log = logging.getLogger("squeezer")
@@ -88,7 +89,7 @@ def measure(model: nn.Module, input_shape: tuple[int, ...], policy: Policy | Non
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise UserError(f"target {target!r}: {str(e).strip(chr(39))}") from None
     return {"size_bytes": int(cost.size_bytes), "latency_ms": float(cost.latency_ms),
-            "energy_mj": float(cost.energy_mj), "macs": int(cost.macs), "params": int(cost.params),
+            "energy_mj": float(cost.energy_mj), "macs": int(cost.macs), "param_count": int(cost.params),
             "target": cost.target or target, "cost_source": "hw_models"}
 
 
@@ -138,6 +139,10 @@ def apply(model: Any, policy: Policy | str | Path, *, data: Any = "fashion-mnist
           out: str | Path | None = None, progress: bool = True) -> Applied:
     """Apply ``policy`` to ``model``, fine-tune ``finetune_epochs``, measure on the test split.
 
+    ``metrics`` (``squeezer.apply/2``) has the metric's name and ``test_metric`` (``val_metric``
+    when the data has no test split), the cost figures on ``target`` and the same for the base
+    model under ``base``.
+
     Example:
         >>> from squeezer import LayerPolicy, Policy
         >>> m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10))
@@ -156,18 +161,19 @@ def apply(model: Any, policy: Policy | str | Path, *, data: Any = "fashion-mnist
     workload = Workload(name, splits, model if isinstance(model, nn.Module) else None, metric, loss)
     base, base_meta = base_model(workload, cfg, cache=Path(cache), train_size=train_size, progress=progress)
     t0 = time.time()
-    test = splits.test if splits.test is not None else splits.val
+    test, key = (splits.test, "test_metric") if splits.test is not None else (splits.val, "val_metric")
     base_score = workload.score(base, test)
     model_c, resolved = _compress(base, policy, splits, finetune_epochs, lr, seed, loss, progress)
     score = workload.score(model_c, test)
-    metrics = {"model": name, "dataset": splits.name, "accuracy": score, "metric": workload.metric_name,
-               **measure(base, splits.input_shape, resolved, target), "finetune_epochs": finetune_epochs,
-               "seconds": round(time.time() - t0, 1), "policy": resolved.to_dict(),
-               "base": {"accuracy": base_score, **measure(base, splits.input_shape, None, target), **base_meta}}
+    metrics = stamped("apply", {
+        "model": name, "dataset": splits.name, "metric": workload.metric_name, key: score,
+        **measure(base, splits.input_shape, resolved, target), "finetune_epochs": finetune_epochs,
+        "wall_seconds": round(time.time() - t0, 1), "policy": resolved.to_dict(),
+        "base": {key: base_score, **measure(base, splits.input_shape, None, target), **base_meta}})
     if out:
         save_checkpoint(out, model_c, model_name=name, input_shape=splits.input_shape, num_classes=splits.num_classes,
                         policy=resolved, normalization={"mean": splits.mean, "std": splits.std},
-                        meta={"accuracy": score})
+                        meta={"metric": workload.metric_name, key: score})
         metrics["out"] = str(out)
     return Applied(model_c, resolved, metrics)
 

@@ -25,7 +25,8 @@ from ..evaluators.splits import DataSplits
 from ..evaluators.train import evaluate
 from .config import SearchConfig
 from .errors import UserError
-from .runfolder import BASE_MODEL, BEST, load_config, read_json, trial_path
+from .runfolder import BASE_METRICS, BASE_MODEL, BEST, load_config, read_json, trial_path
+from .schema import read_run_json, stamped, upgrade
 from .workload import load_data
 
 log = logging.getLogger("squeezer")
@@ -45,8 +46,10 @@ class Exported:
     artifacts: list[ExportResult]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": str(self.source), "label": self.label, "reported": self.reported,
-                "artifacts": [r.to_dict() for r in self.artifacts]}
+        """``squeezer.export-result/2``: ``reported`` in the run's vocabulary, each artifact's
+        ``test_accuracy`` (top-1, in its own runtime) next to ``torch_test_accuracy``."""
+        return stamped("export", {"source": str(self.source), "label": self.label, "reported": self.reported,
+                                  "artifacts": [r.to_dict() for r in self.artifacts]})
 
 
 def _check_args(fmt: str | None, trial: int | None, test_size: int | None) -> None:
@@ -78,8 +81,9 @@ def _trial_model(run: Path, trial: int, epochs: float | None, data: DataSplits,
         known = sorted(p.stem for p in (run / "trials").glob("[0-9]*.json")) if (run / "trials").is_dir() else []
         raise UserError(f"trial {trial} not found ({rec_path} is missing); trials in {run}: "
                         f"{', '.join(str(int(k)) for k in known) or 'none'}")
-    rec = read_json(rec_path)
-    metrics = dict(rec.get("metrics") or {})
+    rec = upgrade(read_json(rec_path), "trial")
+    metric = (read_run_json(run / BASE_METRICS, "metrics") or {}).get("metric", "accuracy")
+    metrics = {"metric": metric, **(rec.get("metrics") or {})}
     ckpt = run / "trials" / f"{trial:04d}" / "model.pt"
     if ckpt.is_file():
         return ckpt, metrics
@@ -94,8 +98,11 @@ def _trial_model(run: Path, trial: int, epochs: float | None, data: DataSplits,
     log.info("fine-tuning trial %d for %g epoch(s) from %s ...", trial, epochs, run / BASE_MODEL)
     model, policy = compress(base.model, policy, base.input_shape, calib=data.train.first_batches(4, 64))
     finetune(model, data.train, teacher=base.model, distill=policy.distill, epochs=epochs, progress=True)
-    # A re-fine-tuned trial has its own accuracy: the search's numbers were from a short fine-tune.
-    metrics = {**metrics, "test_accuracy": evaluate(model, data.test), "finetune_epochs": epochs}
+    # A re-fine-tuned trial has its own test score: the search's numbers were from a short fine-tune
+    # (top-1 accuracy is measured here; a run's own metric function is not at hand).
+    metrics = {**metrics, "finetune_epochs": epochs}
+    if metric == "accuracy":
+        metrics["test_metric"] = evaluate(model, data.test)
     save_checkpoint(ckpt, model, model_name=base.model_name, input_shape=base.input_shape,
                     num_classes=base.num_classes, policy=policy, normalization=base.normalization, meta=metrics)
     return ckpt, metrics
@@ -121,12 +128,11 @@ def export(run: str | Path, fmt: str | None = None, out: str | Path | None = Non
         if not ckpt.is_file():
             raise UserError(f"{run} has no chosen model yet ({ckpt} is missing); finish the search with "
                             f"`squeezer resume {run}`")
-        metrics_path = run / BEST / "metrics.json"
-        ckpt, reported, label = ckpt, read_json(metrics_path) if metrics_path.is_file() else {}, "best"
+        reported, label = read_run_json(run / BEST / "metrics.json", "metrics") or {}, "best"
     else:
         (ckpt, reported), label = _trial_model(run, trial, finetune, splits, model), f"trial {trial}"
     if test_size is not None:
-        reported = {k: v for k, v in reported.items() if k != "test_accuracy"}  # measured on another set
+        reported = {k: v for k, v in reported.items() if k != "test_metric"}  # measured on another set
     try:
         loaded = load_checkpoint(ckpt, architecture=model)
     except CheckpointError as e:

@@ -25,7 +25,7 @@ from . import api, commands, tools
 from .budget import format_bytes
 from .config import SearchConfig
 from .errors import UserError
-from .report import format_report, summary_table
+from .report import count_line, format_report, summary_table
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,11 +126,13 @@ def _print_summary(summary: dict, args: argparse.Namespace) -> None:
         return
     best = summary["best"]
     print(f"\nrun: {summary['run']}")
-    print(f"trials: {summary['trials']} trained ({summary['samples']} sampled) in {summary['search_seconds']:.0f} s; "
+    print(f"{count_line(summary['trial_counts'])}; search {summary['search_seconds']:.0f} s, "
           f"total {summary['wall_seconds']:.0f} s")
-    if best.get("status") != "feasible":
+    if not best.get("feasible"):
         print("warning: no trained candidate met every constraint; the closest one is reported", file=sys.stderr)
     print(summary_table(summary["base"], best))
+    print(f"  (chosen = trial {best['trial']} after the final fine-tune; `squeezer report` shows its search-time "
+          f"score)")
     print(f"\nchosen policy: {summary['run']}/best/policy.json   model: {summary['run']}/best/model.pt")
     print(f"next: squeezer report {summary['run']}   |   squeezer export {summary['run']} --format onnx")
 
@@ -158,8 +160,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     rep = api.report(args.run_dir, files=not getattr(args, "no_files", False))
     print(json.dumps(rep, indent=2, default=str) if args.json else format_report(rep))
     if rep.get("files") and not args.json:
-        print(f"\nhypervolume {rep['hypervolume']['value']:.4f}; wrote {rep['files']['pareto_png']} "
-              f"and {rep['files']['report_html']}")
+        print(f"\nwrote {rep['files']['pareto_png']} and {rep['files']['report_html']}")
     return 0
 
 
@@ -168,7 +169,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     cost = tools.cost(args.model, input_shape=shape, target=args.target, policy=args.policy,
                       num_classes=args.num_classes)
     if args.json:
-        print(json.dumps(cost.to_dict(), indent=2, default=str))
+        print(json.dumps(cost.to_dict(), indent=2, default=str))  # squeezer.cost/2
         return 0
     print(f"{args.model} on {args.target}, input {tuple(shape)}" + (f", policy {args.policy}" if args.policy else ""))
     print(f"  size          {format_bytes(cost.size_bytes)} ({int(cost.size_bytes):,} bytes)")

@@ -22,7 +22,8 @@ from .budget import format_bytes
 from .config import SearchConfig
 from .errors import UserError
 from .limits import cost_dict, resolve_target, target_bits
-from .runfolder import BASE_METRICS, BASE_MODEL, file_lock, read_json, write_json
+from .runfolder import BASE_METRICS, BASE_MODEL, file_lock, write_json
+from .schema import read_run_json, stamped
 from .space import SearchSpace
 from .workload import Workload, build_base
 
@@ -104,12 +105,13 @@ def base_metrics_of(cost: Any, cfg: SearchConfig, workload: Workload, base: nn.M
                     path: Path) -> dict[str, Any]:
     """The base model's metrics (``base/metrics.json``, computed once per run)."""
     if path.is_file():
-        return read_json(path)
+        return read_run_json(path, "metrics")
     data = workload.data
-    metrics = {**cost_dict(cost), "val_accuracy": workload.score(base, data.val),
-               "test_accuracy": workload.score(base, data.test) if data.test is not None else None,
-               "metric": workload.metric_name, "model": cfg.model, "dataset": cfg.dataset, "target": cfg.target,
-               **{k: v for k, v in meta.items() if k != "normalization"}}
+    metrics = stamped("metrics", {
+        "metric": workload.metric_name, "val_metric": workload.score(base, data.val),
+        "test_metric": workload.score(base, data.test) if data.test is not None else None, **cost_dict(cost),
+        "model": cfg.model, "dataset": cfg.dataset, "target": cfg.target,
+        **{k: v for k, v in meta.items() if k != "normalization"}})
     write_json(path, metrics)
     return metrics
 

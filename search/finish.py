@@ -1,6 +1,8 @@
 """The final stage: the chosen policy's full fine-tune (QAT + distillation), its test metric, ``best/``.
 
 Runs once per run: concurrent processes wait on a lock and then read ``best/metrics.json``.
+The chosen trial is marked in the study (:func:`search.study.mark_chosen`): a dashboard user
+sees which trial it is and that its search-time score is not the fine-tuned one.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from ..evaluators.checkpoint import save_checkpoint
 from ..evaluators.finetune import compress_and_finetune
 from .context import Context
 from .limits import constraints_of, cost_dict, target_sram
-from .runfolder import BEST, file_lock, read_json, write_json
+from .runfolder import BEST, file_lock, write_json
+from .schema import read_run_json, stamped
 from .selection import choose_best
+from .study import mark_chosen
 from .workload import seed_everything
 
 log = logging.getLogger("squeezer")
@@ -32,7 +36,7 @@ def finish(ctx: Context, study: optuna.Study, *, progress: bool = True) -> dict[
     with file_lock(ctx.run_dir / ".finish.lock"):
         path = ctx.run_dir / BEST / "metrics.json"
         if path.is_file():
-            return read_json(path)
+            return read_run_json(path, "metrics")
         return _finish(ctx, study, progress=progress)
 
 
@@ -56,13 +60,39 @@ def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, A
     ft_seconds = time.time() - t0
     val_acc = ctx.score(model, ctx.data.val)
     test_acc = ctx.score(model, ctx.data.test) if ctx.data.test is not None else None
-    metrics = {**cost_dict(cost), "val_accuracy": val_acc, "test_accuracy": test_acc, "metric": ctx.workload.metric_name,
-               "trial": trial.number, "status": status, "target": cfg.target, "budget_bytes": cfg.budget_bytes,
-               "packed_bytes": packed_size(model, coding=policy.coding), "finetune_seconds": round(ft_seconds, 1)}
+    metrics = stamped("metrics", {
+        "metric": ctx.workload.metric_name, "val_metric": val_acc, "test_metric": test_acc,
+        "trial_val_metric": trial.values[0] if trial.user_attrs.get("evaluated") else None,
+        **cost_dict(cost), "trial": trial.number, "feasible": status == "feasible", "target": cfg.target,
+        "budget_bytes": cfg.budget_bytes, "packed_bytes": packed_size(model, coding=policy.coding),
+        "finetune_seconds": round(ft_seconds, 1)})
     policy.save(best_dir / "policy.json", meta={"model": cfg.model, "dataset": cfg.dataset, "target": cfg.target,
-                                                "trial": trial.number, "test_accuracy": test_acc})
+                                                "trial": trial.number, "metric": metrics["metric"],
+                                                "test_metric": test_acc})
     save_checkpoint(best_dir / "model.pt", model, model_name=cfg.model, input_shape=ctx.input_shape,
                     num_classes=ctx.data.num_classes, policy=policy,
                     normalization={"mean": ctx.data.mean, "std": ctx.data.std}, meta=metrics)
     write_json(best_dir / "metrics.json", metrics)
+    mark_chosen(study, trial, *chosen_notes(metrics, cfg))
     return metrics
+
+
+def chosen_notes(m: dict[str, Any], cfg: Any) -> tuple[str, str]:
+    """The optuna-dashboard notes of the study and of the chosen trial (Markdown)."""
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    name, fits = m["metric"], "meets every limit" if m["feasible"] else "no trial met every limit: the least infeasible one"
+    chosen = (f"**squeezer chose trial {m['trial']}** ({fits}): the fastest trial within {cfg.tolerance_pp:g} points "
+              f"of the best validation {name}.\n\n"
+              f"- search-time (its objective values): validation {name} {num(m['trial_val_metric'])} after "
+              f"{cfg.trial_steps} fine-tune steps; {m['latency_ms']:.4g} ms on {cfg.target}\n"
+              f"- after the final fine-tune ({cfg.final_epochs:g} epochs): validation {name} "
+              f"{num(m['val_metric'])}, test {name} {num(m['test_metric'])}\n"
+              f"- size {m['size_bytes']:,} bytes (budget {m['budget_bytes']:,})\n")
+    study = (f"{chosen}\nObjectives: `val_metric ({name})` (max) and `latency_ms ({cfg.target})` (min).\n\n"
+             f"Constraints: relative violations `cost / limit - 1` of the limits in the study's user attribute "
+             f"`constraint_names` (<= 0: met); a trial over a limit was rejected by the cost model, never trained "
+             f"(COMPLETE with value 0). PRUNED trials were stopped at a rung (user attribute `pruned_at`) or "
+             f"not needed (`surplus`). `squeezer report RUN` says the same per trial.")
+    return study, chosen

@@ -50,17 +50,22 @@ def target_sram(target: Any) -> int | None:
     return cap.get("sram_contiguous_bytes") or cap.get("sram_bytes")
 
 
-def named_constraints(cost: Any, cfg: SearchConfig, sram: int | None) -> dict[str, float]:
-    """Relative violation of each limit (``<= 0`` = met): size, then peak memory (if the target
-    has an SRAM), latency, energy (if limited)."""
-    cons = {"size": cost.size_bytes / cfg.budget_bytes - 1.0}
+def limits_of(cfg: SearchConfig, sram: int | None) -> dict[str, tuple[str, float]]:
+    """Each limit a policy must meet: name -> (cost figure, limit), in the order Optuna stores them:
+    size, then peak memory (if the target has an SRAM), latency, energy (if limited)."""
+    out: dict[str, tuple[str, float]] = {"size": ("size_bytes", cfg.budget_bytes)}
     if sram:
-        cons["peak_memory"] = cost.peak_memory_bytes / sram - 1.0
+        out["peak_memory"] = ("peak_memory_bytes", sram)
     if cfg.max_latency_ms:
-        cons["latency"] = cost.latency_ms / cfg.max_latency_ms - 1.0
+        out["latency"] = ("latency_ms", cfg.max_latency_ms)
     if cfg.max_energy_mj:
-        cons["energy"] = cost.energy_mj / cfg.max_energy_mj - 1.0
-    return cons
+        out["energy"] = ("energy_mj", cfg.max_energy_mj)
+    return out
+
+
+def named_constraints(cost: Any, cfg: SearchConfig, sram: int | None) -> dict[str, float]:
+    """Relative violation of each limit of :func:`limits_of` (``<= 0`` = met)."""
+    return {name: getattr(cost, key) / limit - 1.0 for name, (key, limit) in limits_of(cfg, sram).items()}
 
 
 def constraints_of(cost: Any, cfg: SearchConfig, sram: int | None) -> list[float]:
@@ -73,9 +78,16 @@ def total_violation(cost: Any, cfg: SearchConfig, sram: int | None) -> float:
     return sum(max(0.0, c) for c in constraints_of(cost, cfg, sram))
 
 
-def is_feasible(constraints: list[float] | None) -> bool:
+def constraint_values(constraints: dict[str, float] | list[float] | None) -> list[float]:
+    """The violations of a trial's ``constraints`` (by name; a list in version-1 runs)."""
+    if isinstance(constraints, dict):
+        return list(constraints.values())
+    return list(constraints or [])
+
+
+def is_feasible(constraints: dict[str, float] | list[float] | None) -> bool:
     """Every limit met (no constraints recorded counts as met)."""
-    return max(constraints or [0.0]) <= 0
+    return max(constraint_values(constraints) or [0.0]) <= 0
 
 
 def cost_dict(cost: Any) -> dict[str, float]:

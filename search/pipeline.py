@@ -18,10 +18,12 @@ from .backends import BACKENDS
 from .config import SearchConfig
 from .context import Context, prepare
 from .finish import finish
+from .limits import limits_of, target_sram
 from .narrowing import sensitivity_first
 from .runfolder import BEST, CONFIG, SUMMARY, claim_folder, file_lock, load_config, new_run_dir, write_json
+from .schema import stamped
 from .seeds import enqueue_seeds
-from .study import evaluated_trials, open_study
+from .study import describe_study, open_study, trial_counts, trial_workers
 from .workload import Workload, named_workload
 
 log = logging.getLogger("squeezer")
@@ -75,6 +77,8 @@ def run(cfg: SearchConfig, run_dir: Path, workload: Workload, *, progress: bool,
     ctx = prepare(cfg, run_dir, workload, progress=progress)
     sensitivity_first(ctx, progress=progress)
     study = open_study(cfg, run_dir, space=ctx.space)
+    describe_study(study, metric=ctx.workload.metric_name, target=cfg.target, budget=cfg.budget,
+                   constraints=list(limits_of(cfg, target_sram(ctx.target))))
     seed_study(ctx, study, fresh=fresh)
     t_search = time.time()
     while True:
@@ -86,8 +90,10 @@ def run(cfg: SearchConfig, run_dir: Path, workload: Workload, *, progress: bool,
         ctx.cfg.save(run_dir / CONFIG)
     search_seconds = time.time() - t_search
     best = finish(ctx, study, progress=progress)
-    summary = {"run": str(run_dir), "base": ctx.base_metrics, "best": best,
-               "trials": len(evaluated_trials(study)), "samples": len(study.trials),
-               "search_seconds": round(search_seconds, 1), "wall_seconds": round(time.time() - t0, 1)}
+    trials = study.get_trials(deepcopy=False)
+    summary = stamped("summary", {
+        "run": str(run_dir), "base": ctx.base_metrics, "best": best, "trial_counts": trial_counts(trials),
+        "workers": trial_workers(trials), "search_seconds": round(search_seconds, 1),
+        "wall_seconds": round(time.time() - t0, 1)})
     write_json(run_dir / SUMMARY, summary)
     return ctx, summary

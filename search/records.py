@@ -2,14 +2,13 @@
 
 The file is written before the study is told (so a result survives a kill in between:
 :func:`search.recovery.recover_from_trial_file`); both come from the same result dict of
-:func:`search.trial.train_trial`: ``status`` (``evaluated`` | ``pruned``), ``val_accuracy``
-(None when stopped), ``rung_accuracy``, ``steps``, ``train_seconds`` and, when stopped,
-``pruned_at``.
+:func:`search.trial.train_trial`: ``reason`` (``trained`` | ``stopped``), ``val_metric``
+(None when stopped), ``rung_metric``, ``steps``, ``train_seconds`` and, when stopped,
+``pruned_at``. Keys are the JSON vocabulary (:mod:`search.schema`).
 
 Example:
-    >>> result_attrs({"status": "evaluated", "val_accuracy": 0.9, "rung_accuracy": {}, "steps": 60,
-    ...               "train_seconds": 3.0})
-    {'train_seconds': 3.0, 'steps': 60, 'evaluated': True, 'val_accuracy': 0.9}
+    >>> result_attrs({"reason": "trained", "val_metric": 0.9, "rung_metric": {}, "steps": 60, "train_seconds": 3.0})
+    {'train_seconds': 3.0, 'steps': 60, 'evaluated': True, 'val_metric': 0.9}
 """
 
 from __future__ import annotations
@@ -20,33 +19,34 @@ from typing import Any
 from ..compressors.policy import Policy
 from .limits import cost_dict
 from .runfolder import trial_path, write_json
+from .schema import stamped
 
 
-def trial_record(number: int, worker: str | None, policy: Policy, cost: Any, cons: list[float],
+def trial_record(number: int, worker: str | None, policy: Policy, cost: Any, cons: dict[str, float],
                  result: dict[str, Any] | None) -> dict[str, Any]:
     """The ``trials/NNNN.json`` record (``result`` None = rejected over budget, never trained)."""
     rec: dict[str, Any] = {"number": number, "worker": worker, "policy": policy.to_dict(),
-                           "metrics": cost_dict(cost), "constraints": cons}
+                           "metrics": cost_dict(cost), "constraints": dict(cons)}
     if result is None:
-        return {**rec, "status": "over_budget"}
-    if result["val_accuracy"] is not None:
-        rec["metrics"] = {**rec["metrics"], "val_accuracy": result["val_accuracy"]}
-    rec.update(status=result["status"], rung_accuracy=result["rung_accuracy"], steps=result["steps"],
+        return stamped("trial", {**rec, "reason": "over_budget"})
+    if result["val_metric"] is not None:
+        rec["metrics"] = {**rec["metrics"], "val_metric": result["val_metric"]}
+    rec.update(reason=result["reason"], rung_metric=result["rung_metric"], steps=result["steps"],
                train_seconds=result["train_seconds"])
     if "pruned_at" in result:
         rec["pruned_at"] = result["pruned_at"]
-    return rec
+    return stamped("trial", rec)
 
 
 def result_attrs(result: dict[str, Any]) -> dict[str, Any]:
     """User attributes a finished trial carries."""
     attrs: dict[str, Any] = {"train_seconds": result["train_seconds"], "steps": result["steps"]}
-    if result["rung_accuracy"]:
-        attrs["rung_acc"] = dict(result["rung_accuracy"])
-    if result["status"] == "pruned":
+    if result["rung_metric"]:
+        attrs["rung_metric"] = dict(result["rung_metric"])
+    if result["reason"] == "stopped":
         attrs["pruned_at"] = result["pruned_at"]
     else:
-        attrs.update(evaluated=True, val_accuracy=result["val_accuracy"])
+        attrs.update(evaluated=True, val_metric=result["val_metric"])
     return attrs
 
 

@@ -21,8 +21,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import UserError
 from .records import result_attrs
 from .runfolder import trial_path
+from .schema import upgrade
 from .study import is_shared_storage
 
 log = logging.getLogger("squeezer")
@@ -127,22 +129,22 @@ def fail_and_requeue(study: optuna.Study, trial: FrozenTrial) -> None:
 
 def _recovered_state(rec: dict[str, Any]) -> tuple[dict[str, Any], TrialState, list[float] | None] | None:
     """(attributes, state, values) a trial file's finished result gives its trial; None if none."""
-    status, metrics = rec.get("status"), rec.get("metrics") or {}
+    reason, metrics = rec.get("reason"), rec.get("metrics") or {}
     attrs: dict[str, Any] = {"recovered_from_file": True}
-    if status == "over_budget":
+    if reason == "over_budget":
         attrs["evaluated"] = False
         return attrs, TrialState.COMPLETE, [0.0, float(metrics["latency_ms"])]
-    if status not in ("evaluated", "pruned"):
+    if reason not in ("trained", "stopped"):
         return None
-    result = {"status": status, "val_accuracy": metrics.get("val_accuracy"), "steps": rec.get("steps"),
-              "train_seconds": rec.get("train_seconds"), "rung_accuracy": rec.get("rung_accuracy") or {},
+    result = {"reason": reason, "val_metric": metrics.get("val_metric"), "steps": rec.get("steps"),
+              "train_seconds": rec.get("train_seconds"), "rung_metric": rec.get("rung_metric") or {},
               "pruned_at": rec.get("pruned_at", rec.get("steps"))}
-    if status == "evaluated" and result["val_accuracy"] is None:
+    if reason == "trained" and result["val_metric"] is None:
         return None
     attrs.update(result_attrs(result))
-    if status == "pruned":
+    if reason == "stopped":
         return attrs, TrialState.PRUNED, None
-    return attrs, TrialState.COMPLETE, [float(result["val_accuracy"]), float(metrics["latency_ms"])]
+    return attrs, TrialState.COMPLETE, [float(result["val_metric"]), float(metrics["latency_ms"])]
 
 
 def recover_from_trial_file(study: optuna.Study, trial: FrozenTrial, run_dir: Path) -> bool:
@@ -154,8 +156,8 @@ def recover_from_trial_file(study: optuna.Study, trial: FrozenTrial, run_dir: Pa
     has files of other trials under the same numbers). Returns whether it recovered.
     """
     try:
-        rec = json.loads(trial_path(run_dir, trial.number).read_text())
-    except (OSError, json.JSONDecodeError):
+        rec = upgrade(json.loads(trial_path(run_dir, trial.number).read_text()), "trial")
+    except (OSError, json.JSONDecodeError, UserError):
         return False
     ua, metrics = trial.user_attrs, rec.get("metrics") or {}
     if rec.get("number") != trial.number or rec.get("worker") != ua.get("worker") or \
@@ -168,6 +170,6 @@ def recover_from_trial_file(study: optuna.Study, trial: FrozenTrial, run_dir: Pa
     for k, v in attrs.items():
         study._storage.set_trial_user_attr(trial._trial_id, k, v)
     study._storage.set_trial_state_values(trial._trial_id, state, values)
-    log.info("trial %d: recovered its %s result from %s", trial.number, rec.get("status"),
+    log.info("trial %d: recovered its %s result from %s", trial.number, rec.get("reason"),
              f"trials/{trial.number:04d}.json")
     return True

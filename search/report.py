@@ -1,180 +1,263 @@
 """The report of a run: base model, Pareto front, chosen policy per layer, all trials.
 
-``report(run_dir)`` returns a JSON-ready dict (a stable interface: ``base`` and ``best``
-objects with ``size_bytes``, ``latency_ms``, ``energy_mj``, ``test_accuracy`` (and
-``val_accuracy`` for ``best``), and ``trials``, a list with ``number``, ``state`` (Optuna's
-state name), ``status`` (:func:`trial_status`), ``origin`` (``sampler``, or ``seed:uniform``,
-``seed:sensitivity``, ``seed:sensitivity-latency``), ``values``, ``params``, ``worker``, ``val_accuracy``
-and, for early-stopped trials, ``pruned_at`` and ``rung_accuracy``); ``format_report`` renders it
-for people.
+``report(run_dir)`` returns a JSON-ready dict (``squeezer.report/2``, keys as in the README's
+"JSON fields"): ``base`` and ``best`` (``metric``, ``val_metric``, ``test_metric``,
+``size_bytes``, ``latency_ms``, ``energy_mj``, ...; ``best`` also ``trial_val_metric``, the
+chosen trial's search-time score), ``limits``, ``pareto``, ``trials`` (each with ``state``, as
+Optuna and optuna-dashboard show it, and ``reason``, squeezer's: :func:`search.study.trial_reason`),
+``trial_counts``, ``workers`` (who trained trials) and ``hypervolume``. Run folders of older
+versions are read into the same keys (:mod:`search.schema`). ``format_report`` renders it for
+people.
 
 Hypervolume (2-D, reported as ``hypervolume`` in the report JSON): the area dominated by the
-feasible evaluated trials in the plane (validation accuracy, latency / base latency), bounded by
-the reference point (accuracy 0, the base model's latency). 1.0 would be a perfect model at
+feasible evaluated trials in the plane (validation metric, latency / base latency), bounded by
+the reference point (metric 0, the base model's latency). 1.0 would be a perfect model at
 zero latency; a trial no faster than the base model adds nothing. It is comparable across runs
 of the same model and target (the benchmark uses it to compare searches).
 
 Example:
     >>> hypervolume_2d([(0.9, 0.5), (0.8, 0.25)], ref_latency=1.0)
     0.65
+    >>> metric_text(0.8816, "accuracy"), metric_text(0.8816, "balanced_accuracy"), metric_delta(0.88, 0.87, "accuracy")
+    ('88.16%', '0.8816', '+1.00 pp')
 """
 
 from __future__ import annotations
 
-import json
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable
 
 import optuna
 
 from .budget import format_bytes
+from .config import SearchConfig
 from .errors import UserError
-from .limits import is_feasible
-from .runfolder import load_config, storage_url
+from .limits import constraint_values, is_feasible, limits_of, resolve_target, target_sram
+from .runfolder import load_config, read_json, storage_url
+from .schema import read_run_json, stamped
 from .selection import pareto_front
-from .study import STUDY_NAME
+from .study import STUDY_NAME, trial_counts, trial_reason, trial_workers, user_attr
+
+#: What each ``reason`` means, in words (the report's legend).
+REASON_WORDS = {"trained": "fine-tuned and scored", "stopped": "stopped early at a rung",
+                "over_budget": "over a limit: rejected by the cost model, never trained",
+                "surplus": "not needed: the asked number of trials was reached",
+                "failed": "its worker died; re-queued", "running": "running", "queued": "queued"}
 
 
-def _load_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
+def metric_text(v: float | None, metric: str) -> str:
+    """A metric's value for people: top-1 accuracy as a percentage, any other metric as is."""
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if metric == "accuracy" else f"{v:.4f}"
+
+
+def metric_delta(v: float, ref: float, metric: str) -> str:
+    """``v - ref`` for people (percentage points for accuracy)."""
+    return f"{100 * (v - ref):+.2f} pp" if metric == "accuracy" else f"{v - ref:+.4f}"
+
+
+def _study_trials(cfg: SearchConfig, run_dir: Path) -> list:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is corrupt (not JSON)") from None
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url(cfg, run_dir))
+        return study.get_trials(deepcopy=False)
+    except KeyError:
+        return []  # the study was never created (the run stopped before its first trial)
+    except Exception as e:  # noqa: BLE001 - unreadable storage
+        raise UserError(f"cannot read the study of {run_dir}: {str(e).splitlines()[0]}") from None
+
+
+def run_limits(cfg: SearchConfig) -> dict[str, dict[str, Any]]:
+    """The run's limits by constraint name: the cost figure each bounds and the limit."""
+    try:
+        sram = target_sram(resolve_target(cfg.target))
+    except UserError:
+        sram = None  # a calibrated target file that is gone: no SRAM limit known
+    return {name: {"key": key, "limit": limit} for name, (key, limit) in limits_of(cfg, sram).items()}
+
+
+def named(constraints: Any, names: list[str]) -> dict[str, float] | None:
+    """A trial's constraints by name (version-1 runs recorded a list, in the order of ``names``)."""
+    if constraints is None or isinstance(constraints, dict):
+        return constraints
+    vals = constraint_values(constraints)
+    return dict(zip(names, vals)) if len(names) == len(vals) else {str(i): v for i, v in enumerate(vals)}
+
+
+def trial_row(t: Any, names: list[str]) -> dict[str, Any]:
+    """One trial of the report (keys of the JSON vocabulary)."""
+    ua = t.user_attrs
+    rung = {int(k): v for k, v in (user_attr(t, "rung_metric") or {}).items()}
+    return {"number": t.number, "state": t.state.name, "reason": trial_reason(t),
+            "values": list(t.values) if t.values else None, "params": dict(t.params), "worker": ua.get("worker"),
+            "origin": f"seed:{ua['seed_policy']}" if ua.get("seed_policy") else "sampler",
+            "evaluated": bool(ua.get("evaluated", False)), "constraints": named(ua.get("constraints"), names),
+            "cost": ua.get("cost"), "val_metric": user_attr(t, "val_metric"), "pruned_at": ua.get("pruned_at"),
+            "rung_metric": {str(k): rung[k] for k in sorted(rung)}, "train_seconds": ua.get("train_seconds"),
+            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None}
 
 
 def report(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    trials: list = []
-    try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url(cfg, run_dir))
-        trials = study.get_trials(deepcopy=False)
-    except KeyError:
-        pass  # the study was never created (the run stopped before its first trial)
-    except Exception as e:  # noqa: BLE001 - unreadable storage
-        raise UserError(f"cannot read the study of {run_dir}: {str(e).splitlines()[0]}") from None
-    base = _load_json(run_dir / "base" / "metrics.json")
-    best = _load_json(run_dir / "best" / "metrics.json")
-    policy = _load_json(run_dir / "best" / "policy.json")
-    if best is not None and policy is not None:
-        best = {**best, "policy": policy}
-    rows = []
-    for t in trials:
-        ua = t.user_attrs
-        rung = {int(k): v for k, v in (ua.get("rung_acc") or {}).items()}
-        rows.append({"number": t.number, "state": t.state.name, "values": list(t.values) if t.values else None,
-                     "params": dict(t.params), "worker": ua.get("worker"), "status": trial_status(t),
-                     "origin": f"seed:{ua['seed_policy']}" if ua.get("seed_policy") else "sampler",
-                     "evaluated": bool(ua.get("evaluated", False)), "constraints": ua.get("constraints"),
-                     "cost": ua.get("cost"), "val_accuracy": ua.get("val_accuracy"),
-                     "pruned_at": ua.get("pruned_at"),
-                     "rung_accuracy": {str(k): rung[k] for k in sorted(rung)},
-                     "train_seconds": ua.get("train_seconds"),
-                     "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
-                     "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None})
-    front = [{"number": t.number, "val_accuracy": t.values[0], "latency_ms": t.values[1],
+    trials = _study_trials(cfg, run_dir)
+    base = read_run_json(run_dir / "base" / "metrics.json", "metrics")
+    best = read_run_json(run_dir / "best" / "metrics.json", "metrics")
+    policy_path = run_dir / "best" / "policy.json"
+    if best is not None and policy_path.is_file():
+        best = {**best, "policy": read_json(policy_path)}
+    if best is not None and "trial_val_metric" not in best:  # version 1 did not record it: the study has it
+        hit = [user_attr(t, "val_metric") for t in trials if t.number == best.get("trial")]
+        best["trial_val_metric"] = hit[0] if hit else None
+    limits = run_limits(cfg)
+    front = [{"number": t.number, "val_metric": t.values[0], "latency_ms": t.values[1],
               **(t.user_attrs.get("cost") or {})} for t in pareto_front(
                   [t for t in trials if t.state.name == "COMPLETE"])]
-    rep = {"schema": "squeezer.report/1", "run": str(run_dir), "config": cfg.to_dict(), "base": base,
-           "best": best, "pareto": front, "trials": rows,
-           "summary": _load_json(run_dir / "summary.json")}
-
+    rep = stamped("report", {
+        "run": str(run_dir), "config": cfg.to_dict(), "metric": (best or base or {}).get("metric", "accuracy"),
+        "limits": limits, "base": base, "best": best, "pareto": front,
+        "trials": [trial_row(t, list(limits)) for t in trials], "trial_counts": trial_counts(trials),
+        "workers": trial_workers(trials), "summary": read_run_json(run_dir / "summary.json", "summary")})
     rep["hypervolume"] = report_hypervolume(rep)
     return rep
 
 
-def trial_status(t) -> str:
-    """What happened to a trial, in words: ``trained``, ``over budget`` (rejected by the cost
-    model, never trained), ``stopped`` (early-stopped at a rung), ``surplus`` (not needed: the
-    asked count was reached), ``failed`` (its worker died; re-queued), ``running``, ``queued``."""
-    ua, state = t.user_attrs, t.state.name
-    if state == "COMPLETE":
-        return "trained" if ua.get("evaluated") else "over budget"
-    if state == "PRUNED":
-        return "stopped" if "pruned_at" in ua else "surplus"
-    return {"FAIL": "failed", "RUNNING": "running", "WAITING": "queued"}.get(state, state.lower())
-
-
-def _accuracy_cell(t: dict[str, Any]) -> str:
-    """Validation accuracy; a stopped trial shows its last rung's accuracy and step."""
-    if t["val_accuracy"] is not None:
-        return f"{t['val_accuracy']:.4f}"
-    if t.get("status") == "stopped" and t.get("rung_accuracy"):
-        step, acc = list(t["rung_accuracy"].items())[-1]
-        return f"{acc:.4f}@{step}"
+def _metric_cell(t: dict[str, Any], metric: str) -> str:
+    """Search-time validation metric; a stopped trial shows its last rung's value and step."""
+    if t["val_metric"] is not None:
+        return metric_text(t["val_metric"], metric)
+    if t["reason"] == "stopped" and t.get("rung_metric"):
+        step, v = list(t["rung_metric"].items())[-1]
+        return f"{metric_text(v, metric)}@{step}"
     return "-"
 
 
-def format_report(rep: dict[str, Any], *, max_trials: int = 30) -> str:
-    lines = [f"run {rep['run']}  (model {rep['config']['model']}, dataset {rep['config']['dataset']}, "
-             f"target {rep['config']['target']}, budget {rep['config']['budget']})", ""]
-    base, best = rep.get("base"), rep.get("best")
-    lines.append(summary_table(base, best))
-    lines.append("")
-    if rep["pareto"]:
-        lines.append("Pareto front (validation accuracy vs latency):")
-        lines.append(f"  {'trial':>5} {'val acc':>8} {'latency ms':>11} {'size':>10} {'energy mJ':>10}")
-        for p in rep["pareto"]:
-            lines.append(f"  {p['number']:>5} {p['val_accuracy']:>8.4f} {p['latency_ms']:>11.3f} "
-                         f"{format_bytes(p.get('size_bytes', 0)):>10} {p.get('energy_mj', 0):>10.4f}")
-        lines.append("")
-    if best and best.get("policy"):
-        lines.append(f"chosen policy (trial {best.get('trial')}), per layer:")
-        lines.append(f"  {'layer':<32} {'prune':>5} {'wbits':>5} {'abits':>5} {'rank':>5}")
-        for name, lp in best["policy"]["layers"].items():
-            lines.append(f"  {name:<32} {lp.get('prune_ratio', 0):>5.2f} {str(lp.get('weight_bits', 'fp32')):>5} "
-                         f"{str(lp.get('act_bits', 'fp32')):>5} {str(lp.get('rank_ratio', '-')):>5}")
-        d = best["policy"].get("distill")
-        if d:
-            lines.append(f"  distillation: {d['method']} T={d['temperature']:.2f} alpha={d['alpha']:.2f}")
-        lines.append("")
-    trials = rep["trials"]
-    count = {k: sum(1 for t in trials if t.get("status") == k) for k in ("trained", "stopped", "over budget")}
-    lines.append(f"trials: {len(trials)} sampled, {count['trained'] + count['stopped']} trained "
-                 f"({count['stopped']} stopped early at a rung), {count['over budget']} rejected by the cost model")
-    lines.append(f"  {'#':>4} {'status':<12} {'val acc':>11} {'latency ms':>11} {'size':>10} {'s':>6}  "
-                 f"{'from':<24} worker")
-    for t in trials[-max_trials:]:
-        status = t.get("status") or t["state"].lower()
-        if status == "stopped" and t.get("pruned_at") is not None:
-            status = f"stopped@{t['pruned_at']}"
-        lat = f"{t['cost']['latency_ms']:.3f}" if t["cost"] else "-"
-        size = format_bytes(t["cost"]["size_bytes"]) if t["cost"] else "-"
+def _reason_cell(t: dict[str, Any]) -> str:
+    if t["reason"] == "stopped" and t.get("pruned_at") is not None:
+        return f"stopped@{t['pruned_at']}"
+    return t["reason"]
+
+
+def count_line(counts: dict[str, int]) -> str:
+    """``trials: N sampled: ...`` with every reason that occurred (the summary line)."""
+    trained, stopped = counts.get("trained", 0), counts.get("stopped", 0)
+    parts = [f"{trained} trained to the end", f"{stopped} stopped early at a rung ({trained + stopped} count "
+             f"toward --trials)", f"{counts.get('over_budget', 0)} over budget (rejected by the cost model, never "
+             f"trained)"]
+    parts += [f"{counts[r]} {r} ({REASON_WORDS[r]})" for r in ("surplus", "failed", "running", "queued")
+              if counts.get(r)]
+    return textwrap.fill(f"trials: {counts.get('sampled', 0)} sampled: " + ", ".join(parts), width=110,
+                         subsequent_indent="  ")
+
+
+def trial_table(rep: dict[str, Any], *, max_trials: int = 30) -> list[str]:
+    """The trial table: Optuna's state and squeezer's reason side by side, then a legend."""
+    metric, steps = rep["metric"], rep["config"].get("trial_steps")
+    lines = [count_line(rep["trial_counts"]),
+             f"  {'#':>4} {'state':<9} {'reason':<12} {'val ' + metric[:10]:>12} {'latency ms':>11} {'size':>10} "
+             f"{'train s':>7}  {'from':<24} worker"]
+    for t in rep["trials"][-max_trials:]:
+        c = t["cost"] or {}
+        lat = f"{c['latency_ms']:.3f}" if c else "-"
+        size = format_bytes(c["size_bytes"]) if c else "-"
         secs = f"{t['train_seconds']:.0f}" if t["train_seconds"] else "-"
-        lines.append(f"  {t['number']:>4} {status:<12} {_accuracy_cell(t):>11} {lat:>11} {size:>10} {secs:>6}  "
-                     f"{t.get('origin', ''):<24} {t['worker'] or ''}")
+        lines.append(f"  {t['number']:>4} {t['state']:<9} {_reason_cell(t):<12} {_metric_cell(t, metric):>12} "
+                     f"{lat:>11} {size:>10} {secs:>7}  {t.get('origin', ''):<24} {t['worker'] or ''}")
+    lines += ["  state: Optuna's (as optuna-dashboard shows it); reason: squeezer's "
+              "(stopped@N: stopped at fine-tune step N).",
+              f"  val {metric}: search-time validation {metric} after {steps} fine-tune steps (value@N: at the rung "
+              f"of step N); train s: seconds of the trial's fine-tune and scoring.",
+              "  latency and size: the cost model's, on the target."]
+    return lines
+
+
+def _policy_lines(best: dict[str, Any]) -> list[str]:
+    lines = [f"chosen policy (trial {best.get('trial')}), per layer:",
+             f"  {'layer':<32} {'prune':>5} {'wbits':>5} {'abits':>5} {'rank':>5}"]
+    for name, lp in best["policy"]["layers"].items():
+        lines.append(f"  {name:<32} {lp.get('prune_ratio', 0):>5.2f} {str(lp.get('weight_bits', 'fp32')):>5} "
+                     f"{str(lp.get('act_bits', 'fp32')):>5} {str(lp.get('rank_ratio', '-')):>5}")
+    d = best["policy"].get("distill")
+    if d:
+        lines.append(f"  distillation: {d['method']} T={d['temperature']:.2f} alpha={d['alpha']:.2f}")
+    return lines + [""]
+
+
+def chosen_line(best: dict[str, Any] | None, cfg: dict[str, Any]) -> str:
+    """Which accuracy is which: the chosen trial's search-time score vs its fine-tuned one."""
+    if not best:
+        return "no chosen model yet (the final stage has not run)"
+    metric = best.get("metric", "accuracy")
+    search_time = best.get("trial_val_metric")
+    return (f"chosen: trial {best.get('trial')} after the final fine-tune ({cfg.get('final_epochs')} epochs); "
+            f"its search-time val {metric} (after {cfg.get('trial_steps')} steps, the star in pareto.png) "
+            f"was {metric_text(search_time, metric) if search_time is not None else 'not recorded'}"
+            + ("" if best.get("feasible", True) else "; it meets no limit set (the least infeasible trial)"))
+
+
+def hypervolume_text(rep: dict[str, Any]) -> str:
+    hv, metric = rep["hypervolume"], rep["metric"]
+    return (f"hypervolume {hv['value']:.4f}: the share of the (val {metric}, latency / base latency) square that "
+            f"the {hv['n_points']} feasible trained trials dominate, from {metric} 0 at the base model's latency "
+            f"({hv['reference_point']['latency_ms']:.4g} ms); 1.0 = a perfect model at zero latency")
+
+
+def format_report(rep: dict[str, Any], *, max_trials: int = 30) -> str:
+    cfg, metric = rep["config"], rep["metric"]
+    base, best = rep.get("base"), rep.get("best")
+    lines = [f"run {rep['run']}  (model {cfg['model']}, dataset {cfg['dataset']}, target {cfg['target']}, "
+             f"budget {cfg['budget']})", "", summary_table(base, best),
+             textwrap.fill(chosen_line(best, cfg), width=110, initial_indent="  ", subsequent_indent="  "), ""]
+    if rep["pareto"]:
+        lines.append(f"Pareto front (feasible trained trials: search-time val {metric} vs latency on the target):")
+        lines.append(f"  {'trial':>5} {'val ' + metric[:10]:>14} {'latency ms':>11} {'size':>10} {'energy mJ':>10}")
+        for p in rep["pareto"]:
+            lines.append(f"  {p['number']:>5} {metric_text(p['val_metric'], metric):>14} {p['latency_ms']:>11.3f} "
+                         f"{format_bytes(p.get('size_bytes', 0)):>10} {p.get('energy_mj', 0):>10.4f}")
+        lines += [textwrap.fill(hypervolume_text(rep), width=110, initial_indent="  ", subsequent_indent="  "), ""]
+    if best and best.get("policy"):
+        lines += _policy_lines(best)
+    lines += trial_table(rep, max_trials=max_trials)
+    workers = rep.get("workers") or {}
+    lines.append(f"workers that trained trials: {len(workers)}"
+                 + (f" ({', '.join(f'{w}: {n}' for w, n in workers.items())})" if workers else ""))
     return "\n".join(lines)
 
 
 def summary_table(base: dict | None, best: dict | None) -> str:
+    """Base model vs the chosen one after its final fine-tune (what ``squeezer search`` prints)."""
+    metric = (best or base or {}).get("metric", "accuracy")
+
     def cell(d, k, fmt):
         if not d or d.get(k) is None:
             return "-"
         return fmt(d[k])
 
     rows = [("size", "size_bytes", lambda v: format_bytes(v)),
-            ("test accuracy", "test_accuracy", lambda v: f"{100 * v:.2f}%"),
-            ("val accuracy", "val_accuracy", lambda v: f"{100 * v:.2f}%"),
+            (f"test {metric}", "test_metric", lambda v: metric_text(v, metric)),
+            (f"val {metric}", "val_metric", lambda v: metric_text(v, metric)),
             ("latency", "latency_ms", lambda v: f"{v:.3f} ms"),
             ("energy", "energy_mj", lambda v: f"{v:.4f} mJ"),
             ("peak memory", "peak_memory_bytes", lambda v: format_bytes(v)),
             ("MACs", "macs", lambda v: f"{v / 1e6:.2f} M")]
-    out = [f"  {'':<14} {'base':>12} {'chosen':>12} {'ratio':>8}"]
+    width = max(14, len(metric) + 5)
+    out = [f"  {'':<{width}} {'base':>12} {'chosen':>12} {'base/chosen':>11}"]
     for label, key, fmt in rows:
         r = ""
-        if base and best and base.get(key) and best.get(key) is not None and key not in ("test_accuracy", "val_accuracy"):
-            r = f"{base[key] / best[key]:.2f}x" if best[key] else ""
-        elif base and best and base.get(key) is not None and best.get(key) is not None:
-            r = f"{100 * (best[key] - base[key]):+.2f} pp"
-        out.append(f"  {label:<14} {cell(base, key, fmt):>12} {cell(best, key, fmt):>12} {r:>8}")
+        both = base and best and base.get(key) is not None and best.get(key) is not None
+        if both and key in ("test_metric", "val_metric"):
+            r = metric_delta(best[key], base[key], metric)
+        elif both and best[key]:
+            r = f"{base[key] / best[key]:.2f}x"
+        out.append(f"  {label:<{width}} {cell(base, key, fmt):>12} {cell(best, key, fmt):>12} {r:>11}")
     return "\n".join(out)
 
 
 def hypervolume_2d(points: Iterable[tuple[float, float]], *, ref_latency: float) -> float:
-    """Area dominated by ``(accuracy, latency)`` points (max accuracy, min latency) up to
+    """Area dominated by ``(metric, latency)`` points (max metric, min latency) up to
     ``(0, ref_latency)``, with latency divided by ``ref_latency``."""
     pts = sorted((lat / ref_latency, acc) for acc, lat in points if lat < ref_latency and acc > 0)
     area, best = 0.0, 0.0
@@ -185,19 +268,16 @@ def hypervolume_2d(points: Iterable[tuple[float, float]], *, ref_latency: float)
     return round(area, 6)
 
 
-def _feasible(row: dict[str, Any]) -> bool:
-    return is_feasible(row.get("constraints"))
-
-
 def evaluated_points(rep: dict[str, Any]) -> list[dict[str, Any]]:
-    """One point per evaluated trial of the report: accuracy, latency, size, energy, feasibility."""
+    """One point per evaluated trial of the report: metric, latency, size, energy, feasibility."""
     out = []
     for t in rep.get("trials", []):
         if t.get("state") != "COMPLETE" or not t.get("evaluated") or not t.get("cost"):
             continue
         c = t["cost"]
-        out.append({"number": t["number"], "val_accuracy": t["val_accuracy"], "latency_ms": c["latency_ms"],
-                    "size_bytes": c["size_bytes"], "energy_mj": c["energy_mj"], "feasible": _feasible(t)})
+        out.append({"number": t["number"], "val_metric": t["val_metric"], "latency_ms": c["latency_ms"],
+                    "size_bytes": c["size_bytes"], "energy_mj": c["energy_mj"],
+                    "feasible": is_feasible(t.get("constraints"))})
     return out
 
 
@@ -205,6 +285,6 @@ def report_hypervolume(rep: dict[str, Any]) -> dict[str, Any]:
     pts = [p for p in evaluated_points(rep) if p["feasible"]]
     base = rep.get("base") or {}
     ref = base.get("latency_ms") or max((p["latency_ms"] for p in pts), default=1.0) or 1.0
-    return {"value": hypervolume_2d([(p["val_accuracy"], p["latency_ms"]) for p in pts], ref_latency=ref),
-            "objectives": ["val_accuracy (max)", "latency_ms / reference (min)"],
-            "reference_point": {"val_accuracy": 0.0, "latency_ms": ref}, "n_points": len(pts)}
+    return {"value": hypervolume_2d([(p["val_metric"], p["latency_ms"]) for p in pts], ref_latency=ref),
+            "objectives": ["val_metric (max)", "latency_ms / reference (min)"],
+            "reference_point": {"val_metric": 0.0, "latency_ms": ref}, "n_points": len(pts)}

@@ -28,7 +28,7 @@ from optuna.pruners import BasePruner
 from optuna.trial import FrozenTrial
 
 from .config import SearchConfig
-from .study import priced_latency
+from .study import priced_latency, user_attr
 
 #: Peers up to this much slower still count as "as fast" at a rung (cost-model resolution:
 #: e.g. 4- and 8-bit weights both compute at int8 on ARM and differ only in bytes read).
@@ -54,8 +54,8 @@ class RungPruner(BasePruner):
         return acc < vals[k - 1]
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        """Stop ``trial`` at the last rung it reported (its ``rung_acc`` user attribute)?"""
-        rungs = trial.user_attrs.get("rung_acc") or {}
+        """Stop ``trial`` at the last rung it reported (its ``rung_metric`` user attribute)?"""
+        rungs = user_attr(trial, "rung_metric") or {}
         if not rungs:
             return False
         step = max(rungs, key=int)
@@ -65,5 +65,5 @@ class RungPruner(BasePruner):
 def peers_at(study: optuna.Study, step: int, *, but: int) -> list[tuple[float, float | None]]:
     """``(metric, latency_ms)`` of the trials other than number ``but`` that reached rung ``step``."""
     key = str(step)
-    return [(t.user_attrs["rung_acc"][key], priced_latency(t)) for t in study.get_trials(deepcopy=False)
-            if t.number != but and key in (t.user_attrs.get("rung_acc") or {})]
+    rungs = {t.number: (user_attr(t, "rung_metric") or {}, priced_latency(t)) for t in study.get_trials(deepcopy=False)}
+    return [(r[key], lat) for n, (r, lat) in rungs.items() if n != but and key in r]

@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..compressors.registry import Registry, UnknownNameError
 from .config import SearchConfig
 from .errors import UserError
+from .limits import constraint_values
 from .space import KD_DEFAULTS, PRUNE_CHOICES, SearchSpace
 
 
@@ -103,11 +104,12 @@ N_STARTUP_TRIALS = 4
 
 
 def _constraints(trial: FrozenTrial) -> list[float]:
-    return list(trial.user_attrs.get("constraints", [0.0]))
+    return constraint_values(trial.user_attrs.get("constraints")) or [0.0]
 
 
 def _constraint_kwargs() -> dict[str, Any]:
-    """Optuna >= 5 reads constraints set on the trial; older versions need ``constraints_func``."""
+    """Optuna >= 5 reads the constraints recorded on the trial (``search.study.tell_constraints``);
+    older versions need ``constraints_func``."""
     return {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": _constraints}
 
 

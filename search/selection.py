@@ -9,7 +9,7 @@ Example:
     >>> import optuna
     >>> s = optuna.create_study(directions=["maximize", "minimize"])
     >>> for acc, lat in ((0.90, 5.0), (0.897, 3.0), (0.80, 1.0)):
-    ...     t = s.ask(); t.set_user_attr("evaluated", True); t.set_user_attr("constraints", [-0.1]); _ = s.tell(t, [acc, lat])
+    ...     t = s.ask(); t.set_user_attr("evaluated", True); t.set_user_attr("constraints", {"size": -0.1}); _ = s.tell(t, [acc, lat])
     >>> choose_best(s, tolerance_pp=0.5)[0].number, choose_best(s, tolerance_pp=0)[0].number
     (1, 0)
     >>> [t.number for t in pareto_front(s.trials)]
@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import UserError
-from .limits import is_feasible
+from .limits import constraint_values, is_feasible
 from .study import evaluated_trials
 
 
@@ -55,4 +55,4 @@ def choose_best(study: optuna.Study, tolerance_pp: float = 0.0) -> tuple[Any, st
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         raise UserError("the study has no finished trial; run 'squeezer resume' to continue it")
-    return min(done, key=lambda t: max(t.user_attrs.get("constraints", [0]))), "infeasible"
+    return min(done, key=lambda t: max(constraint_values(t.user_attrs.get("constraints")) or [0.0])), "infeasible"

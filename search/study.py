@@ -1,16 +1,21 @@
 """The Optuna study of a run: its storage, how it is opened, and what its trials say.
 
-One study per run (``STUDY_NAME``), two objectives: validation metric (max) and target latency
-in ms (min). A trial's user attributes carry what squeezer adds: ``cost`` (the priced policy),
-``constraints`` (relative violations), ``evaluated`` (trained and scored), ``rung_acc``
-(metric at the rungs), ``worker``/``driver`` (``host:pid``), ``seed_policy``.
+One study per run (``STUDY_NAME``), two objectives, named in the study (``study.metric_names``):
+``val_metric`` (the validation metric, max) and ``latency_ms`` (on the target, min). A trial's
+user attributes carry what squeezer adds, in the JSON vocabulary (:mod:`search.schema`):
+``cost`` (the priced policy), ``constraints`` (relative violation by limit name), ``evaluated``
+(trained and scored), ``val_metric``, ``rung_metric`` (metric at the rungs), ``pruned_at``,
+``worker``/``driver`` (``host:pid``), ``seed_policy``, ``surplus``. Constraints are also in the
+trial's system attribute ``constraints`` (a list, in the order of the study's user attribute
+``constraint_names``): what the samplers, ``FrozenTrial.constraints`` and optuna-dashboard read.
+The chosen trial is the study's user attribute ``chosen_trial`` and has a note (optuna-dashboard).
 
 Example:
     >>> import optuna
     >>> s = optuna.create_study(directions=["maximize", "minimize"])
     >>> t = s.ask(); t.set_user_attr("evaluated", True); _ = s.tell(t, [0.9, 1.0])
-    >>> [x.number for x in trained_trials(s)], [x.number for x in evaluated_trials(s)]
-    ([0], [0])
+    >>> [x.number for x in trained_trials(s)], [x.number for x in evaluated_trials(s)], trial_reason(s.trials[0])
+    ([0], [0], 'trained')
 """
 
 from __future__ import annotations
@@ -29,18 +34,102 @@ from .config import SearchConfig
 from .errors import UserError
 from .runfolder import file_lock, storage_url
 from .samplers import make_sampler
+from .schema import RENAMED
 from .space import SearchSpace
 
 STUDY_NAME = "squeezer"
 DIRECTIONS = ["maximize", "minimize"]
 
 
+#: squeezer's reason for a trial, beside Optuna's state (:func:`trial_reason`).
+REASONS = ("trained", "stopped", "over_budget", "surplus", "failed", "running", "queued")
+
+#: optuna-dashboard's note format (``optuna_dashboard/_note.py``, the same from 0.8 to 0.21): a
+#: version number and the Markdown body in study system attributes of at most 2045 characters.
+NOTE_CHUNK = 2045
+
+
 def tell_constraints(trial: Any, cons: dict[str, float]) -> None:
-    """Record constraints where the sampler reads them (Optuna >= 5: ``Trial.set_constraint``)."""
-    trial.set_user_attr("constraints", list(cons.values()))
-    if hasattr(trial, "set_constraint"):
-        for k, v in cons.items():
-            trial.set_constraint(k, v)
+    """Record a trial's constraints where Optuna and optuna-dashboard read them.
+
+    The system attribute ``constraints`` (a list) is what the samplers and
+    ``FrozenTrial.constraints`` of every Optuna version read and what optuna-dashboard (0.21)
+    shows; Optuna 5's per-name attributes (``Trial.set_constraint``) are not shown by the
+    dashboard, and writing both would count each violation twice. The names are in the
+    user attribute (and the study's ``constraint_names``).
+    """
+    trial.set_user_attr("constraints", dict(cons))
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", list(cons.values()))
+
+
+def user_attr(t: Any, key: str, default: Any = None) -> Any:
+    """A trial's user attribute ``key``, also under its version-1 name (runs of older versions)."""
+    ua = t.user_attrs
+    if key in ua:
+        return ua[key]
+    return next((ua[old] for old, new in RENAMED.items() if new == key and old in ua), default)
+
+
+def trial_reason(t: Any) -> str:
+    """squeezer's reason (:data:`REASONS`) for a trial in Optuna's state: ``trained`` (COMPLETE),
+    ``over_budget`` (COMPLETE: rejected by the cost model, never trained, values ``[0, latency]``),
+    ``stopped`` (PRUNED at a rung), ``surplus`` (PRUNED: not needed, the asked count was reached),
+    ``failed`` (FAIL: its worker died; re-queued), ``running``, ``queued`` (WAITING)."""
+    ua, state = t.user_attrs, t.state.name
+    if state == "COMPLETE":
+        return "trained" if ua.get("evaluated") else "over_budget"
+    if state == "PRUNED":
+        return "stopped" if "pruned_at" in ua else "surplus"
+    return {"FAIL": "failed", "RUNNING": "running", "WAITING": "queued"}.get(state, state.lower())
+
+
+def trial_counts(trials: list[Any]) -> dict[str, int]:
+    """How many trials were sampled, and how many ended for each reason."""
+    reasons = [trial_reason(t) for t in trials]
+    return {"sampled": len(reasons), **{r: reasons.count(r) for r in REASONS}}
+
+
+def trial_workers(trials: list[Any]) -> dict[str, int]:
+    """The workers (``host:pid``) that trained trials, with how many each: who really ran the run."""
+    out: dict[str, int] = {}
+    for t in trials:
+        if trial_reason(t) in ("trained", "stopped") and t.user_attrs.get("worker"):
+            out[t.user_attrs["worker"]] = out.get(t.user_attrs["worker"], 0) + 1
+    return dict(sorted(out.items()))
+
+
+def describe_study(study: optuna.Study, *, metric: str, target: str, budget: str, constraints: list[str]) -> None:
+    """Name the objectives (``study.metric_names``) and say what the study is, for optuna-dashboard
+    and ``optuna.load_study`` users (study user attributes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # set_metric_names is "experimental" in some Optuna versions
+        study.set_metric_names([f"val_metric ({metric})", f"latency_ms ({target})"])
+    for k, v in (("metric", metric), ("target", target), ("budget", budget), ("constraint_names", constraints)):
+        study.set_user_attr(k, v)
+
+
+def write_note(study: optuna.Study, body: str, trial: FrozenTrial | None = None) -> None:
+    """Set the optuna-dashboard note (Markdown) of ``study`` or of one of its trials."""
+    storage, sid = study._storage, study._study_id
+    prefix = "dashboard" if trial is None else f"dashboard:{trial._trial_id}"
+    attrs = storage.get_study_system_attrs(sid)
+    storage.set_study_system_attr(sid, f"{prefix}:note_ver", int(attrs.get(f"{prefix}:note_ver", 0)) + 1)
+    chunks = [body[i:i + NOTE_CHUNK] for i in range(0, len(body), NOTE_CHUNK)]
+    before = sum(1 for k in attrs if k.startswith(f"{prefix}:note_str:"))
+    for i in range(max(len(chunks), before)):  # a shorter note blanks the old note's tail
+        storage.set_study_system_attr(sid, f"{prefix}:note_str:{i}", chunks[i] if i < len(chunks) else "")
+
+
+def mark_chosen(study: optuna.Study, trial: FrozenTrial, study_note: str, trial_note: str) -> None:
+    """Mark the chosen trial: the study's ``chosen_trial`` and notes on the study and the trial
+    (a finished trial's own attributes cannot change in Optuna)."""
+    before = study.user_attrs.get("chosen_trial")
+    if before is not None and before != trial.number:  # more trials (resume) chose another one
+        write_note(study, f"No longer chosen: squeezer chose trial {trial.number} after more trials.",
+                   study.trials[before])
+    study.set_user_attr("chosen_trial", trial.number)
+    write_note(study, study_note)
+    write_note(study, trial_note, trial)
 
 
 def _retry_callback() -> dict[str, Any]:

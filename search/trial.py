@@ -41,11 +41,11 @@ class Sampled:
     trial: Any
     policy: Policy
     cost: Any
-    cons: list[float]
+    cons: dict[str, float]
 
     @property
     def over_budget(self) -> bool:
-        return max(self.cons) > 0
+        return max(self.cons.values()) > 0
 
     @property
     def latency_ms(self) -> float:
@@ -59,7 +59,7 @@ def sample_trial(ctx: Context, trial: Any) -> Sampled:
     named = named_constraints(cost, ctx.cfg, target_sram(ctx.target))
     tell_constraints(trial, named)
     trial.set_user_attr("cost", cost_dict(cost))
-    return Sampled(trial, policy, cost, list(named.values()))
+    return Sampled(trial, policy, cost, named)
 
 
 def reject(ctx: Context, s: Sampled, worker: str) -> list[float]:
@@ -107,9 +107,9 @@ def train_trial(ctx: Context, number: int, policy: Policy, *,
                 ) -> dict[str, Any]:
     """Trial work: compress a copy of the base model, short fine-tune, validation metric.
 
-    ``on_rung(step, metric, rung_acc) -> bool`` is called at each rung step; True stops the
-    trial there (multi-fidelity). Returns ``status`` ("evaluated" | "pruned"),
-    ``val_accuracy`` (the metric; None when stopped), ``rung_accuracy``, ``steps``,
+    ``on_rung(step, metric, rung_metric) -> bool`` is called at each rung step; True stops the
+    trial there (multi-fidelity). Returns ``reason`` ("trained" | "stopped"),
+    ``val_metric`` (None when stopped), ``rung_metric``, ``steps``,
     ``train_seconds`` (the time of all of the above: what "trial work" means in the scaling
     numbers).
     """
@@ -120,7 +120,7 @@ def train_trial(ctx: Context, number: int, policy: Policy, *,
     model, _ = compress(ctx.base, policy, ctx.input_shape, calib=calib)
     rungs = set(cfg.rung_steps)
     steps_done = 0
-    rung_acc: dict[str, float] = {}
+    rung_metric: dict[str, float] = {}
 
     def on_step(step: int, total: int, loss: float) -> None:
         nonlocal steps_done
@@ -128,20 +128,20 @@ def train_trial(ctx: Context, number: int, policy: Policy, *,
         if bar is not None:
             bar.set_postfix_str(f"trial {number}: step {step}/{total} loss {loss:.3f}")
         if step in rungs and step < total and on_rung is not None:
-            rung_acc[str(step)] = ctx.score(model, ctx.rung_val)
-            if on_rung(step, rung_acc[str(step)], dict(rung_acc)):
+            rung_metric[str(step)] = ctx.score(model, ctx.rung_val)
+            if on_rung(step, rung_metric[str(step)], dict(rung_metric)):
                 raise _StopAtRung
 
-    out: dict[str, Any] = {"status": "evaluated", "val_accuracy": None}
+    out: dict[str, Any] = {"reason": "trained", "val_metric": None}
     try:
         finetune(model, ctx.trial_train, teacher=ctx.base, distill=distill_config(policy, cfg.distill),
                  max_steps=cfg.trial_steps, epochs=10, lr=cfg.trial_lr, batch_size=cfg.batch_size,
                  seed=cfg.seed + number, progress=on_step, loss_fn=ctx.workload.loss)
     except _StopAtRung:
-        out.update(status="pruned", pruned_at=steps_done)
+        out.update(reason="stopped", pruned_at=steps_done)
     else:
-        out["val_accuracy"] = ctx.score(model, ctx.data.val)
-    return {**out, "rung_accuracy": rung_acc, "steps": steps_done, "train_seconds": round(time.time() - t0, 3)}
+        out["val_metric"] = ctx.score(model, ctx.data.val)
+    return {**out, "rung_metric": rung_metric, "steps": steps_done, "train_seconds": round(time.time() - t0, 3)}
 
 
 def record(ctx: Context, s: Sampled, worker: str, result: dict[str, Any]) -> list[float] | None:
@@ -149,15 +149,15 @@ def record(ctx: Context, s: Sampled, worker: str, result: dict[str, Any]) -> lis
     write_trial_file(ctx.run_dir, trial_record(s.trial.number, worker, s.policy, s.cost, s.cons, result))
     for k, v in result_attrs(result).items():
         s.trial.set_user_attr(k, v)
-    if result["status"] == "pruned":
+    if result["reason"] == "stopped":
         return None
-    return [result["val_accuracy"], s.latency_ms]
+    return [result["val_metric"], s.latency_ms]
 
 
 def stopped_message(result: dict[str, Any], cfg: Any) -> str:
     """Why a trial stopped at a rung, in words."""
     step = result["pruned_at"]
-    return (f"validation metric {result['rung_accuracy'][str(step)]:.4f} at step {step} is below the best "
+    return (f"validation metric {result['rung_metric'][str(step)]:.4f} at step {step} is below the best "
             f"1/{cfg.prune_eta} of its rung (among trials at least as fast)")
 
 

@@ -95,6 +95,19 @@ def lenet_6k(fmnist_default):
     return m, tr, te, evaluate(m, te)
 
 
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A finished search (resnet20 on scikit-learn's digits, 3 trials): the report and JSON tests' run."""
+    from squeezer.search.config import SearchConfig
+    from squeezer.search.pipeline import start
+
+    root = tmp_path_factory.mktemp("rep")
+    cfg = SearchConfig(model="resnet20", dataset="digits", budget="60kB", base_epochs=4, trial_steps=4,
+                       final_epochs=0.2, trials=3, seed=2, sensitivity=False, run=str(root / "r"))
+    start(cfg, progress=False)
+    return root / "r"
+
+
 # --- export tests: compressed models and run folders -----------------------------------------
 
 @functools.lru_cache(maxsize=None)

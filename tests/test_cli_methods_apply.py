@@ -65,8 +65,9 @@ def test_apply_reports_compressed_and_base_figures(run):
     assert rc == 0, err
     r = json.loads(out)
     base = r["base"]
-    assert base["accuracy"] > 0.8
-    assert r["accuracy"] > base["accuracy"] - 0.1
+    assert r["schema"] == "squeezer.apply/2" and r["metric"] == "accuracy"
+    assert base["test_metric"] > 0.8
+    assert r["test_metric"] > base["test_metric"] - 0.1
     assert r["size_bytes"] < base["size_bytes"] / 3  # 8-bit and a quarter of the channels gone
     for key in ("latency_ms", "energy_mj"):
         assert key in r and key in base
@@ -74,7 +75,7 @@ def test_apply_reports_compressed_and_base_figures(run):
     assert r["policy"]["layers"]["0"]["prune_ratio"] == pytest.approx(0.25)
     # Second run reuses the cached base model (same base accuracy) and prints a table.
     rc, out, _ = run(policy, "--finetune-epochs", "0")
-    assert rc == 0 and "accuracy" in out and "base" in out and "size" in out
+    assert rc == 0 and "test accuracy" in out and "base" in out and "size" in out
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -89,8 +89,8 @@ def test_a_destructive_policy_is_stopped_at_the_first_rung(tmp_path):
     assert first.state.name == "COMPLETE" and first.user_attrs["steps"] == 16    # nothing to compare with yet
     assert last.state.name == "PRUNED" and last.user_attrs["pruned_at"] == 4      # stopped at the first rung
     rec = json.loads((run / "trials" / "0002.json").read_text())
-    assert rec["status"] == "pruned" and rec["steps"] == 4 < cfg.trial_steps
-    assert rec["rung_accuracy"]["4"] < first.user_attrs["rung_acc"]["4"]
+    assert rec["reason"] == "stopped" and rec["steps"] == 4 < cfg.trial_steps
+    assert rec["rung_metric"]["4"] < first.user_attrs["rung_metric"]["4"]
     # Stopped trials count as trained: exactly the asked-for number ran, no more.
     assert len(trained_trials(study)) == 3 and len(trials) == 3
 
@@ -98,14 +98,16 @@ def test_a_destructive_policy_is_stopped_at_the_first_rung(tmp_path):
     rows = {t["number"]: t for t in rep["trials"]}
     # Trial 1 repeats trial 0's policy; float noise between their runs may stop it too.
     states = ["stopped" if t.state.name == "PRUNED" else "trained" for t in trials]
-    assert [rows[n]["status"] for n in (0, 1, 2)] == states and states[0] == "trained" and states[2] == "stopped"
-    assert rows[2]["pruned_at"] == 4 and rows[2]["val_accuracy"] is None
-    assert rows[2]["rung_accuracy"] == {"4": last.user_attrs["rung_acc"]["4"]}
+    assert [rows[n]["reason"] for n in (0, 1, 2)] == states and states[0] == "trained" and states[2] == "stopped"
+    assert rows[2]["state"] == "PRUNED" and rows[2]["pruned_at"] == 4 and rows[2]["val_metric"] is None
+    assert rows[2]["rung_metric"] == {"4": last.user_attrs["rung_metric"]["4"]}
     text = format_report(rep)
     line = next(ln for ln in text.splitlines() if re.match(r"\s+2 ", ln))
-    assert "over" not in line and "stopped@4" in line
-    assert f"{last.user_attrs['rung_acc']['4']:.4f}@4" in line       # the accuracy it stopped with
-    assert f"3 trained ({states.count('stopped')} stopped early at a rung), 0 rejected by the cost model" in text
+    assert "over" not in line and "PRUNED" in line and "stopped@4" in line
+    assert f"{100 * last.user_attrs['rung_metric']['4']:.2f}%@4" in line   # the accuracy it stopped with
+    n = states.count("stopped")
+    assert (f"trials: 3 sampled: {3 - n} trained to the end, {n} stopped early at a rung (3 count toward --trials), "
+            f"0 over budget") in " ".join(text.split())     # (the line wraps)
 
 
 def test_extend_runs_more_trials_before_the_final_stage(tmp_path):
@@ -121,6 +123,6 @@ def test_extend_runs_more_trials_before_the_final_stage(tmp_path):
 
     summary = start(cfg, progress=False, extend=extend)[1]
     assert asked == [2, 4]                            # asked after the first 2 trials, then after 2 more
-    assert summary["trials"] == 4
+    assert summary["trial_counts"]["trained"] + summary["trial_counts"]["stopped"] == 4
     assert SearchConfig.load(tmp_path / "run" / "config.yaml").trials == 4      # resume sees the real count
-    assert summary["best"]["test_accuracy"] is not None                        # the final stage ran once, after
+    assert summary["best"]["test_metric"] is not None                          # the final stage ran once, after

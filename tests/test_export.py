@@ -65,7 +65,7 @@ def test_onnx_round_trip_matches_pytorch(tmp_path, name, policy, atol):
         clear = top2[:, 1] - top2[:, 0] > 0.2 * spread  # not a near-tie of two classes
         if clear.sum() >= 20:  # a barely trained model has few confident predictions
             assert (out.argmax(1) == ref.argmax(1))[clear].mean() >= 0.97
-    assert abs(r.accuracy - r.torch_accuracy) <= 0.005
+    assert abs(r.runtime_test_accuracy - r.torch_test_accuracy) <= 0.005
 
 
 def test_onnx_graph_holds_integers_folded_bn_and_raw_input(tmp_path):
@@ -112,7 +112,7 @@ def test_torchscript_and_state_dict_round_trip(tmp_path):
     ld = compressed("lenet5", MIXED)
     d = fmnist_subset()
     ts = export_model(ld, "torchscript", tmp_path / "m.pt", data=d)
-    assert abs(ts.accuracy - ts.torch_accuracy) <= 0.005
+    assert abs(ts.runtime_test_accuracy - ts.torch_test_accuracy) <= 0.005
     x = d.test.x[:64]
     back = torch.jit.load(str(ts.path))
     with torch.no_grad():
@@ -147,7 +147,12 @@ def test_verification_mismatch_raises(tmp_path):
     d = fmnist_subset()
     ok = export_model(ld, "onnx", tmp_path / "a.onnx", data=d)
     with pytest.raises(VerificationError, match="differs from the accuracy the search reported"):
-        export_model(ld, "onnx", tmp_path / "b.onnx", data=d, reported={"test_accuracy": ok.torch_accuracy + 0.02})
+        export_model(ld, "onnx", tmp_path / "b.onnx", data=d, reported={"metric": "accuracy",
+                                                                          "test_metric": ok.torch_test_accuracy + 0.02})
+    # A search that measured another metric is not compared with the artifact's top-1 accuracy.
+    other = export_model(ld, "onnx", tmp_path / "c.onnx", data=d, reported={"metric": "balanced_accuracy",
+                                                                            "test_metric": 0.1})
+    assert other.reported_test_accuracy is None and other.runtime_test_accuracy == ok.runtime_test_accuracy
     # An artifact that computes something else is caught by its accuracy on the test set.
     wrong = lambda x: onnx_runner(ok.path)(x[:, :, ::-1].copy())  # noqa: E731 - flipped images
     acc, tacc, _ = compare_runtime(ld.model, wrong, d.test, mean=d.mean, std=d.std)
@@ -171,7 +176,7 @@ def test_pte_runs_in_executorch_runtime(tmp_path):
     # computes in integers, and a 60-step base (60%, its predictions near the decision
     # boundaries) flips 0.4-0.9 pp of them on some CPUs; at 80% the artifact is within 0.1 pp.
     r = export_model(compressed("lenet5", QUANT8_ACT, base_steps=300), "pte", tmp_path / "m.pte", data=fmnist_subset())
-    assert r.path.stat().st_size > 0 and abs(r.accuracy - r.torch_accuracy) <= 0.005
+    assert r.path.stat().st_size > 0 and abs(r.runtime_test_accuracy - r.torch_test_accuracy) <= 0.005
     assert json.loads(r.extra_paths[0].read_text())["squeezer.model"] == "lenet5"
 
 
@@ -200,7 +205,7 @@ def test_cli_export_default_writes_policy_and_loadable_model(run_dir, tmp_path, 
 def test_cli_export_onnx_json_reports_verification(run_dir, capsys):
     assert main(["export", str(run_dir), "--format", "onnx", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)["artifacts"][0]
-    assert res["format"] == "onnx" and abs(res["accuracy"] - res["reported_accuracy"]) <= 0.005
+    assert res["format"] == "onnx" and abs(res["runtime_test_accuracy"] - res["reported_test_accuracy"]) <= 0.005
     assert (run_dir / "export" / "model.onnx").is_file()
 
 

@@ -42,7 +42,7 @@ def mixed():
 
 def test_mixed_policy_runs_no_weight_dequantize_and_fuses_int8_layers(mixed, tmp_path):
     r = export_model(mixed, "onnx", tmp_path / "m.onnx", data=fmnist_subset())
-    assert abs(r.accuracy - r.torch_accuracy) <= 0.005               # verified by ORT on the test set
+    assert abs(r.runtime_test_accuracy - r.torch_test_accuracy) <= 0.005               # verified by ORT on the test set
     assert _runtime_weight_dq(r.path) == []                          # nothing dequantized per inference
     ops = [op for op, _ in runtime_op_types(r.path)]
     assert ops.count("QLinearConv") >= 5                             # int8 w+a layers run int8 kernels

@@ -44,7 +44,7 @@ def test_two_nodes_share_one_study_in_the_run_folder(cluster, tmp_path):
     workers = {w["worker"] for w in info["workers"]}
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
     trained = trained_trials(study)
-    assert len(trained) == 4 and summary["trials"] == len(evaluated_trials(study))   # exactly the asked count
+    assert len(trained) == 4 and summary["trial_counts"]["trained"] == len(evaluated_trials(study))   # exactly the asked count
     assert {t.user_attrs["worker"] for t in trained} <= workers and len({t.user_attrs["worker"] for t in trained}) == 2
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     for t in study.trials:

@@ -136,7 +136,7 @@ import squeezer.search.trial as trial_module
 _write, kill_at = trial_module.write_trial_file, int(os.environ["KILL_AT"])
 def write_then_die(run_dir, rec):
     _write(run_dir, rec)
-    if rec["status"] in ("evaluated", "pruned") and rec["number"] >= kill_at:
+    if rec["reason"] in ("trained", "stopped") and rec["number"] >= kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 trial_module.write_trial_file = write_then_die
 from squeezer.search.cli import main
@@ -165,12 +165,12 @@ def test_kill_between_trial_file_and_commit_recovers_the_result(tmp_path, backen
     running = {t.number for t in study.trials if t.state.name == "RUNNING"}
     assert 2 in running and running <= {2, 3}                           # the study never saw trial 2's result
     rec = json.loads((run / "trials" / "0002.json").read_text())
-    assert rec["status"] == "evaluated"
+    assert rec["reason"] == "trained"
     _resume(run, tmp_path)
     study = _study(run)
     t2 = study.trials[2]
     assert t2.state.name == "COMPLETE" and t2.user_attrs["recovered_from_file"]
-    assert t2.values == [rec["metrics"]["val_accuracy"], rec["metrics"]["latency_ms"]]   # told from the file
+    assert t2.values == [rec["metrics"]["val_metric"], rec["metrics"]["latency_ms"]]   # told from the file
     assert not [t for t in study.trials if t.user_attrs.get("retried_from") == 2]        # not trained again
     _assert_exact_and_unique(study, 4)
 
@@ -183,6 +183,7 @@ def test_a_trial_file_of_another_study_is_not_recovered(tmp_path):
     t = study.ask()
     t.set_user_attr("worker", "elsewhere:1")
     t.set_user_attr("cost", {"size_bytes": 1000, "latency_ms": 1.0})
+    # A trial file of version 1 (before the JSON vocabulary): read into the current keys.
     rec = {"number": 0, "worker": "elsewhere:1", "status": "evaluated", "steps": 6, "train_seconds": 1.0,
            "rung_accuracy": {}, "metrics": {"size_bytes": 999, "latency_ms": 1.0, "val_accuracy": 0.9}}
     (tmp_path / "trials").mkdir()

@@ -46,9 +46,9 @@ class Objective:
             raise optuna.TrialPruned(stopped_message(result, ctx.cfg))
         return tuple(values)  # type: ignore[return-value]
 
-    def _at_rung(self, trial: optuna.Trial, step: int, acc: float, rung_acc: dict[str, float]) -> bool:
+    def _at_rung(self, trial: optuna.Trial, step: int, metric: float, rung_metric: dict[str, float]) -> bool:
         # Published at once: concurrent workers compare against it at their rungs.
-        trial.set_user_attr("rung_acc", rung_acc)
+        trial.set_user_attr("rung_metric", rung_metric)
         return self.pruner.prune(trial.study, trial.study._storage.get_trial(trial._trial_id))
 
 

@@ -48,7 +48,7 @@ from ..errors import UserError
 from ..recovery import fail_and_requeue, hold_worker_lock, reap_dead_trials
 from ..runfolder import BASE_METRICS, BASE_MODEL, CONFIG, SENSITIVITY, file_lock, write_json
 from ..rungs import RungPruner
-from ..study import priced_latency, trained_trials
+from ..study import priced_latency, trained_trials, user_attr
 from ..trial import Sampled, record, reject, sample_limit, sample_trial, train_trial, try_claim
 from ..workload import Workload, named_workload
 
@@ -135,8 +135,8 @@ class TrialWorker:
         policy = self.ctx.space.policy_from_params(params)
         on_rung = None
         if self.board is not None:
-            def on_rung(step: int, acc: float, rung_acc: dict[str, float]) -> bool:
-                return ray.get(self.board.report.remote(number, step, acc, latency_ms))
+            def on_rung(step: int, metric: float, rung_metric: dict[str, float]) -> bool:
+                return ray.get(self.board.report.remote(number, step, metric, latency_ms))
         return train_trial(self.ctx, number, policy, on_rung=on_rung)
 
 
@@ -207,8 +207,8 @@ class _Driver:
     def _board(self) -> Any:
         if not self.cfg.rung_steps:
             return None
-        known = {t.number: (t.user_attrs["rung_acc"], priced_latency(t))
-                 for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("rung_acc")}
+        known = {t.number: (user_attr(t, "rung_metric"), priced_latency(t))
+                 for t in self.study.get_trials(deepcopy=False) if user_attr(t, "rung_metric")}
         board = self.ray.remote(num_cpus=0)(RungBoard).options(scheduling_strategy=self._here())
         return board.remote(self.cfg.to_dict(), known)
 

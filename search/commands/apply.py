@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from ..apply import apply
+from ..report import metric_delta, metric_text
 
 
 def register(subparsers: Any) -> None:
@@ -41,7 +42,9 @@ def handler(args: argparse.Namespace) -> int:
               target=args.target, seed=args.seed, base_epochs=args.base_epochs, train_size=args.train_size,
               checkpoint=args.checkpoint, data_root=args.data_root, cache=args.cache, out=args.out,
               progress=not args.json)
-    out, acc, base_acc = r.metrics, r.metrics["accuracy"], r.metrics["base"]["accuracy"]
+    out = r.metrics
+    key = "test_metric" if "test_metric" in out else "val_metric"
+    score, base_score = out[key], out["base"][key]
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
@@ -52,7 +55,8 @@ def handler(args: argparse.Namespace) -> int:
         return "n/a" if v is None else f"{v:.3f} {unit}"
 
     print(f"{args.model} on {args.dataset}, policy {args.policy} ({out['cost_source']}, target {out['target']})")
-    print(f"  accuracy   {acc:.4f}   (base {base_acc:.4f}, {100 * (acc - base_acc):+.2f} pp)")
+    print(f"  {key[:-7]} {out['metric']:<10} {metric_text(score, out['metric'])}   (base "
+          f"{metric_text(base_score, out['metric'])}, {metric_delta(score, base_score, out['metric'])})")
     print(f"  size       {out['size_bytes']:,} B   (base {b['size_bytes']:,} B, {ratio:.1f}x smaller)")
     print(f"  latency    {fmt(out['latency_ms'], 'ms')}   (base {fmt(b['latency_ms'], 'ms')})")
     print(f"  energy     {fmt(out['energy_mj'], 'mJ')}   (base {fmt(b['energy_mj'], 'mJ')})")

@@ -38,14 +38,14 @@ def handler(args: argparse.Namespace) -> int:
         return 0
     print(f"{r.artifact} ({r.kind}, input {'x'.join(map(str, r.input_shape))}, {r.threads} thread(s), "
           f"median of {r.repeats} after {r.warmup} warm-up)")
-    print(f"  batch 1: {r.latency_ms:.3f} ms")
-    if r.batch_latency_ms is not None and r.batch > 1:
-        print(f"  batch {r.batch}: {r.batch_latency_ms:.3f} ms ({r.per_image_ms:.3f} ms per image)")
+    print(f"  batch 1: {r.measured_latency_ms:.3f} ms")
+    if r.measured_batch_latency_ms is not None and r.batch > 1:
+        print(f"  batch {r.batch}: {r.measured_batch_latency_ms:.3f} ms ({r.measured_per_image_ms:.3f} ms per image)")
     elif r.kind == "pte":
         print("  (ExecuTorch programs have a fixed batch of 1)")
-    if r.predicted_ms is not None:
-        print(f"  {r.target} cost model: {r.predicted_ms:.3f} ms (measured / predicted = "
-              f"{r.latency_ms / r.predicted_ms:.2f})")
+    if r.predicted_latency_ms is not None:
+        print(f"  {r.target} cost model: {r.predicted_latency_ms:.3f} ms (measured / predicted = "
+              f"{r.measured_latency_ms / r.predicted_latency_ms:.2f})")
     elif r.prediction_note:
         print(f"  {r.prediction_note}")
     if r.runtime_ops is not None:

@@ -42,11 +42,11 @@ def format_table(results: list[Any], reported: dict[str, Any], label: str) -> st
     def num(v: Any) -> str:
         return "-" if v is None else f"{int(v):,}"
 
-    rows = [("artifact", "format", "file bytes", "size model B", "search size B", "runtime acc",
-             "PyTorch acc", "search acc", "max |dlogit|")]
+    rows = [("artifact", "format", "file bytes", "size model B", "search size B", "runtime test acc",
+             "PyTorch test acc", "search test acc", "max |dlogit|")]
     for r in results:
         rows.append((str(r.path), r.format, num(r.file_bytes), num(r.expected_bytes), num(reported.get("size_bytes")),
-                     pct(r.accuracy), pct(r.torch_accuracy), pct(r.reported_accuracy),
+                     pct(r.runtime_test_accuracy), pct(r.torch_test_accuracy), pct(r.reported_test_accuracy),
                      "-" if r.max_logit_diff is None else f"{r.max_logit_diff:.2e}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"export of {label}: verified by each artifact's own runtime"]

@@ -25,6 +25,7 @@ from ..evaluators.splits import DataSplits
 from ..evaluators.train import evaluate
 from .config import SearchConfig
 from .errors import UserError
+from .records import read_trial_file
 from .runfolder import BASE_MODEL, BEST, load_config, read_json, trial_path
 from .workload import load_data
 
@@ -78,7 +79,7 @@ def _trial_model(run: Path, trial: int, epochs: float | None, data: DataSplits,
         known = sorted(p.stem for p in (run / "trials").glob("[0-9]*.json")) if (run / "trials").is_dir() else []
         raise UserError(f"trial {trial} not found ({rec_path} is missing); trials in {run}: "
                         f"{', '.join(str(int(k)) for k in known) or 'none'}")
-    rec = read_json(rec_path)
+    rec = read_trial_file(run, trial)
     metrics = dict(rec.get("metrics") or {})
     ckpt = run / "trials" / f"{trial:04d}" / "model.pt"
     if ckpt.is_file():

@@ -4,7 +4,8 @@ The file is written before the study is told (so a result survives a kill in bet
 :func:`search.recovery.recover_from_trial_file`); both come from the same result dict of
 :func:`search.trial.train_trial`: ``status`` (``evaluated`` | ``pruned``), ``val_accuracy``
 (None when stopped), ``rung_accuracy``, ``steps``, ``train_seconds`` and, when stopped,
-``pruned_at``.
+``pruned_at``; a trial that failed by itself (its loss diverged, its fine-tune raised) has
+``status`` ``failed`` and a ``reason``.
 
 Example:
     >>> result_attrs({"status": "evaluated", "val_accuracy": 0.9, "rung_accuracy": {}, "steps": 60,
@@ -19,7 +20,7 @@ from typing import Any
 
 from ..compressors.policy import Policy
 from .limits import cost_dict
-from .runfolder import trial_path, write_json
+from .runfolder import CorruptFile, read_checked_json, trial_path, write_json
 
 
 def trial_record(number: int, worker: str | None, policy: Policy, cost: Any, cons: list[float],
@@ -29,6 +30,9 @@ def trial_record(number: int, worker: str | None, policy: Policy, cost: Any, con
                            "metrics": cost_dict(cost), "constraints": cons}
     if result is None:
         return {**rec, "status": "over_budget"}
+    if result["status"] == "failed":
+        return {**rec, "status": "failed", "reason": result["reason"], "steps": result["steps"],
+                "train_seconds": result["train_seconds"]}
     if result["val_accuracy"] is not None:
         rec["metrics"] = {**rec["metrics"], "val_accuracy": result["val_accuracy"]}
     rec.update(status=result["status"], rung_accuracy=result["rung_accuracy"], steps=result["steps"],
@@ -41,6 +45,8 @@ def trial_record(number: int, worker: str | None, policy: Policy, cost: Any, con
 def result_attrs(result: dict[str, Any]) -> dict[str, Any]:
     """User attributes a finished trial carries."""
     attrs: dict[str, Any] = {"train_seconds": result["train_seconds"], "steps": result["steps"]}
+    if result["status"] == "failed":
+        return {**attrs, "fail_reason": result["reason"]}
     if result["rung_accuracy"]:
         attrs["rung_acc"] = dict(result["rung_accuracy"])
     if result["status"] == "pruned":
@@ -51,4 +57,20 @@ def result_attrs(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_trial_file(run_dir: Path, rec: dict[str, Any]) -> None:
-    write_json(trial_path(run_dir, rec["number"]), rec)
+    write_json(trial_path(run_dir, rec["number"]), rec, checksum=True)
+
+
+def read_trial_file(run_dir: Path, number: int) -> dict[str, Any]:
+    """Trial ``number``'s record; :class:`~search.runfolder.CorruptFile` if it is damaged."""
+    return read_checked_json(trial_path(run_dir, number))
+
+
+def corrupt_trial_files(run_dir: Path) -> list[str]:
+    """The damaged ``trials/NNNN.json`` files of a run, as messages saying so."""
+    out = []
+    for path in sorted((Path(run_dir) / "trials").glob("[0-9]*.json")):
+        try:
+            read_checked_json(path)
+        except CorruptFile as e:
+            out.append(str(e))
+    return out

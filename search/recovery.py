@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -21,8 +20,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .records import result_attrs
-from .runfolder import trial_path
+from .records import read_trial_file, result_attrs
+from .runfolder import CorruptFile, file_lock, trial_path
 from .study import is_shared_storage
 
 log = logging.getLogger("squeezer")
@@ -94,9 +93,10 @@ def reap_dead_trials(study: optuna.Study, run_dir: Path | None = None, *,
     ``dead_workers`` (``host:pid``) are workers known dead elsewhere (the Ray backend's lost
     actors). A trial whose ``driver`` (the Ray backend's driver process, which asked for it) is
     dead on this host is reaped too. Trials of other hosts are otherwise left to Optuna's
-    heartbeat. Returns the number of trials re-queued or recovered.
+    heartbeat. Trials a stopped process left FAIL (:func:`requeue_stopped`) are re-queued too.
+    Returns the number of trials re-queued or recovered.
     """
-    n = 0
+    n = requeue_stopped(study, run_dir) if run_dir is not None else 0
     alone: bool | None = None
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w, d = t.user_attrs.get("worker", ""), t.user_attrs.get("driver", "")
@@ -111,6 +111,25 @@ def reap_dead_trials(study: optuna.Study, run_dir: Path | None = None, *,
                 continue
             fail_and_requeue(study, t)
     return n
+
+
+def requeue_stopped(study: optuna.Study, run_dir: Path) -> int:
+    """Enqueue again the policy of each trial that failed because its process stopped (Ctrl-C,
+    ``SIGTERM``, a full disk: FAIL with no ``fail_reason`` of its own) and was not re-queued yet.
+    A trial that failed by itself (diverged, raised) is not: it would fail again."""
+    with file_lock(Path(run_dir) / ".requeue.lock"):  # two processes of one run re-queue a trial once
+        trials = study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get("retried_from") for t in trials} | {t.system_attrs.get("failed_trial")
+                                                                         for t in trials}
+        stopped = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("fail_reason")
+                   and t.number not in retried]
+        for t in stopped:
+            params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+            study.enqueue_trial(params, user_attrs={"retried_from": t.number}, skip_if_exists=False)
+    if stopped:
+        log.info("re-queued %d trial(s) stopped with their process: %s", len(stopped),
+                 ", ".join(str(t.number) for t in stopped))
+    return len(stopped)
 
 
 def fail_and_requeue(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -153,9 +172,12 @@ def recover_from_trial_file(study: optuna.Study, trial: FrozenTrial, run_dir: Pa
     is this trial's (same worker, same priced size: a folder reused with a new ``--storage``
     has files of other trials under the same numbers). Returns whether it recovered.
     """
+    if not trial_path(run_dir, trial.number).is_file():
+        return False
     try:
-        rec = json.loads(trial_path(run_dir, trial.number).read_text())
-    except (OSError, json.JSONDecodeError):
+        rec = read_trial_file(run_dir, trial.number)
+    except CorruptFile as e:
+        log.warning("%s: not used; trial %d runs again", e, trial.number)
         return False
     ua, metrics = trial.user_attrs, rec.get("metrics") or {}
     if rec.get("number") != trial.number or rec.get("worker") != ua.get("worker") or \

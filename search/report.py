@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,9 +31,12 @@ import optuna
 from .budget import format_bytes
 from .errors import UserError
 from .limits import is_feasible
+from .records import corrupt_trial_files
 from .runfolder import load_config, storage_url
 from .selection import pareto_front
 from .study import STUDY_NAME
+
+log = logging.getLogger("squeezer")
 
 
 def _load_json(path: Path) -> dict[str, Any] | None:
@@ -47,6 +51,8 @@ def _load_json(path: Path) -> dict[str, Any] | None:
 def report(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
+    for damaged in corrupt_trial_files(run_dir):  # the study holds their results; say so, use none of them
+        log.warning("%s", damaged)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials: list = []
     try:

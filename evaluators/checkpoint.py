@@ -24,7 +24,10 @@ Example:
 from __future__ import annotations
 
 import copy
+import errno
+import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,10 +72,34 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, model_name: st
             "normalization": {k: [float(v) for v in vs] for k, vs in (normalization or {}).items()},
             "meta": dict(meta or {}),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
+    blob["weights_sha1"] = weights_sha1(blob["state_dict"])
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    try:
+        torch.save(blob, tmp)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise disk_error(e, path) from None
     os.replace(tmp, path)  # atomic: a kill never leaves half a checkpoint
     return path
+
+
+def disk_error(e: Exception, path: Path) -> Exception:
+    """``e`` as an ``OSError`` naming ``path`` when the disk is full (torch reports it as a
+    ``RuntimeError``: "file write failed"), else ``e`` itself."""
+    full = getattr(e, "errno", None) == errno.ENOSPC or "write failed" in str(e) or "No space left" in str(e)
+    if full:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return e
+
+
+def weights_sha1(state_dict: dict[str, torch.Tensor]) -> str:
+    """A fingerprint of a model's weights: a checkpoint carries it, and a file whose weights no
+    longer match it is corrupt; a resumed run checks the model object passed again with it."""
+    h = hashlib.sha1()
+    for k, v in sorted(state_dict.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _read(path: Path) -> Any:
@@ -80,9 +107,14 @@ def _read(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Weights only load failed" in why:
+            why = "it holds Python objects, not only tensors (refused without running them: squeezer loads weights only)"
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, *, architecture: nn.Module | None = None) -> Loaded:
@@ -97,6 +129,8 @@ def load_checkpoint(path: str | os.PathLike, *, architecture: nn.Module | None =
                               " save with squeezer or pass --model with a bare state dict")
     if blob.get("format") != FORMAT:
         raise CheckpointError(f"unsupported checkpoint format {blob.get('format')!r} in {path}; expected {FORMAT!r}")
+    if blob.get("weights_sha1") and blob["weights_sha1"] != weights_sha1(blob["state_dict"]):
+        raise CheckpointError(f"{path} is corrupt: its weights do not match their checksum")
     shape = tuple(blob["input_shape"])
     if architecture is not None:
         model = copy.deepcopy(architecture)

@@ -113,6 +113,10 @@ def train(model: nn.Module, data: Split, *, epochs: float = 1.0, lr: float = 0.0
                     loss = _default_loss(model, teacher, distiller, xb, yb)
                 if extra_loss is not None:
                     loss = loss + extra_loss(model)
+                lv = float(loss.detach())
+                if not math.isfinite(lv):  # a diverged fine-tune stops here, before its weights do
+                    raise FloatingPointError(f"the loss became {'NaN' if math.isnan(lv) else 'infinite'} at step "
+                                             f"{step + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -120,7 +124,6 @@ def train(model: nn.Module, data: Split, *, epochs: float = 1.0, lr: float = 0.0
                 step += 1
                 if step_hook is not None:
                     step_hook(model, step)
-                lv = float(loss.detach())
                 running = lv if math.isnan(running) else 0.95 * running + 0.05 * lv
                 if bar is not None:
                     bar.update(1)

@@ -25,7 +25,8 @@ from ..evaluators.splits import DataSplits
 from ..evaluators.train import evaluate
 from .config import SearchConfig
 from .errors import UserError
-from .runfolder import BASE_METRICS, BASE_MODEL, BEST, load_config, read_json, trial_path
+from .records import read_trial_file
+from .runfolder import BASE_METRICS, BASE_MODEL, BEST, load_config, trial_path
 from .schema import read_run_json, stamped, upgrade
 from .workload import load_data
 
@@ -81,7 +82,7 @@ def _trial_model(run: Path, trial: int, epochs: float | None, data: DataSplits,
         known = sorted(p.stem for p in (run / "trials").glob("[0-9]*.json")) if (run / "trials").is_dir() else []
         raise UserError(f"trial {trial} not found ({rec_path} is missing); trials in {run}: "
                         f"{', '.join(str(int(k)) for k in known) or 'none'}")
-    rec = upgrade(read_json(rec_path), "trial")
+    rec = upgrade(read_trial_file(run, trial), "trial")
     metric = (read_run_json(run / BASE_METRICS, "metrics") or {}).get("metric", "accuracy")
     metrics = {"metric": metric, **(rec.get("metrics") or {})}
     ckpt = run / "trials" / f"{trial:04d}" / "model.pt"

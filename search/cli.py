@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pkgutil
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Sequence
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 from . import api, commands, tools
 from .budget import format_bytes
 from .config import SearchConfig
-from .errors import UserError
+from .errors import RunStopped, UserError, raise_terminated
 from .report import count_line, format_report, summary_table
 
 
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, raise_terminated)  # SIGTERM unwinds the run as Ctrl-C does
     for noisy in ("optuna", "torch_pruning", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -282,9 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"squeezer: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except RunStopped as e:
+        print(f"squeezer: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:
         print("squeezer: interrupted; finished trials are kept (squeezer resume RUN continues)", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # noqa: BLE001 - last resort: one line unless debugging
         if os.environ.get("SQUEEZER_DEBUG"):
             raise

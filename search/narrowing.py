@@ -23,7 +23,7 @@ from typing import Any
 
 from .context import Context
 from .limits import target_sram, total_violation
-from .runfolder import NARROWED, file_lock, write_json
+from .runfolder import NARROWED, CorruptFile, file_lock, read_checked_json, write_json
 from .sensitivity import _key, aggressiveness, choice_loss, load_or_measure, space_choices
 from .space import KD_DEFAULTS
 
@@ -185,13 +185,24 @@ def run_narrowing(ctx: Context, sens: dict[str, Any]) -> tuple[dict[str, list], 
     key = {"threshold_pp": ctx.cfg.sensitivity_threshold_pp,
            "probes_sha1": hashlib.sha1(json.dumps(sens.get("probes"), sort_keys=True).encode()).hexdigest()}
     with file_lock(Path(ctx.run_dir) / ".sensitivity.lock"):
-        saved = json.loads(path.read_text()) if path.is_file() else {}
+        saved = _saved_narrowing(path)
         if all(saved.get(k) == v for k, v in key.items()):
             return saved["narrowed"], [tuple(r) for r in saved["readmitted"]]
         # First time, or the probes were measured again (`squeezer sensitivity --force`).
         narrowed, readmitted = narrow(ctx, sens)
-        write_json(path, {**key, "narrowed": narrowed, "readmitted": readmitted})
+        write_json(path, {**key, "narrowed": narrowed, "readmitted": readmitted}, checksum=True)
         return narrowed, readmitted
+
+
+def _saved_narrowing(path: Path) -> dict[str, Any]:
+    """The kept narrowing, or {} (none yet, or a damaged file: computed again from the probes)."""
+    if not path.is_file():
+        return {}
+    try:
+        return read_checked_json(path)
+    except CorruptFile as e:
+        log.warning("%s; narrowing again from the probes", e)
+        return {}
 
 
 def sensitivity_first(ctx: Context, *, progress: bool = True) -> None:

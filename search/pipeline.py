@@ -8,22 +8,35 @@ trial is also written to ``trials/NNNN.json``, and the final model to ``best/``.
 from __future__ import annotations
 
 import logging
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 
 from .backends import BACKENDS
 from .config import SearchConfig
 from .context import Context, prepare
+from .errors import RunStopped
 from .finish import finish
 from .limits import limits_of, target_sram
 from .narrowing import sensitivity_first
-from .runfolder import BEST, CONFIG, SUMMARY, claim_folder, file_lock, load_config, new_run_dir, write_json
+from .runfolder import (
+    BEST,
+    CONFIG,
+    SUMMARY,
+    claim_folder,
+    disk_full_error,
+    file_lock,
+    load_config,
+    new_run_dir,
+    write_json,
+)
 from .schema import stamped
 from .seeds import enqueue_seeds
-from .study import describe_study, open_study, trial_counts, trial_workers
+from .study import check_storage, describe_study, open_study, trial_counts, trial_workers
 from .workload import Workload, named_workload
 
 log = logging.getLogger("squeezer")
@@ -71,25 +84,44 @@ def seed_study(ctx: Context, study: optuna.Study, *, fresh: bool) -> None:
                      ctx.space.n_dims, len(ctx.space.layers), len(ctx.space.groups), len(seeds))
 
 
+@contextmanager
+def stage(run_dir: Path, what: str) -> Iterator[None]:
+    """Run one stage; a signal or a full disk stops the run with one line saying how to go on
+    (:class:`RunStopped`): what it finished is in the run folder, and resume starts from there."""
+    resume = f"`squeezer resume {run_dir}` continues"
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = int(getattr(e, "signum", signal.SIGINT))
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} during {what}; finished work is kept: {resume}",
+                         128 + signum) from None
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into a stop; the rest is re-raised
+        full = disk_full_error(e)
+        if full is None:
+            raise
+        where = getattr(full, "filename", None) or str(run_dir)
+        raise RunStopped(f"error: no space left on device (writing {where}) during {what}; free some space, "
+                         f"then {resume}") from None
+
+
 def run(cfg: SearchConfig, run_dir: Path, workload: Workload, *, progress: bool, fresh: bool,
         extend: Extend | None = None) -> tuple[Context, dict[str, Any]]:
     t0 = time.time()
-    ctx = prepare(cfg, run_dir, workload, progress=progress)
-    sensitivity_first(ctx, progress=progress)
-    study = open_study(cfg, run_dir, space=ctx.space)
-    describe_study(study, metric=ctx.workload.metric_name, target=cfg.target, budget=cfg.budget,
-                   constraints=list(limits_of(cfg, target_sram(ctx.target))))
-    seed_study(ctx, study, fresh=fresh)
-    t_search = time.time()
-    while True:
-        BACKENDS.get(ctx.cfg.backend)(ctx, study, progress=progress)
-        more = extend(study) if extend is not None else 0
-        if more <= 0:
-            break
-        ctx.cfg = ctx.cfg.with_(trials=ctx.cfg.trials + int(more))
-        ctx.cfg.save(run_dir / CONFIG)
-    search_seconds = time.time() - t_search
-    best = finish(ctx, study, progress=progress)
+    check_storage(cfg, run_dir, resuming=not fresh)  # before any expensive work
+    with stage(run_dir, "the base model"):
+        ctx = prepare(cfg, run_dir, workload, progress=progress)
+    with stage(run_dir, "the sensitivity probes"):
+        sensitivity_first(ctx, progress=progress)
+    with stage(run_dir, "the trials"):
+        study = open_study(cfg, run_dir, space=ctx.space)
+        describe_study(study, metric=ctx.workload.metric_name, target=cfg.target, budget=cfg.budget,
+                       constraints=list(limits_of(cfg, target_sram(ctx.target))))
+        seed_study(ctx, study, fresh=fresh)
+        t_search = time.time()
+        run_trials(ctx, study, extend, progress=progress)
+        search_seconds = time.time() - t_search
+    with stage(run_dir, "the final fine-tune"):
+        best = finish(ctx, study, progress=progress)
     trials = study.get_trials(deepcopy=False)
     summary = stamped("summary", {
         "run": str(run_dir), "base": ctx.base_metrics, "best": best, "trial_counts": trial_counts(trials),
@@ -97,3 +129,14 @@ def run(cfg: SearchConfig, run_dir: Path, workload: Workload, *, progress: bool,
         "wall_seconds": round(time.time() - t0, 1)})
     write_json(run_dir / SUMMARY, summary)
     return ctx, summary
+
+
+def run_trials(ctx: Context, study: optuna.Study, extend: Extend | None, *, progress: bool) -> None:
+    """Trials until ``--trials`` trained ones exist (and as many more as ``extend`` asks)."""
+    while True:
+        BACKENDS.get(ctx.cfg.backend)(ctx, study, progress=progress)
+        more = extend(study) if extend is not None else 0
+        if more <= 0:
+            return
+        ctx.cfg = ctx.cfg.with_(trials=ctx.cfg.trials + int(more))
+        ctx.cfg.save(ctx.run_dir / CONFIG)

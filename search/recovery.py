@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -22,8 +21,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import UserError
-from .records import result_attrs
-from .runfolder import trial_path
+from .records import read_trial_file, result_attrs
+from .runfolder import CorruptFile, file_lock, trial_path
 from .schema import upgrade
 from .study import is_shared_storage
 
@@ -96,9 +95,10 @@ def reap_dead_trials(study: optuna.Study, run_dir: Path | None = None, *,
     ``dead_workers`` (``host:pid``) are workers known dead elsewhere (the Ray backend's lost
     actors). A trial whose ``driver`` (the Ray backend's driver process, which asked for it) is
     dead on this host is reaped too. Trials of other hosts are otherwise left to Optuna's
-    heartbeat. Returns the number of trials re-queued or recovered.
+    heartbeat. Trials a stopped process left FAIL (:func:`requeue_stopped`) are re-queued too.
+    Returns the number of trials re-queued or recovered.
     """
-    n = 0
+    n = requeue_stopped(study, run_dir) if run_dir is not None else 0
     alone: bool | None = None
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w, d = t.user_attrs.get("worker", ""), t.user_attrs.get("driver", "")
@@ -113,6 +113,25 @@ def reap_dead_trials(study: optuna.Study, run_dir: Path | None = None, *,
                 continue
             fail_and_requeue(study, t)
     return n
+
+
+def requeue_stopped(study: optuna.Study, run_dir: Path) -> int:
+    """Enqueue again the policy of each trial that failed because its process stopped (Ctrl-C,
+    ``SIGTERM``, a full disk: FAIL with no ``error`` of its own) and was not re-queued yet.
+    A trial that failed by itself (diverged, raised) is not: it would fail again."""
+    with file_lock(Path(run_dir) / ".requeue.lock"):  # two processes of one run re-queue a trial once
+        trials = study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get("retried_from") for t in trials} | {t.system_attrs.get("failed_trial")
+                                                                         for t in trials}
+        stopped = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("error")
+                   and t.number not in retried]
+        for t in stopped:
+            params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+            study.enqueue_trial(params, user_attrs={"retried_from": t.number}, skip_if_exists=False)
+    if stopped:
+        log.info("re-queued %d trial(s) stopped with their process: %s", len(stopped),
+                 ", ".join(str(t.number) for t in stopped))
+    return len(stopped)
 
 
 def fail_and_requeue(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -155,9 +174,14 @@ def recover_from_trial_file(study: optuna.Study, trial: FrozenTrial, run_dir: Pa
     is this trial's (same worker, same priced size: a folder reused with a new ``--storage``
     has files of other trials under the same numbers). Returns whether it recovered.
     """
+    if not trial_path(run_dir, trial.number).is_file():
+        return False
     try:
-        rec = upgrade(json.loads(trial_path(run_dir, trial.number).read_text()), "trial")
-    except (OSError, json.JSONDecodeError, UserError):
+        rec = upgrade(read_trial_file(run_dir, trial.number), "trial")
+    except CorruptFile as e:
+        log.warning("%s: not used; trial %d runs again", e, trial.number)
+        return False
+    except UserError:  # a schema this version does not know
         return False
     ua, metrics = trial.user_attrs, rec.get("metrics") or {}
     if rec.get("number") != trial.number or rec.get("worker") != ua.get("worker") or \

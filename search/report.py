@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,6 +35,7 @@ from .budget import format_bytes
 from .config import SearchConfig
 from .errors import UserError
 from .limits import constraint_values, is_feasible, limits_of, resolve_target, target_sram
+from .records import corrupt_trial_files
 from .runfolder import load_config, read_json, storage_url
 from .schema import read_run_json, stamped
 from .selection import pareto_front
@@ -44,6 +46,8 @@ REASON_WORDS = {"trained": "fine-tuned and scored", "stopped": "stopped early at
                 "over_budget": "over a limit: rejected by the cost model, never trained",
                 "surplus": "not needed: the asked number of trials was reached",
                 "failed": "its worker died; re-queued", "running": "running", "queued": "queued"}
+
+log = logging.getLogger("squeezer")
 
 
 def metric_text(v: float | None, metric: str) -> str:
@@ -103,6 +107,8 @@ def trial_row(t: Any, names: list[str]) -> dict[str, Any]:
 def report(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
+    for damaged in corrupt_trial_files(run_dir):  # the study holds their results; say so, use none of them
+        log.warning("%s", damaged)
     trials = _study_trials(cfg, run_dir)
     base = read_run_json(run_dir / "base" / "metrics.json", "metrics")
     best = read_run_json(run_dir / "best" / "metrics.json", "metrics")

@@ -23,7 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -58,20 +60,71 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON, atomically: a kill leaves the old file or the new one, never half."""
+class CorruptFile(UserError):
+    """A run-folder file that is not what was written: truncated, not JSON, or its checksum fails."""
+
+
+def _sha1(obj: dict[str, Any]) -> str:
+    body = {k: v for k, v in obj.items() if k != "sha1"}
+    return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json(path: Path, obj: Any, *, checksum: bool = False) -> None:
+    """Write ``obj`` as JSON, atomically: a kill or a full disk leaves the old file or the new
+    one, never half of one. ``checksum``: add a ``sha1`` of the content (:func:`read_checked_json`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if checksum:
+        obj = {**obj, "sha1": _sha1(obj)}
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:
-    """The JSON in ``path``; a file that is not JSON is a one-line :class:`UserError`."""
+    """The JSON in ``path``; a file that is not JSON is a one-line :class:`CorruptFile`."""
     try:
         return json.loads(Path(path).read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is corrupt (not JSON)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CorruptFile(f"{path} is corrupt (not JSON)") from None
+
+
+def read_checked_json(path: Path) -> dict[str, Any]:
+    """A JSON object written with ``checksum=True`` (without its ``sha1``): :class:`CorruptFile` if
+    it is not JSON or its content no longer matches its ``sha1`` (files written before checksums
+    have none: not checked)."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise CorruptFile(f"{path} is corrupt (not a JSON object)")
+    if "sha1" in obj and obj["sha1"] != _sha1(obj):
+        raise CorruptFile(f"{path} is corrupt (its content does not match its checksum)")
+    return {k: v for k, v in obj.items() if k != "sha1"}
+
+
+def display(path: Path, run_dir: Path) -> str:
+    """``path`` relative to the run folder's parent (``runs/x/trials/0003.json``), as messages show it."""
+    try:
+        return str(Path(path).relative_to(Path(run_dir).parent))
+    except ValueError:
+        return str(path)
+
+
+def disk_full_error(e: BaseException | None) -> BaseException | None:
+    """The error in ``e`` or in what caused it that says the disk (or the quota) is full: an
+    ``OSError`` of errno ENOSPC/EDQUOT, SQLite's "database or disk is full", torch's "file write
+    failed" (Optuna can raise its own error while handling one: the chain is searched)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "database or disk is full" in text \
+                or "No space left on device" in text or "file write failed" in text:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def trial_path(run_dir: Path, number: int) -> Path:

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..compressors.apply import _compress_layer_, apply_policy_
 from ..compressors.lowrank import DECOMPOSITIONS
 from ..evaluators.train import Metric, recalibrate_bn_
 from ..evaluators.train import score as score_metric
-from .runfolder import SENSITIVITY, file_lock, write_json
+from .runfolder import SENSITIVITY, CorruptFile, file_lock, read_checked_json, write_json
 
 log = logging.getLogger("squeezer")
 
@@ -257,11 +256,11 @@ def load_or_measure(ctx, *, force: bool = False, val_size: int = 128, progress: 
     with file_lock(Path(ctx.run_dir) / ".sensitivity.lock"):
         if path.is_file() and not force:
             try:
-                sens = json.loads(path.read_text())
+                sens = read_checked_json(path)
                 if sens.get("schema") == SCHEMA:
                     return sens
-            except json.JSONDecodeError:
-                pass
+            except CorruptFile as e:
+                log.warning("%s; measuring again", e)
         calib = ctx.trial_train.first_batches(2, ctx.cfg.batch_size, seed=0) \
             if ctx.trial_train is not None else None
         bn = ctx.cfg.sensitivity_bn_images if ctx.trial_train is not None else 0
@@ -271,7 +270,7 @@ def load_or_measure(ctx, *, force: bool = False, val_size: int = 128, progress: 
         sens = measure(ctx.base, ctx.space, ctx.data.val, ctx.input_shape, val_size=val_size,
                        seed=ctx.cfg.seed, calib=calib, bn_data=ctx.trial_train, bn_images=bn,
                        progress=progress, metric=ctx.workload.metric)
-        write_json(path, sens)
+        write_json(path, sens, checksum=True)
         log.info("sensitivity: %d probes in %.1f s -> %s", sens["n_probes"], sens["seconds"], path)
         return sens
 

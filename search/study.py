@@ -32,7 +32,7 @@ from sqlalchemy import event
 
 from .config import SearchConfig
 from .errors import UserError
-from .runfolder import file_lock, storage_url
+from .runfolder import STUDY_DB, file_lock, storage_url
 from .samplers import make_sampler
 from .schema import RENAMED
 from .space import SearchSpace
@@ -74,7 +74,8 @@ def trial_reason(t: Any) -> str:
     """squeezer's reason (:data:`REASONS`) for a trial in Optuna's state: ``trained`` (COMPLETE),
     ``over_budget`` (COMPLETE: rejected by the cost model, never trained, values ``[0, latency]``),
     ``stopped`` (PRUNED at a rung), ``surplus`` (PRUNED: not needed, the asked count was reached),
-    ``failed`` (FAIL: its worker died; re-queued), ``running``, ``queued`` (WAITING)."""
+    ``failed`` (FAIL: by itself, with an ``error`` attribute saying why; or with its process,
+    then re-queued), ``running``, ``queued`` (WAITING)."""
     ua, state = t.user_attrs, t.state.name
     if state == "COMPLETE":
         return "trained" if ua.get("evaluated") else "over_budget"
@@ -144,6 +145,32 @@ def _retry_callback() -> dict[str, Any]:
 def _create(storage: Any, cfg: SearchConfig, space: SearchSpace | None) -> optuna.Study:
     return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=make_sampler(cfg, space),
                                directions=DIRECTIONS, load_if_exists=True)
+
+
+def check_storage(cfg: SearchConfig, run_dir: Path, *, resuming: bool) -> None:
+    """The study's storage opens and reads (before any expensive work): a URL Optuna cannot open,
+    or a run's study file that is not a database, is a one-line error saying what to do."""
+    if not resuming and cfg.storage is None:
+        return  # a new run's own SQLite file: created with the study, once the cheap checks passed
+    url = storage_url(cfg, run_dir)
+    db = Path(run_dir) / STUDY_DB
+    if resuming and cfg.storage is None and db.is_file() and db.stat().st_size == 0:
+        raise UserError(f"{db} is empty (truncated?): the study of this run is lost; restore it from a backup, or "
+                        f"start a new run (each trial's result is also in {Path(run_dir) / 'trials'})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeat is "experimental" in Optuna's terms
+            storage = storages.RDBStorage(url)
+        storage.get_all_studies()
+        storage.engine.dispose()
+    except Exception as e:  # noqa: BLE001 - a bad URL, an unreachable server, a damaged file: one line
+        advice = f"; restore {db.name} from a backup, or start a new run" if url.startswith("sqlite") and db.is_file() \
+            else "; check --storage (any URL optuna.storages.RDBStorage accepts)"
+        raise UserError(f"cannot open storage {url}: {_first_line(e)}{advice}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def open_study(cfg: SearchConfig, run_dir: Path, *, space: SearchSpace | None = None,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,6 +23,7 @@ import optuna
 from ..compressors.policy import Policy
 from ..evaluators.finetune import compress, distill_config, finetune
 from .context import Context
+from .errors import UserError
 from .limits import cost_dict, named_constraints, target_sram
 from .narrowing import NarrowedTrial
 from .records import result_attrs, trial_record, write_trial_file
@@ -29,6 +31,8 @@ from .recovery import reap_dead_trials
 from .runfolder import file_lock
 from .study import tell_constraints, trained_trials
 from .workload import seed_everything
+
+log = logging.getLogger("squeezer")
 
 #: Calibration batches the data-driven pruning criteria see when a trial compresses the base.
 CALIB_BATCHES = 8
@@ -102,14 +106,40 @@ class _StopAtRung(Exception):
     pass
 
 
+class TrialFailed(Exception):
+    """A trial that failed by itself (its fine-tune diverged or raised): recorded, the sweep goes on."""
+
+
+#: A sweep stops when this many trials failed by themselves before any trained to the end.
+MAX_FAILED_BEFORE_SUCCESS = 3
+
+
+def failure_reason(e: Exception) -> str:
+    """What made a trial fail, in one line."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if isinstance(e, FloatingPointError) else f"{type(e).__name__}: {text}"
+
+
+def check_failing(study: optuna.Study) -> None:
+    """Stop a sweep whose first trials all failed by themselves (a loss, data or model that
+    cannot work): a few failures say it, the other trials would say it again."""
+    failed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+              if t.user_attrs.get("error")]
+    if len(failed) >= MAX_FAILED_BEFORE_SUCCESS and not trained_trials(study):
+        last = failed[-1]
+        raise UserError(f"the first {len(failed)} trained trials all failed (trial {last.number}: "
+                        f"{last.user_attrs['error']}); nothing to choose from: check the loss, the learning "
+                        "rates (trial_lr, final_lr) and the model; the run folder keeps what was done")
+
+
 def train_trial(ctx: Context, number: int, policy: Policy, *,
                 on_rung: Callable[[int, float, dict[str, float]], bool] | None = None, bar: Any = None,
                 ) -> dict[str, Any]:
     """Trial work: compress a copy of the base model, short fine-tune, validation metric.
 
     ``on_rung(step, metric, rung_metric) -> bool`` is called at each rung step; True stops the
-    trial there (multi-fidelity). Returns ``reason`` ("trained" | "stopped"),
-    ``val_metric`` (None when stopped), ``rung_metric``, ``steps``,
+    trial there (multi-fidelity). Returns ``reason`` ("trained" | "stopped" | "failed", then with
+    ``error``: why), ``val_metric`` (None unless trained), ``rung_metric``, ``steps``,
     ``train_seconds`` (the time of all of the above: what "trial work" means in the scaling
     numbers).
     """
@@ -117,7 +147,12 @@ def train_trial(ctx: Context, number: int, policy: Policy, *,
     t0 = time.time()
     seed_everything(cfg.seed + number)
     calib = ctx.trial_train.first_batches(CALIB_BATCHES, cfg.batch_size, seed=number)
-    model, _ = compress(ctx.base, policy, ctx.input_shape, calib=calib)
+    try:
+        model, _ = compress(ctx.base, policy, ctx.input_shape, calib=calib)
+    except (ValueError, RuntimeError) as e:  # a policy this model cannot take: the trial's own failure
+        log.warning("trial %d failed: %s", number, failure_reason(e))
+        return {"reason": "failed", "val_metric": None, "error": failure_reason(e), "rung_metric": {},
+                "steps": 0, "train_seconds": round(time.time() - t0, 3)}
     rungs = set(cfg.rung_steps)
     steps_done = 0
     rung_metric: dict[str, float] = {}
@@ -137,19 +172,24 @@ def train_trial(ctx: Context, number: int, policy: Policy, *,
         finetune(model, ctx.trial_train, teacher=ctx.base, distill=distill_config(policy, cfg.distill),
                  max_steps=cfg.trial_steps, epochs=10, lr=cfg.trial_lr, batch_size=cfg.batch_size,
                  seed=cfg.seed + number, progress=on_step, loss_fn=ctx.workload.loss)
+        out["val_metric"] = ctx.score(model, ctx.data.val)
     except _StopAtRung:
         out.update(reason="stopped", pruned_at=steps_done)
-    else:
-        out["val_metric"] = ctx.score(model, ctx.data.val)
+    except OSError:
+        raise  # the machine's fault (a full disk, a lost file), not the trial's: the run stops
+    except Exception as e:  # noqa: BLE001 - the trial's own failure: recorded, the sweep goes on
+        out.update(reason="failed", error=failure_reason(e))
+        log.warning("trial %d failed: %s", number, out["error"])
     return {**out, "rung_metric": rung_metric, "steps": steps_done, "train_seconds": round(time.time() - t0, 3)}
 
 
 def record(ctx: Context, s: Sampled, worker: str, result: dict[str, Any]) -> list[float] | None:
-    """Write a trained trial's file, then its study attributes; its values (None: stopped)."""
+    """Write a trained trial's file, then its study attributes; its values (None: stopped at a
+    rung, or failed)."""
     write_trial_file(ctx.run_dir, trial_record(s.trial.number, worker, s.policy, s.cost, s.cons, result))
     for k, v in result_attrs(result).items():
         s.trial.set_user_attr(k, v)
-    if result["reason"] == "stopped":
+    if result["reason"] in ("stopped", "failed"):
         return None
     return [result["val_metric"], s.latency_ms]
 

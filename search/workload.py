@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import random
 import time
@@ -35,6 +34,7 @@ from ..evaluators.checkpoint import (
     load_checkpoint,
     load_state_dict_into,
     save_checkpoint,
+    weights_sha1,
 )
 from ..evaluators.datasets import KNOWN, load_dataset
 from ..evaluators.models import ZOO, build_model, known_models
@@ -109,8 +109,7 @@ def load_data(cfg: SearchConfig) -> DataSplits:
 
 def check_names(cfg: SearchConfig) -> None:
     """The model and dataset ``cfg`` names exist (a one-line error with a hint, before any work)."""
-    if not cfg.model.startswith(OBJECT_PREFIX) and cfg.model not in ZOO and ":" not in cfg.model \
-            and cfg.model not in known_models():
+    if not cfg.model.startswith(OBJECT_PREFIX) and cfg.model not in ZOO and cfg.model not in known_models():
         try:
             build_model(cfg.model, in_channels=1, num_classes=10)
         except ValueError as e:
@@ -153,8 +152,12 @@ def train_base(model: nn.Module, data: DataSplits, cfg: SearchConfig, *, progres
     log.info("base model: training %s on %s for %g epochs (cached for later runs)", cfg.model, cfg.dataset,
              cfg.base_epochs)
     t0 = time.time()
-    train(model, data.train, epochs=cfg.base_epochs, lr=cfg.base_lr, batch_size=cfg.batch_size, seed=cfg.seed,
-          augment=data.input_shape[1] >= 16, progress=progress, desc="base model")
+    try:
+        train(model, data.train, epochs=cfg.base_epochs, lr=cfg.base_lr, batch_size=cfg.batch_size, seed=cfg.seed,
+              augment=data.input_shape[1] >= 16, progress=progress, desc="base model")
+    except FloatingPointError as e:
+        raise UserError(f"training the base model diverged ({e}); lower base_lr (now {cfg.base_lr:g}) or pass "
+                        "a trained model (--checkpoint)") from None
     return {"source": "trained", "train_seconds": round(time.time() - t0, 1)}
 
 
@@ -162,15 +165,6 @@ def save_base(path: Path, model: nn.Module, workload: Workload, meta: dict[str, 
     data = workload.data
     save_checkpoint(path, model, model_name=workload.model_name, input_shape=data.input_shape,
                     num_classes=data.num_classes, normalization={"mean": data.mean, "std": data.std}, meta=meta)
-
-
-def state_sha1(model: nn.Module) -> str:
-    """A fingerprint of a model's weights (a resumed object run checks it gets the same base)."""
-    h = hashlib.sha1()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def build_base(cfg: SearchConfig, workload: Workload, base_path: Path, cache_root: Path, *,
@@ -183,7 +177,7 @@ def build_base(cfg: SearchConfig, workload: Workload, base_path: Path, cache_roo
     if base_path.is_file():
         return _run_base(base_path, workload, model)
     if workload.model is not None:
-        meta: dict[str, Any] = {"source": "object", "weights_sha1": state_sha1(model)}
+        meta: dict[str, Any] = {"source": "object", "weights_sha1": weights_sha1(model.state_dict())}
     elif cfg.checkpoint:
         try:
             load_state_dict_into(model, cfg.checkpoint)
@@ -198,10 +192,15 @@ def build_base(cfg: SearchConfig, workload: Workload, base_path: Path, cache_roo
 
 
 def _run_base(path: Path, workload: Workload, arch: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    """The run's saved base model; for an object run, the object passed again must be it."""
-    loaded = load_checkpoint(path, architecture=arch if workload.model is not None else None)
+    """The run's saved base model; for an object run, the object passed again must be it. A base
+    that cannot be read is refused: the run's trials were trained from it."""
+    try:
+        loaded = load_checkpoint(path, architecture=arch if workload.model is not None else None)
+    except CheckpointError as e:
+        raise UserError(f"{e}; restore {path.name} from a backup, or delete it to train the base again (the "
+                        "trials so far were fine-tuned from the old one)") from None
     saved = loaded.meta.get("weights_sha1")
-    if workload.model is not None and saved and saved != state_sha1(arch):
+    if workload.model is not None and saved and saved != weights_sha1(arch.state_dict()):
         raise UserError(f"the model passed differs from this run's base model ({path}: other weights); "
                         "pass the model the run was started with, or start a new run")
     return loaded.model, loaded.meta
@@ -210,9 +209,12 @@ def _run_base(path: Path, workload: Workload, arch: nn.Module) -> tuple[nn.Modul
 def _cached_or_trained(model: nn.Module, cfg: SearchConfig, workload: Workload, cache: Path, *,
                        progress: bool) -> tuple[nn.Module, dict[str, Any]]:
     if cache.is_file():
-        log.info("base model: cached %s", cache)
-        loaded = load_checkpoint(cache)
-        return loaded.model, loaded.meta
+        try:
+            loaded = load_checkpoint(cache)
+            log.info("base model: cached %s", cache)
+            return loaded.model, loaded.meta
+        except CheckpointError as e:  # only a cache: train the base again
+            log.warning("base model: the cached %s is unreadable (%s); training it again", cache, e)
     meta = train_base(model, workload.data, cfg, progress=progress)
     save_base(cache, model, workload, meta)
     return model, meta

@@ -18,7 +18,17 @@ from ..context import Context
 from ..recovery import hold_worker_lock, reap_dead_trials
 from ..rungs import RungPruner
 from ..study import evaluated_trials, trained_trials
-from ..trial import claim, record, reject, sample_limit, sample_trial, stopped_message, train_trial
+from ..trial import (
+    TrialFailed,
+    check_failing,
+    claim,
+    record,
+    reject,
+    sample_limit,
+    sample_trial,
+    stopped_message,
+    train_trial,
+)
 
 log = logging.getLogger("squeezer")
 
@@ -42,6 +52,8 @@ class Objective:
             raise optuna.TrialPruned("the asked number of trials is reached")
         result = train_trial(ctx, trial.number, s.policy, on_rung=lambda *a: self._at_rung(trial, *a), bar=self.bar)
         values = record(ctx, s, me, result)
+        if result["reason"] == "failed":
+            raise TrialFailed(result["error"])
         if values is None:
             raise optuna.TrialPruned(stopped_message(result, ctx.cfg))
         return tuple(values)  # type: ignore[return-value]
@@ -62,6 +74,8 @@ class _Progress:
                         dynamic_ncols=True, disable=not progress)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            check_failing(study)
         n = len(trained_trials(study))
         self.bar.n = min(n, self.cfg.trials)
         best = [t.values[0] for t in evaluated_trials(study)]
@@ -75,7 +89,8 @@ class _Progress:
 def run_trials(ctx: Context, study: optuna.Study, *, progress: bool = True) -> None:
     """Run trials until ``cfg.trials`` trained trials exist in the study (over-budget ones are free)."""
     cfg = ctx.cfg
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is logged as one line of ours, not as Optuna's warning with a traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     hold_worker_lock(ctx.run_dir)
     reaped = reap_dead_trials(study, ctx.run_dir)
     if reaped:
@@ -88,7 +103,7 @@ def run_trials(ctx: Context, study: optuna.Study, *, progress: bool = True) -> N
     try:
         study.optimize(Objective(ctx, bar=done.bar), n_trials=None,
                        timeout=None if deadline is None else max(1.0, deadline - time.time()),
-                       callbacks=[done], gc_after_trial=False, catch=())
+                       callbacks=[done], gc_after_trial=False, catch=(TrialFailed,))
     finally:
         done.bar.close()
     if len(evaluated_trials(study)) == 0:

@@ -49,7 +49,7 @@ from ..recovery import fail_and_requeue, hold_worker_lock, reap_dead_trials
 from ..runfolder import BASE_METRICS, BASE_MODEL, CONFIG, SENSITIVITY, file_lock, write_json
 from ..rungs import RungPruner
 from ..study import priced_latency, trained_trials, user_attr
-from ..trial import Sampled, record, reject, sample_limit, sample_trial, train_trial, try_claim
+from ..trial import Sampled, check_failing, record, reject, sample_limit, sample_trial, train_trial, try_claim
 from ..workload import Workload, named_workload
 
 log = logging.getLogger("squeezer")
@@ -299,11 +299,14 @@ class _Driver:
         self.dispatch()  # the worker's next trial first, then the bookkeeping of this one
         t0 = time.time()
         values = record(self.ctx, s, slot.info["worker"], res)
-        if values is None:
+        if res["reason"] == "failed":
+            self.study.tell(s.trial, state=optuna.trial.TrialState.FAIL)
+            check_failing(self.study)
+        elif values is None:
             self.study.tell(s.trial, state=optuna.trial.TrialState.PRUNED)
         else:
             self.study.tell(s.trial, values)
-        self.trained += 1
+        self.trained += res["reason"] != "failed"
         slot.trials += 1
         slot.busy_seconds += res["train_seconds"]
         slot.last_result_at = time.time()

@@ -67,12 +67,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
+from ..compressors.coding import relative_index_estimate
+from ..compressors.lowrank import svd_rank
 from ..compressors.policy import LayerPolicy, Policy
 from ..compressors.pruning import kept_channels
-
-from .targets import Target, get_target
-from .trace import COMPRESSIBLE, LayerSpec, LayerTable
-
+from ..compressors.sparsity import n_zero
+from .targets import EFFICIENCY_CLASSES, Target, get_target
+from .trace import COMPRESSIBLE, LayerSpec, LayerTable, trace
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,6 @@ def weight_storage_bytes(numel: int, out_channels: int, *, weight_bits: int | No
         scale: whether the fp32 per-channel scale is stored (not for unit-scale codebooks
             without a folded BatchNorm, see :func:`unit_scale`).
     """
-    from ..compressors.sparsity import n_zero
-
     nnz, bitmap = numel, 0
     if sparsity > 0:
         nnz = numel - n_zero(numel, sparsity)
@@ -329,7 +328,6 @@ def _compute_class(kind: str, kernel: tuple[int, int], groups: int) -> str:
 def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op], dict[str, str]]:
     """Ops as they run under ``policy`` (decomposition expanded), plus a rename map for inputs."""
     kept = _Kept(table, policy)
-    from ..compressors.lowrank import svd_rank
 
     rename: dict[str, str] = {}
     consumers: dict[str, int] = {}
@@ -512,8 +510,6 @@ def _op_terms(op: _Op, target: Target, in_bytes: float, out_bytes: float, act_bi
 def coefficients(target: Target) -> dict[str, float]:
     """The fitted parameters as linear coefficients: ``overhead_us.<kind>`` (us) and ``efficiency.<cls>`` (1/eff)."""
     c = {f"overhead_us.{k}": float(v) for k, v in target.overhead_us.items()}
-    from .targets import EFFICIENCY_CLASSES
-
     for cls in EFFICIENCY_CLASSES:
         c[f"efficiency.{cls}"] = 1.0 / target.eff(cls)
     return c
@@ -638,9 +634,6 @@ def _huffman_estimate(numel: int, out_channels: int, bits: int, sparsity: float,
     """Entropy estimate of a Huffman-coded tensor (:func:`compressors.coding.encode_tensor` layout:
     10-byte header, one length byte per symbol of the span, the bit stream); a sparse tensor's
     positions as Huffman-coded relative indices (:func:`compressors.coding.relative_index_estimate`)."""
-    from ..compressors.coding import relative_index_estimate
-    from ..compressors.sparsity import n_zero
-
     nnz = numel - n_zero(numel, sparsity) if sparsity > 0 else numel
     bitmap = relative_index_estimate(numel, nnz) if sparsity > 0 else 0
     span = codebook if codebook else 2 ** bits
@@ -778,6 +771,4 @@ def estimate(model: Any, input_shape: Sequence[int] = (3, 224, 224), target: "st
         >>> c.macs
         40813184
     """
-    from .trace import trace
-
     return estimate_table(trace(model, input_shape), policy, target)

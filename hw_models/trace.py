@@ -27,6 +27,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..compressors.pruning import ChannelGroups, channel_groups
+from ..compressors.registry import UnknownNameError, did_you_mean
+
 Segment = tuple  # (group id | None, channels, group size), as compressors.pruning.Segment
 
 KINDS = ("conv2d", "dwconv2d", "linear", "bn", "act", "pool", "gap", "add", "concat", "mul",
@@ -154,7 +161,6 @@ class LayerTable:
             try:
                 return self.layers[self._index[key]]  # type: ignore[attr-defined]
             except KeyError:
-                from ..compressors.registry import UnknownNameError, did_you_mean
                 raise UnknownNameError(did_you_mean(key, list(self._index), "layer")) from None  # type: ignore[attr-defined]
         return self.layers[key]
 
@@ -175,8 +181,6 @@ class LayerTable:
 
     def channel_groups(self):
         """A :class:`compressors.pruning.ChannelGroups` view (for ``kept`` channel counts)."""
-        from ..compressors.pruning import ChannelGroups
-
         return ChannelGroups(out_segments={l.name: [tuple(s) for s in l.out_segments] for l in self.layers},
                              in_segments={l.name: [tuple(s) for s in l.in_segments] for l in self.layers},
                              members={g: list(m) for g, m in self.group_members.items()},
@@ -198,23 +202,18 @@ class LayerTable:
 
 # --- classification of ops -----------------------------------------------------------------
 
-def _module_kinds():
-    from torch import nn
-
-    return [
-        ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "bn"),
-        ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
-          nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Mish, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus,
-          nn.LocalResponseNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d), "act"),
-        ((nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d), "pool"),
-        ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), "gap"),
-        ((nn.Flatten, nn.Unflatten), "flatten"),
-    ]
+_MODULE_KINDS = [
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "bn"),
+    ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+      nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Mish, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus,
+      nn.LocalResponseNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d), "act"),
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d), "pool"),
+    ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), "gap"),
+    ((nn.Flatten, nn.Unflatten), "flatten"),
+]
 
 
 def _alias_module(m: Any) -> bool:
-    from torch import nn
-
     return isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout))
 
 
@@ -304,8 +303,6 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
         >>> len(trace(build_model("lenet5", in_channels=1, num_classes=10), (1, 28, 28))) > 5
         True
     """
-    import torch
-
     input_shape = tuple(int(x) for x in input_shape)
     if len(input_shape) < 1 or any(x <= 0 for x in input_shape):
         raise ValueError(f"`input_shape` of positive (C, H, W) must hold, but got input_shape={input_shape}")
@@ -334,8 +331,6 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
 
 def _groups_or_none(model: Any, input_shape: tuple[int, ...]):
     try:
-        from ..compressors.pruning import channel_groups
-
         return channel_groups(model, input_shape)
     except Exception as e:  # noqa: BLE001 - a model Torch-Pruning cannot analyse is still costed
         warnings.warn(f"channel groups unavailable for {type(model).__name__} ({str(e).splitlines()[0][:120]}); "
@@ -348,9 +343,6 @@ class _Row(dict):
 
 
 def _make_tracer():
-    import torch.fx as fx
-    from torch import nn
-
     leaf_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.MultiheadAttention)
 
     class _Tracer(fx.Tracer):
@@ -363,10 +355,6 @@ def _make_tracer():
 
 
 def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], list[str]]:
-    import torch
-    import torch.fx as fx
-    from torch import nn
-
     tracer = _make_tracer()
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph)
@@ -384,7 +372,6 @@ def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], lis
     _Prop(gm).run(x)
 
     mods = dict(model.named_modules())
-    kinds = _module_kinds()
     rows: list[_Row] = []
     producer: dict[str, str] = {}      # fx node name -> producing row name (aliases resolved)
     used_names: dict[str, int] = {}
@@ -438,7 +425,7 @@ def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], lis
                 if ins:
                     producer[n.name] = producer[ins[0].name]
                 continue
-            row.update(_module_row(m, str(n.target), out, in_shape, kinds))
+            row.update(_module_row(m, out))
             row["name"] = unique(str(n.target))
         elif n.op in ("call_function", "call_method"):
             fn = _fn_name(n.target)
@@ -484,9 +471,7 @@ def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], lis
     return rows, outputs
 
 
-def _module_row(m: Any, fqn: str, out: Any, in_shape: tuple[int, ...], kinds: list) -> dict[str, Any]:
-    from torch import nn
-
+def _module_row(m: Any, out: Any) -> dict[str, Any]:
     r: dict[str, Any] = {"module_type": type(m).__name__.replace("Parametrized", ""), "params": _module_params(m)}
     if isinstance(m, nn.modules.conv._ConvNd):
         w_shape = tuple(m.weight.shape)
@@ -506,7 +491,7 @@ def _module_row(m: Any, fqn: str, out: Any, in_shape: tuple[int, ...], kinds: li
         r.update(kind="linear", macs=tokens * m.in_features * m.out_features, bias=m.bias is not None,
                  in_channels=m.in_features, out_channels=m.out_features, in_hw=(tokens, 1), out_hw=(tokens, 1))
         return r
-    for types, kind in kinds:
+    for types, kind in _MODULE_KINDS:
         if isinstance(m, types):
             r["kind"] = kind
             break
@@ -537,10 +522,6 @@ def _mark_bn_folding(rows: list[_Row]) -> None:
 
 def _trace_hooks(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], list[str]]:
     """Fallback: record leaf modules in call order; producers matched by tensor identity."""
-    import torch
-    from torch import nn
-
-    kinds = _module_kinds()
     rows: list[_Row] = []
     made_by: dict[int, str] = {}
     used: dict[str, int] = {}
@@ -562,7 +543,7 @@ def _trace_hooks(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], 
             used[name] = k + 1
             row = _Row(in_channels=c_in, out_channels=c_out, in_hw=hw_in, out_hw=hw_out, inputs=(prod,),
                        in_shapes=[in_shape], out_shape=tuple(out.shape))
-            row.update(_module_row(m, name, out, in_shape, kinds))
+            row.update(_module_row(m, out))
             row["name"] = name if k == 0 else f"{name}:{k}"
             rows.append(row)
             made_by[id(out)] = row["name"]

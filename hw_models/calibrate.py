@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -418,11 +417,6 @@ def cli_calibrate(target: str, measurements_csv: str | Path | None, out_path: st
                        prior_weight=HOST_PRIOR_WEIGHT if measurements_csv is None else 1e-3)
     path = save_target(fitted, out_path)
     return {"target": fitted.name, "from": get_target(target).name, "out_path": str(path), **fitted.calibration}
-
-
-def rows_to_json(rows: Sequence[CalibrationRow]) -> str:
-    return json.dumps([{"model": r.model, "latency_ms": r.latency_ms, "energy_mj": r.energy_mj,
-                        "input_shape": list(r.input_shape), "runtime": r.runtime} for r in rows], indent=1)
 
 
 __all__ = ["CalibrationRow", "calibrate", "evaluate", "metrics", "measure_host", "time_model", "cli_calibrate",

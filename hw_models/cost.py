@@ -73,7 +73,7 @@ from ..compressors.policy import LayerPolicy, Policy
 from ..compressors.pruning import kept_channels
 from ..compressors.sparsity import n_zero
 from .targets import EFFICIENCY_CLASSES, Target, get_target
-from .trace import COMPRESSIBLE, LayerSpec, LayerTable, trace
+from .trace import COMPRESSIBLE, LayerTable, trace
 
 
 @dataclass(frozen=True)

@@ -45,20 +45,40 @@ class ChannelGroups:
     sizes: dict[str, int] = field(default_factory=dict)          # group id -> channels
 
     def group_ratio(self, group: str, policy: Policy) -> float:
-        for m in self.members[group]:
+        for m in self.members.get(group, ()):
             if m in policy.layers:
                 return policy.layers[m].prune_ratio
         return policy.for_layer(group).prune_ratio
 
     def kept(self, segments: Sequence[Segment], policy: Policy, round_to: int | None = None) -> int:
-        total = 0
-        for g, n, size in segments:
-            if g is None:
-                total += n
-            else:
-                k = kept_channels(size, self.group_ratio(g, policy), round_to or policy.pruning.round_to)
+        """Channels of ``segments`` that ``policy`` keeps (a group keeps ``n * k // size`` of its ``n``)."""
+        return self.kept_counter(policy, round_to)(segments)
+
+    def kept_counter(self, policy: Policy, round_to: int | None = None) -> Callable[[Sequence[Segment]], int]:
+        """:meth:`kept` under one policy, each group's count computed once (a cost model asks per op).
+
+        Example:
+            >>> cg = ChannelGroups(members={"conv": ["conv"]}, sizes={"conv": 16})
+            >>> kept = cg.kept_counter(Policy().with_layer("conv", prune_ratio=0.5))
+            >>> kept([("conv", 16, 16)]), kept([("conv", 32, 16), (None, 3, 3)])   # a flatten: 2 per channel
+            (8, 19)
+        """
+        round_to = round_to or policy.pruning.round_to
+        by_group: dict[str, int] = {}
+
+        def kept(segments: Sequence[Segment]) -> int:
+            total = 0
+            for g, n, size in segments:
+                if g is None:
+                    total += n
+                    continue
+                k = by_group.get(g)
+                if k is None:
+                    k = by_group[g] = kept_channels(size, self.group_ratio(g, policy), round_to)
                 total += n * k // size
-        return total
+            return total
+
+        return kept
 
     def to_dict(self) -> dict[str, Any]:
         return {"out_segments": self.out_segments, "in_segments": self.in_segments,

@@ -70,7 +70,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 from ..compressors.coding import relative_index_estimate
 from ..compressors.lowrank import svd_rank
 from ..compressors.policy import LayerPolicy, Policy
-from ..compressors.pruning import kept_channels
+from ..compressors.pruning import ChannelGroups
 from ..compressors.sparsity import n_zero
 from .targets import EFFICIENCY_CLASSES, Target, get_target
 from .trace import COMPRESSIBLE, LayerTable, trace
@@ -284,39 +284,6 @@ class _Op:
         return self.out_channels * self.out_hw[0] * self.out_hw[1]
 
 
-class _Kept:
-    """Channels kept per segment list under a policy (``ChannelGroups.kept`` with a cache)."""
-
-    def __init__(self, table: LayerTable, policy: Policy) -> None:
-        self.members = table.group_members
-        self.sizes = table.group_sizes
-        self.policy = policy
-        self.cache: dict[str, int] = {}
-
-    def group_kept(self, g: str, size: int) -> int:
-        k = self.cache.get(g)
-        if k is None:
-            ratio = None
-            for m in self.members.get(g, ()):
-                if m in self.policy.layers:
-                    ratio = self.policy.layers[m].prune_ratio
-                    break
-            if ratio is None:
-                ratio = self.policy.for_layer(g).prune_ratio
-            k = kept_channels(size, ratio, self.policy.pruning.round_to)
-            self.cache[g] = k
-        return k
-
-    def __call__(self, segments: Sequence[tuple]) -> int:
-        total = 0
-        for g, n, size in segments:
-            if g is None:
-                total += n
-            else:
-                total += n * self.group_kept(g, size) // size
-        return total
-
-
 def _compute_class(kind: str, kernel: tuple[int, int], groups: int) -> str:
     if kind == "dwconv2d":
         return "dwconv"
@@ -327,8 +294,8 @@ def _compute_class(kind: str, kernel: tuple[int, int], groups: int) -> str:
 
 def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op], dict[str, str]]:
     """Ops as they run under ``policy`` (decomposition expanded), plus a rename map for inputs."""
-    kept = _Kept(table, policy)
-
+    # the pruning rule of compressors.pruning (one definition): the group's ratio, then kept_channels
+    kept = ChannelGroups(members=dict(table.group_members), sizes=dict(table.group_sizes)).kept_counter(policy)
     rename: dict[str, str] = {}
     consumers: dict[str, int] = {}
     for l in table:

@@ -17,7 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import gc
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -126,15 +129,108 @@ def _ignored(model: nn.Module, ignored: Iterable[str] | None) -> list[nn.Module]
     return [mods[n] for n in names if n in mods]
 
 
-def channel_groups(model: nn.Module, input_shape: Sequence[int], *,
-                   ignored: Iterable[str] | None = None, graph: Any = None) -> ChannelGroups:
-    """Find the channel groups of ``model`` (see :class:`ChannelGroups`)."""
+#: Most channel indices one step of Torch-Pruning's group search may carry (see GroupingError).
+GROUP_INDEX_LIMIT = 1 << 20
+#: Most seconds :func:`channel_groups` may search (see GroupingError).
+GROUP_SECONDS_LIMIT = 60.0
+
+
+class GroupingError(RuntimeError):
+    """Torch-Pruning cannot group a model's channels within the limits.
+
+    Its group search maps channel indices through every reshape on the way; the reshapes of
+    window attention (swin_t, maxvit_t) multiply them at each pass (swin_t at 64 px: 2, 64,
+    2048, 65536, 2**21, ... indices, 11 GB before the kernel killed it), so the search stops
+    when one step would carry more than ``GROUP_INDEX_LIMIT`` indices or runs past
+    ``GROUP_SECONDS_LIMIT`` seconds.
+    """
+
+
+class _Budget:
+    """The limits of one group search, checked at every index mapping Torch-Pruning applies."""
+
+    def __init__(self, max_indices: int, seconds: float) -> None:
+        self.max_indices = max_indices
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise GroupingError(f"`finding channel groups takes <= {self.seconds:g} s` must hold, but it took longer")
+
+    def map(self, mapping: Callable[[list], list], idxs: list) -> list:
+        # a forward flatten turns each index into `_stride` indices: check before they are allocated
+        grow = 1 if getattr(mapping, "reverse", True) else getattr(mapping, "_stride", 1)
+        if len(idxs) * grow > self.max_indices:
+            raise GroupingError(f"`a channel group maps <= {self.max_indices:,} indices at once` must hold, "
+                                f"but got {len(idxs) * grow:,} (reshapes Torch-Pruning cannot follow)")
+        self.check_time()
+        return mapping(idxs)
+
+
+class _BoundedMappings(list):
+    """One dependency's index mappings (Torch-Pruning iterates them in its group search), each
+    call checked by a :class:`_Budget`; ``plain()`` gives the list back."""
+
+    def __init__(self, mappings: list, budget: _Budget) -> None:
+        super().__init__(mappings)
+        self.budget = budget
+
+    def __iter__(self):
+        for m in super().__iter__():
+            yield None if m is None else functools.partial(self.budget.map, m)
+
+    def plain(self) -> list:
+        return list(super().__iter__())
+
+
+def _bound(graph: Any, budget: _Budget | None) -> None:
+    """Check every index mapping of ``graph`` against ``budget`` (``None``: stop checking)."""
+    for node in graph.module2node.values():
+        for dep in node.dependencies:
+            m = dep.index_mapping
+            dep.index_mapping = m.plain() if isinstance(m, _BoundedMappings) else m
+            if budget is not None:
+                dep.index_mapping = _BoundedMappings(dep.index_mapping, budget)
+
+
+def channel_groups(model: nn.Module, input_shape: Sequence[int], *, ignored: Iterable[str] | None = None,
+                   graph: Any = None, max_indices: int = GROUP_INDEX_LIMIT,
+                   seconds: float = GROUP_SECONDS_LIMIT) -> ChannelGroups:
+    """Find the channel groups of ``model`` (see :class:`ChannelGroups`).
+
+    Raises:
+        GroupingError: the search would carry more than ``max_indices`` channel indices in one
+            step or take more than ``seconds`` (models whose reshapes Torch-Pruning cannot follow).
+    """
+    budget = _Budget(max_indices, seconds)
     dg = graph if graph is not None else build_graph(model, input_shape)
+    _bound(dg, budget)
+    error: Exception | None = None
+    try:
+        cg = _collect_groups(model, dg, ignored, budget)
+    except Exception as e:  # noqa: BLE001 - raised again below, without the frames that hold the graph
+        error = e.with_traceback(None)
+    finally:
+        _bound(dg, None)
+    if graph is None:
+        # Torch-Pruning's graph is cyclic and holds the autograd graph of its example forward,
+        # saved activations included (80-140 MB for resnet50 / vit_b_16 at 224 px): free it now,
+        # not whenever the collector next runs
+        del dg
+        gc.collect()
+    if error is not None:
+        raise error
+    return cg
+
+
+def _collect_groups(model: nn.Module, dg: Any, ignored: Iterable[str] | None, budget: _Budget) -> ChannelGroups:
     names = {m: n for n, m in model.named_modules()}
     cg = ChannelGroups()
     compressible = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored),
                                    root_module_types=(nn.Conv2d, nn.Linear)):
+        budget.check_time()
         root = group[0].dep.target.module
         gid = names[root]
         size = len(group[0].idxs)

@@ -732,10 +732,12 @@ def estimate(model: Any, input_shape: Sequence[int] = (3, 224, 224), target: "st
              policy: Policy | None = None) -> Cost:
     """Trace ``model`` and estimate its cost on ``target`` under ``policy``.
 
+    Channel groups (Torch-Pruning) are found only when ``policy`` prunes: pricing needs none.
+
     Example:
         >>> from squeezer.evaluators.models import build_model
         >>> c = estimate(build_model("resnet20", in_channels=3, num_classes=10), (3, 32, 32), "arm")
         >>> c.macs
         40813184
     """
-    return estimate_table(trace(model, input_shape), policy, target)
+    return estimate_table(trace(model, input_shape, groups=policy is not None and policy.prunes), policy, target)

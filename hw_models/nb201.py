@@ -234,15 +234,6 @@ def nb201_table(arch: str | Sequence, num_classes: int = 10, *, dead: str = "dro
     key = (ops, num_classes, dead, input_hw)
     t = _TABLE_CACHE.get(key)
     if t is None:
-        t = trace(build_nb201(ops, num_classes, dead=dead), (3, input_hw, input_hw), groups=_NoGroups())
+        t = trace(build_nb201(ops, num_classes, dead=dead), (3, input_hw, input_hw), groups=False)
         _TABLE_CACHE[key] = t
     return t
-
-
-class _NoGroups:
-    """Channel groups stub: NB201 tables are only costed, never pruned (skips Torch-Pruning)."""
-
-    out_segments: dict = {}
-    in_segments: dict = {}
-    members: dict = {}
-    sizes: dict = {}

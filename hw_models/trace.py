@@ -286,14 +286,18 @@ def _module_params(m: Any) -> int:
 
 # --- the tracer ------------------------------------------------------------------------------
 
-def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any = None) -> LayerTable:
+def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *,
+          groups: ChannelGroups | bool = True) -> LayerTable:
     """Trace ``model`` into a :class:`LayerTable` (batch 1, ``input_shape = (C, H, W)``).
 
     Args:
         model: an ``nn.Module`` (not modified; run in eval mode on a zero input).
         input_shape: one input's shape, without the batch dimension.
-        groups: a precomputed :class:`compressors.pruning.ChannelGroups` (skips the
-            dependency-graph build).
+        groups: the channel groups through which a pruning policy changes the estimated
+            shapes. ``True`` finds them (:func:`compressors.pruning.channel_groups`, bounded in
+            time and memory; a model it cannot group is traced without them, with one warning);
+            ``False`` skips them (pricing without pruning needs none: prune ratios then change
+            nothing); or precomputed :class:`compressors.pruning.ChannelGroups`.
 
     Returns:
         The layer table, in execution order.
@@ -306,8 +310,10 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
     input_shape = tuple(int(x) for x in input_shape)
     if len(input_shape) < 1 or any(x <= 0 for x in input_shape):
         raise ValueError(f"`input_shape` of positive (C, H, W) must hold, but got input_shape={input_shape}")
-    if groups is None:
+    if groups is True:
         groups = _groups_or_none(model, input_shape)
+    elif groups is False:
+        groups = None
     was_training = model.training
     model.eval()
     try:
@@ -316,7 +322,7 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
                 rows, outputs = _trace_fx(model, input_shape)
                 method = "fx"
             except Exception as e:  # noqa: BLE001 - any FX failure: fall back to hooks
-                warnings.warn(f"torch.fx could not trace {type(model).__name__} ({str(e).splitlines()[0][:120]}); "
+                warnings.warn(f"torch.fx could not trace {type(model).__name__} ({_first_line(e)}); "
                               "tracing with module hooks (functional adds/concats are not seen)", stacklevel=2)
                 rows, outputs = _trace_hooks(model, input_shape)
                 method = "hooks"
@@ -329,13 +335,24 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
                       group_members=members, group_sizes=sizes, method=method)
 
 
-def _groups_or_none(model: Any, input_shape: tuple[int, ...]):
+def _groups_or_none(model: Any, input_shape: tuple[int, ...]) -> ChannelGroups | None:
+    """The model's channel groups, or ``None`` and one warning line, whatever the failure."""
     try:
-        return channel_groups(model, input_shape)
-    except Exception as e:  # noqa: BLE001 - a model Torch-Pruning cannot analyse is still costed
-        warnings.warn(f"channel groups unavailable for {type(model).__name__} ({str(e).splitlines()[0][:120]}); "
-                      "pruning policies will not change its estimated shapes", stacklevel=3)
+        with warnings.catch_warnings():
+            # Torch-Pruning's own notes (unwrapped parameters, recursion depth) are noise to a
+            # price: the one line below says what matters
+            warnings.simplefilter("ignore")
+            return channel_groups(model, input_shape)
+    except Exception as e:  # noqa: BLE001 - out of memory or a Torch-Pruning error: the model is still priced
+        warnings.warn(f"no channel groups for {type(model).__name__} ({_first_line(e)}); priced unpruned: "
+                      "prune ratios do not change its estimate", stacklevel=3)
         return None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """``"Type: first line of the message"`` (a MemoryError's message is empty)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:limit]
 
 
 class _Row(dict):

@@ -1,0 +1,70 @@
+"""Pricing torchvision classifiers (issue 19): no channel groups unless a policy prunes, bounded
+grouping, a priced model whatever Torch-Pruning does."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from squeezer import hw_models
+from squeezer.compressors.policy import LayerPolicy as LP
+from squeezer.compressors.policy import Policy
+from squeezer.compressors.pruning import GroupingError, channel_groups
+from squeezer.evaluators.models import build_model
+
+trace_module = sys.modules["squeezer.hw_models.trace"]  # the module (hw_models.trace is the function)
+PRUNE = Policy(layers={"_default": LP(prune_ratio=0.5)})
+
+
+def _group_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "channel groups" in str(w.message)]
+
+
+def test_a_model_torch_pruning_cannot_group_is_priced_unpruned_with_one_line():
+    m = torchvision.models.swin_t(weights=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = hw_models.estimate(m, (3, 64, 64), "arm-a72", PRUNE)
+        plain = hw_models.estimate(m, (3, 64, 64), "arm-a72")   # no policy: no grouping, no line
+    lines = _group_warnings(caught)
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "GroupingError" in lines[0] and "priced unpruned" in lines[0]
+    assert pruned.latency_ms > 0 and pruned.energy_mj > 0 and pruned.size_bytes > 0
+    assert (pruned.macs, pruned.size_bytes, pruned.latency_ms) == (plain.macs, plain.size_bytes, plain.latency_ms)
+
+
+def test_groups_are_found_only_when_the_policy_prunes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(trace_module, "channel_groups", lambda *a, **k: calls.append(a) or channel_groups(*a, **k))
+    m = build_model("resnet20", in_channels=3, num_classes=10)
+    q8 = hw_models.estimate(m, (3, 32, 32), "arm-a72", Policy(layers={"_default": LP(weight_bits=8)}))
+    assert not calls
+    pruned = hw_models.estimate(m, (3, 32, 32), "arm-a72", PRUNE)
+    assert len(calls) == 1 and pruned.macs < q8.macs
+
+
+@pytest.mark.parametrize("error", [MemoryError(), IndexError("list index out of range"), GroupingError("x\ny")])
+def test_any_grouping_failure_gives_a_table_and_one_line(monkeypatch, error):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(trace_module, "channel_groups", fail)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = hw_models.trace(build_model("lenet5", in_channels=1, num_classes=10), (1, 28, 28))
+    lines = _group_warnings(caught)
+    assert len(lines) == 1 and "\n" not in lines[0] and type(error).__name__ in lines[0]
+    assert not t.group_sizes and t.macs > 0
+
+
+def test_grouping_gives_up_past_its_limits():
+    m = build_model("lenet5", in_channels=1, num_classes=10)   # conv -> flatten -> linear: 16 x 5 x 5 indices
+    with pytest.raises(GroupingError, match="indices at once"):
+        channel_groups(m, (1, 28, 28), max_indices=399)
+    with pytest.raises(GroupingError, match="takes <= 0 s"):
+        channel_groups(m, (1, 28, 28), seconds=0)
+    assert len(channel_groups(m, (1, 28, 28), max_indices=400).sizes) > 0

@@ -371,22 +371,39 @@ def _make_tracer():
     return _Tracer()
 
 
-def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], list[str]]:
-    tracer = _make_tracer()
-    graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph)
+def _meta(value: Any) -> Any:
+    """``value`` with every tensor (also inside a tuple or list) replaced by a meta tensor: its
+    shape and dtype without storage."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_meta(v) for v in value)
+    return value
+
+
+def _propagate_shapes(gm: fx.GraphModule, model: Any, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Every node's value on a zero input, as meta tensors: the table needs only shapes, and
+    keeping every activation alive to the end cost 372 MB above the model for efficientnet_v2_s
+    at 384 px (66 MB with meta tensors: one forward's working set)."""
     shapes: dict[str, Any] = {}
 
     class _Prop(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             r = super().run_node(n)
-            shapes[n.name] = r
+            shapes[n.name] = _meta(r)
             return r
 
     p = next(model.parameters(), None)
     x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu",
                     dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
     _Prop(gm).run(x)
+    return shapes
+
+
+def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], list[str]]:
+    tracer = _make_tracer()
+    graph = tracer.trace(model)
+    shapes = _propagate_shapes(fx.GraphModule(tracer.root, graph), model, input_shape)
 
     mods = dict(model.named_modules())
     rows: list[_Row] = []

@@ -411,11 +411,18 @@ def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], lis
     used_names: dict[str, int] = {}
     outputs: list[str] = []
 
+    def shape_of(a: fx.Node) -> tuple[int, ...] | None:
+        # a tuple of tensors (chunk, split) stands for its first part: the shape its getitem reads
+        v = shapes.get(a.name)
+        if isinstance(v, tuple):
+            v = next((x for x in v if isinstance(x, torch.Tensor)), None)
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
     def tensor_inputs(n: fx.Node) -> list[fx.Node]:
         found: list[fx.Node] = []
 
         def visit(a: fx.Node) -> fx.Node:
-            if isinstance(shapes.get(a.name), torch.Tensor) and a not in found:
+            if shape_of(a) is not None and a not in found:
                 found.append(a)
             return a
 
@@ -448,11 +455,11 @@ def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], lis
             continue
         ins = [i for i in tensor_inputs(n) if i.name in producer]
         in_names = tuple(dict.fromkeys(producer[i.name] for i in ins))
-        in_shape = tuple(shapes[ins[0].name].shape) if ins else (1, *input_shape)
+        in_shape = shape_of(ins[0]) if ins else (1, *input_shape)
         c_in, hw_in = _shape_info(in_shape)
         c_out, hw_out = _shape_info(tuple(out.shape))
         row = _Row(in_channels=c_in, out_channels=c_out, in_hw=hw_in, out_hw=hw_out, inputs=in_names,
-                   in_shapes=[tuple(shapes[i.name].shape) for i in ins], out_shape=tuple(out.shape))
+                   in_shapes=[shape_of(i) for i in ins], out_shape=tuple(out.shape))
         if n.op == "call_module":
             m = mods[n.target]
             if _alias_module(m):

@@ -68,3 +68,18 @@ def test_grouping_gives_up_past_its_limits():
     with pytest.raises(GroupingError, match="takes <= 0 s"):
         channel_groups(m, (1, 28, 28), seconds=0)
     assert len(channel_groups(m, (1, 28, 28), max_indices=400).sizes) > 0
+
+
+def test_shufflenet_macs_count_the_channel_split():
+    """Issue 19: 9.04 M by the cost model vs 11.76 M by fvcore's conv + linear count; fvcore is right.
+    The trace lost the producer of the split's second half, so the cost model read the branch's
+    first 1x1 conv as taking the model's 3 input channels instead of 58."""
+    m = build_model("shufflenet_v2_x1_0", in_channels=3, num_classes=10)
+    table = hw_models.trace(m, (3, 64, 64), groups=False)
+    cost = hw_models.estimate_table(table, None, "arm-a72")
+    # one stride-1 block of stage 2 by hand (116 channels at 8 x 8): the split passes 58 channels
+    # through untouched and 58 to the branch, 1x1 58->58, depthwise 3x3, 1x1 58->58; the
+    # concatenation and the channel shuffle (view, transpose) multiply nothing
+    assert sum(l.macs for l in cost.layers if l.name.startswith("stage2.1.")) == 2 * 58 * 58 * 64 + 58 * 9 * 64
+    assert table["stage2.1.branch2.0"].in_channels == 58
+    assert cost.macs == table.macs == 11_755_872

@@ -118,7 +118,7 @@ class Cost:
         energy_mj: energy per inference.
         size_bytes: stored bytes (exact, see :mod:`compressors.packing`).
         peak_memory_bytes: largest live activation set.
-        macs: conv + linear multiply-accumulates.
+        macs: multiply-accumulates (conv, linear, and the functional matmuls of ``"other"`` ops).
         layers: per-op rows, execution order.
         target: target name.
         params: stored parameter elements (after pruning/decomposition, zeros included).
@@ -360,7 +360,6 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
                 op.zero_cost = op.alias = True
             else:
                 op.cls, op.elem_ops, op.alias = "elementwise", float(op.out_elems), single
-            op.extra_params = l.params
         elif l.kind in ("add", "mul"):
             op.cls, op.elem_ops = "elementwise", float(op.out_elems * max(1, len(l.inputs) - 1))
         elif l.kind == "pool":
@@ -371,10 +370,12 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
             op.cls, op.elem_ops = "copy", float(op.out_elems)
         elif l.kind == "flatten":
             op.alias = True
+        elif l.macs:  # a functional linear / matmul / attention: multiply-accumulates at full width
+            op.cls, op.macs = "linear", l.macs
         else:
             op.cls, op.elem_ops = "elementwise", float(op.out_elems)
+        if l.kind != "bn":  # parameters outside conv/linear/BN (activations, layer scales, embeddings): fp32
             op.extra_params = l.params
-        if l.kind != "bn":
             op.stored = 4 * op.extra_params
         ops.append(op)
     return ops, rename
@@ -464,6 +465,9 @@ def _op_terms(op: _Op, target: Target, in_bytes: float, out_bytes: float, act_bi
             terms.append(("efficiency.memory", t_a))
         return terms, e_pj, e_mem, int(round(moved)), level, cbits
     cbits = target.compute_width(act_bits)
+    if op.macs:  # a functional matmul or linear: no policy compresses it
+        terms.append(("efficiency." + str(op.cls), op.macs / (target.throughput_gmacs[cbits][op.cls] * 1e6)))
+        e_pj += op.macs * target.mac_energy_pj[cbits]
     if op.elem_ops:
         terms.append(("efficiency." + str(op.cls), op.elem_ops / (target.elementwise_gops[cbits] * 1e6)))
         e_pj += op.elem_ops * target.elementwise_energy_pj.get(cbits, 0.0)

@@ -83,3 +83,33 @@ def test_shufflenet_macs_count_the_channel_split():
     assert sum(l.macs for l in cost.layers if l.name.startswith("stage2.1.")) == 2 * 58 * 58 * 64 + 58 * 9 * 64
     assert table["stage2.1.branch2.0"].in_channels == 58
     assert cost.macs == table.macs == 11_755_872
+
+
+def _fvcore_macs(m: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    from fvcore.nn import FlopCountAnalysis
+
+    fca = FlopCountAnalysis(m.eval(), torch.zeros(1, *shape))
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return sum(v for k, v in fca.by_operator().items() if k in ("conv", "linear", "matmul", "einsum", "bmm", "addmm"))
+
+
+def _params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_attention_models_price_every_parameter_and_multiply_accumulate():
+    # swin's window attention is one function to torch.fx (F.linear on the module's weights, matmuls inside)
+    swin = torchvision.models.swin_t(weights=None)
+    cost = hw_models.estimate(swin, (3, 64, 64), "arm-a72")
+    assert cost.size_bytes == 4 * _params(swin)            # no BatchNorm: every parameter stored in fp32
+    assert cost.macs == _fvcore_macs(swin, (3, 64, 64))
+    # a ViT: class token, position embedding and nn.MultiheadAttention (a tuple-returning leaf)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=32, mlp_dim=64, num_classes=10)
+    cost = hw_models.estimate(vit, (3, 32, 32), "arm-a72")
+    assert cost.size_bytes == 4 * _params(vit)
+    # fvcore does not count the attention products (scores and weighted sum: 2 x 17 tokens^2 x 32 per layer)
+    assert cost.macs == _fvcore_macs(vit, (3, 32, 32)) + 2 * (2 * 17 * 17 * 32)
+    attention = next(l for l in cost.layers if l.name.endswith("layer_0.self_attention"))
+    # q, output projections 2 x 17 x 32^2, k and v 17 x (32 + 32) x 32, products 2 x 17^2 x 32
+    assert attention.macs == 2 * 17 * 32 * 32 + 17 * 64 * 32 + 2 * 17 * 17 * 32

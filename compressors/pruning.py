@@ -129,20 +129,23 @@ def _ignored(model: nn.Module, ignored: Iterable[str] | None) -> list[nn.Module]
     return [mods[n] for n in names if n in mods]
 
 
-#: Most channel indices one step of Torch-Pruning's group search may carry (see GroupingError).
-GROUP_INDEX_LIMIT = 1 << 20
-#: Most seconds :func:`channel_groups` may search (see GroupingError).
-GROUP_SECONDS_LIMIT = 60.0
+#: Most channel indices Torch-Pruning's search for one group may map (see GroupingError): 4x the
+#: most a torchvision classifier needs (densenet201: 532,224; vgg: 150,528), ~250 MB of indices.
+GROUP_INDEX_LIMIT = 1 << 21
+#: Most seconds :func:`channel_groups` may search (see GroupingError): ~5x the slowest torchvision
+#: classifier (densenet201: 16-25 s on a shared 2-core machine).
+GROUP_SECONDS_LIMIT = 120.0
 
 
 class GroupingError(RuntimeError):
     """Torch-Pruning cannot group a model's channels within the limits.
 
-    Its group search maps channel indices through every reshape on the way; the reshapes of
-    window attention (swin_t, maxvit_t) multiply them at each pass (swin_t at 64 px: 2, 64,
-    2048, 65536, 2**21, ... indices, 11 GB before the kernel killed it), so the search stops
-    when one step would carry more than ``GROUP_INDEX_LIMIT`` indices or runs past
-    ``GROUP_SECONDS_LIMIT`` seconds.
+    Its group search maps channel indices through every reshape on the way, and keeps them;
+    the reshapes of window attention multiply them at each pass (swin_t at 64 px: 2, 64, 2048,
+    65536, 2**21, ... indices, 11 GB before the kernel killed it) or pass ~100,000 of them
+    hundreds of times (maxvit_t: 3.4 GB after a minute). So the search stops when the indices
+    mapped for one group would exceed ``GROUP_INDEX_LIMIT`` (checked before a step allocates
+    them) or it runs past ``GROUP_SECONDS_LIMIT`` seconds.
     """
 
 
@@ -153,6 +156,11 @@ class _Budget:
         self.max_indices = max_indices
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
+        self.group_indices = 0   # mapped so far for the group being found
+
+    def next_group(self) -> None:
+        self.check_time()
+        self.group_indices = 0
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -161,9 +169,10 @@ class _Budget:
     def map(self, mapping: Callable[[list], list], idxs: list) -> list:
         # a forward flatten turns each index into `_stride` indices: check before they are allocated
         grow = 1 if getattr(mapping, "reverse", True) else getattr(mapping, "_stride", 1)
-        if len(idxs) * grow > self.max_indices:
-            raise GroupingError(f"`a channel group maps <= {self.max_indices:,} indices at once` must hold, "
-                                f"but got {len(idxs) * grow:,} (reshapes Torch-Pruning cannot follow)")
+        self.group_indices += len(idxs) * grow
+        if self.group_indices > self.max_indices:
+            raise GroupingError(f"`finding a channel group maps <= {self.max_indices:,} indices` must hold, "
+                                f"but it would map {self.group_indices:,} (reshapes Torch-Pruning cannot follow)")
         self.check_time()
         return mapping(idxs)
 
@@ -230,7 +239,7 @@ def _collect_groups(model: nn.Module, dg: Any, ignored: Iterable[str] | None, bu
     compressible = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored),
                                    root_module_types=(nn.Conv2d, nn.Linear)):
-        budget.check_time()
+        budget.next_group()
         root = group[0].dep.target.module
         gid = names[root]
         size = len(group[0].idxs)

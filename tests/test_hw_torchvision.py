@@ -3,8 +3,10 @@ grouping, a priced model whatever Torch-Pruning does."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +116,25 @@ def test_attention_models_price_every_parameter_and_multiply_accumulate():
     # q, output projections 2 x 17 x 32^2, k and v 17 x (32 + 32) x 32, products 2 x 17^2 x 32
     assert attention.macs == 2 * 17 * 32 * 32 + 17 * 64 * 32 + 2 * 17 * 17 * 32
 
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "price_torchvision", Path(__file__).resolve().parents[1] / "benchmarks" / "price_torchvision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_every_torchvision_classifier_is_priced_in_one_process():
+    """Issue 19: ``benchmarks/price_torchvision.py`` (BENCHMARKS.md has its table)."""
+    rows, summary = _benchmark().price_all(progress=print)
+    print(summary)
+    assert len(rows) == len(torchvision.models.list_models(module=torchvision.models)) >= 80
+    assert not summary["failures"], [(r["model"], r["error"]) for r in rows if "error" in r]
+    for r in rows:
+        assert r["latency_ms"] > 0 and r["energy_mj"] > 0 and r["size_bytes"] > 0, r
+        # 4 bytes per fp32 parameter, but a BatchNorm that folds into its conv is stored inside it
+        # (scale in the weights, shift in the bias: vgg11_bn is exactly 4 x (params - BN params))
+        assert r["size_bytes"] >= 4 * (r["params"] - r["bn_params"]), r
+    assert summary["peak_rss_mb"] < 4096, summary

@@ -39,7 +39,7 @@ BUDGETS = {"resnet20": "300kB", "mobilenet_v2": "2MB"}
 
 NOTES = """
 What ONNX Runtime does with a QDQ graph on this host (checked with each session's optimized graph,
-`SessionOptions.optimized_model_filepath`; `compressors.export.runtime_op_types` does the same):
+`SessionOptions.optimized_model_filepath`; `evaluators.export.runtime_op_types` does the same):
 
 - It fuses `DQ(input) + DQ(weight) -> Conv -> Q(output)` into `QLinearConv` (NHWC int8 kernels, with
   `Transpose` at the edges of each int8 region). A conv whose output goes to a float op (the

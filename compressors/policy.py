@@ -163,6 +163,16 @@ class Policy:
     def __hash__(self) -> int:  # dict field: hash the canonical JSON instead
         return hash(json.dumps(self.to_dict(), sort_keys=True))
 
+    @property
+    def prunes(self) -> bool:
+        """Whether the policy removes channels: a ``prune_ratio`` above 0 anywhere, or a global ratio.
+
+        Example:
+            >>> Policy().prunes, Policy().with_layer("fc", prune_ratio=0.5).prunes
+            (False, True)
+        """
+        return bool(self.pruning.global_ratio) or any(lp.prune_ratio > 0 for lp in self.layers.values())
+
     # -- lookup -----------------------------------------------------------------------------
     def for_layer(self, name: str) -> LayerPolicy:
         """The settings that apply to module ``name``."""

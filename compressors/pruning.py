@@ -17,9 +17,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import gc
 import math
+import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -47,20 +50,40 @@ class ChannelGroups:
     sizes: dict[str, int] = field(default_factory=dict)          # group id -> channels
 
     def group_ratio(self, group: str, policy: Policy) -> float:
-        for m in self.members[group]:
+        for m in self.members.get(group, ()):
             if m in policy.layers:
                 return policy.layers[m].prune_ratio
         return policy.for_layer(group).prune_ratio
 
     def kept(self, segments: Sequence[Segment], policy: Policy, round_to: int | None = None) -> int:
-        total = 0
-        for g, n, size in segments:
-            if g is None:
-                total += n
-            else:
-                k = kept_channels(size, self.group_ratio(g, policy), round_to or policy.pruning.round_to)
+        """Channels of ``segments`` that ``policy`` keeps (a group keeps ``n * k // size`` of its ``n``)."""
+        return self.kept_counter(policy, round_to)(segments)
+
+    def kept_counter(self, policy: Policy, round_to: int | None = None) -> Callable[[Sequence[Segment]], int]:
+        """:meth:`kept` under one policy, each group's count computed once (a cost model asks per op).
+
+        Example:
+            >>> cg = ChannelGroups(members={"conv": ["conv"]}, sizes={"conv": 16})
+            >>> kept = cg.kept_counter(Policy().with_layer("conv", prune_ratio=0.5))
+            >>> kept([("conv", 16, 16)]), kept([("conv", 32, 16), (None, 3, 3)])   # a flatten: 2 per channel
+            (8, 19)
+        """
+        round_to = round_to or policy.pruning.round_to
+        by_group: dict[str, int] = {}
+
+        def kept(segments: Sequence[Segment]) -> int:
+            total = 0
+            for g, n, size in segments:
+                if g is None:
+                    total += n
+                    continue
+                k = by_group.get(g)
+                if k is None:
+                    k = by_group[g] = kept_channels(size, self.group_ratio(g, policy), round_to)
                 total += n * k // size
-        return total
+            return total
+
+        return kept
 
     def to_dict(self) -> dict[str, Any]:
         return {"out_segments": self.out_segments, "in_segments": self.in_segments,
@@ -105,15 +128,117 @@ def _ignored(model: nn.Module, ignored: Iterable[str] | None) -> list[nn.Module]
     return [mods[n] for n in names if n in mods]
 
 
-def channel_groups(model: nn.Module, input_shape: Sequence[int], *,
-                   ignored: Iterable[str] | None = None, graph: Any = None) -> ChannelGroups:
-    """Find the channel groups of ``model`` (see :class:`ChannelGroups`)."""
+#: Most channel indices Torch-Pruning's search for one group may map (see GroupingError): 4x the
+#: most a torchvision classifier needs (densenet201: 532,224; vgg: 150,528), ~250 MB of indices.
+GROUP_INDEX_LIMIT = 1 << 21
+#: Most seconds :func:`channel_groups` may search (see GroupingError): ~5x the slowest torchvision
+#: classifier (densenet201: 16-25 s on a shared 2-core machine).
+GROUP_SECONDS_LIMIT = 120.0
+
+
+class GroupingError(RuntimeError):
+    """Torch-Pruning cannot group a model's channels within the limits.
+
+    Its group search maps channel indices through every reshape on the way, and keeps them;
+    the reshapes of window attention multiply them at each pass (swin_t at 64 px: 2, 64, 2048,
+    65536, 2**21, ... indices, 11 GB before the kernel killed it) or pass ~100,000 of them
+    hundreds of times (maxvit_t: 3.4 GB after a minute). So the search stops when the indices
+    mapped for one group would exceed ``GROUP_INDEX_LIMIT`` (checked before a step allocates
+    them) or it runs past ``GROUP_SECONDS_LIMIT`` seconds.
+    """
+
+
+class _Budget:
+    """The limits of one group search, checked at every index mapping Torch-Pruning applies."""
+
+    def __init__(self, max_indices: int, seconds: float) -> None:
+        self.max_indices = max_indices
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.group_indices = 0   # mapped so far for the group being found
+
+    def next_group(self) -> None:
+        self.check_time()
+        self.group_indices = 0
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise GroupingError(f"`finding channel groups takes <= {self.seconds:g} s` must hold, but it took longer")
+
+    def map(self, mapping: Callable[[list], list], idxs: list) -> list:
+        # a forward flatten turns each index into `_stride` indices: check before they are allocated
+        grow = 1 if getattr(mapping, "reverse", True) else getattr(mapping, "_stride", 1)
+        self.group_indices += len(idxs) * grow
+        if self.group_indices > self.max_indices:
+            raise GroupingError(f"`finding a channel group maps <= {self.max_indices:,} indices` must hold, "
+                                f"but it would map {self.group_indices:,} (reshapes Torch-Pruning cannot follow)")
+        self.check_time()
+        return mapping(idxs)
+
+
+class _BoundedMappings(list):
+    """One dependency's index mappings (Torch-Pruning iterates them in its group search), each
+    call checked by a :class:`_Budget`; ``plain()`` gives the list back."""
+
+    def __init__(self, mappings: list, budget: _Budget) -> None:
+        super().__init__(mappings)
+        self.budget = budget
+
+    def __iter__(self):
+        for m in super().__iter__():
+            yield None if m is None else functools.partial(self.budget.map, m)
+
+    def plain(self) -> list:
+        return list(super().__iter__())
+
+
+def _bound(graph: Any, budget: _Budget | None) -> None:
+    """Check every index mapping of ``graph`` against ``budget`` (``None``: stop checking)."""
+    for node in graph.module2node.values():
+        for dep in node.dependencies:
+            m = dep.index_mapping
+            dep.index_mapping = m.plain() if isinstance(m, _BoundedMappings) else m
+            if budget is not None:
+                dep.index_mapping = _BoundedMappings(dep.index_mapping, budget)
+
+
+def channel_groups(model: nn.Module, input_shape: Sequence[int], *, ignored: Iterable[str] | None = None,
+                   graph: Any = None, max_indices: int = GROUP_INDEX_LIMIT,
+                   seconds: float = GROUP_SECONDS_LIMIT) -> ChannelGroups:
+    """Find the channel groups of ``model`` (see :class:`ChannelGroups`).
+
+    Raises:
+        GroupingError: the search would carry more than ``max_indices`` channel indices in one
+            step or take more than ``seconds`` (models whose reshapes Torch-Pruning cannot follow).
+    """
+    budget = _Budget(max_indices, seconds)
     dg = graph if graph is not None else build_graph(model, input_shape)
+    _bound(dg, budget)
+    error: Exception | None = None
+    try:
+        cg = _collect_groups(model, dg, ignored, budget)
+    except Exception as e:  # noqa: BLE001 - raised again below, without the frames that hold the graph
+        error = e.with_traceback(None)
+    finally:
+        _bound(dg, None)
+    if graph is None:
+        # Torch-Pruning's graph is cyclic and holds the autograd graph of its example forward,
+        # saved activations included (80-140 MB for resnet50 / vit_b_16 at 224 px): free it now,
+        # not whenever the collector next runs
+        del dg
+        gc.collect()
+    if error is not None:
+        raise error
+    return cg
+
+
+def _collect_groups(model: nn.Module, dg: Any, ignored: Iterable[str] | None, budget: _Budget) -> ChannelGroups:
     names = {m: n for n, m in model.named_modules()}
     cg = ChannelGroups()
     compressible = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored),
                                    root_module_types=(nn.Conv2d, nn.Linear)):
+        budget.next_group()
         root = group[0].dep.target.module
         gid = names[root]
         size = len(group[0].idxs)

@@ -19,8 +19,16 @@ from __future__ import annotations
 
 from .calibrate import CalibrationRow, calibrate, cli_calibrate, evaluate, measure_host
 from .cost import Cost, CostModel, LayerCost, cost_model, estimate, estimate_table
-from .targets import (MemoryLevel, Target, TargetError, describe_target, get_target, list_targets, load_target,
-                      save_target)
+from .targets import (
+                      MemoryLevel,
+                      Target,
+                      TargetError,
+                      describe_target,
+                      get_target,
+                      list_targets,
+                      load_target,
+                      save_target,
+)
 from .trace import LayerSpec, LayerTable, trace
 
 __all__ = [

@@ -24,8 +24,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import csv
-import json
+import io
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -33,12 +34,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import onnxruntime as ort
+import torch
 
-from ..compressors.policy import Policy
-
+from ..compressors.apply import apply_policy_
+from ..compressors.policy import LayerPolicy, Policy
+from ..evaluators.models import build_model
 from .cost import coefficients, estimate_table, features
+from .nb201 import nb201_table
 from .targets import EFFICIENCY_CLASSES, Target, get_target, save_target
-from .trace import LayerTable
+from .trace import LayerTable, trace
 
 
 @dataclass(frozen=True)
@@ -80,13 +85,7 @@ class CalibrationRow:
 def table_for(model: str, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10) -> LayerTable:
     """Trace a model by name (``nb201:<arch_str>`` builds a NAS-Bench-201 network)."""
     if model.startswith("nb201:"):
-        from .nb201 import nb201_table
-
         return nb201_table(model[len("nb201:"):], num_classes, input_hw=int(input_shape[-1]))
-    from ..evaluators.models import build_model
-
-    from .trace import trace
-
     return trace(build_model(model, in_channels=int(input_shape[0]), num_classes=num_classes), tuple(input_shape))
 
 
@@ -94,7 +93,7 @@ def table_for(model: str, input_shape: Sequence[int] = (3, 32, 32), num_classes:
 
 def metrics(pred: Sequence[float], meas: Sequence[float]) -> dict[str, float]:
     """Spearman rank correlation, median absolute percentage error, share within +-20%."""
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # local: scipy.stats adds ~0.9 s to importing hw_models
 
     p = np.asarray(pred, float)
     m = np.asarray(meas, float)
@@ -122,7 +121,7 @@ def evaluate(target: "str | Target", rows: Sequence[CalibrationRow], *, energy: 
 def _fit_log_linear(F: np.ndarray, y: np.ndarray, theta0: np.ndarray, *, prior_weight: float,
                     lower: np.ndarray, upper: np.ndarray, f_scale: float = 0.1) -> np.ndarray:
     """min sum rho(log(F theta) - log y) + w * sum (log theta - log theta0)^2 over theta > 0."""
-    from scipy.optimize import least_squares
+    from scipy.optimize import least_squares  # local: ~0.4 s at import, only fitting needs it
 
     n = len(y)
     w = math.sqrt(prior_weight * n / max(1, F.shape[1]))
@@ -224,8 +223,6 @@ HOST_PRIOR_WEIGHT = 0.01
 
 def host_policies(seed: int = 0) -> list[Policy | None]:
     """Structural policies timed for the host profile: none, uniform pruning, low-rank."""
-    from ..compressors.policy import LayerPolicy
-
     return [None, Policy(layers={"_default": LayerPolicy(prune_ratio=0.5)}),
             Policy(layers={"_default": LayerPolicy(prune_ratio=0.25)}),
             Policy(layers={"_default": LayerPolicy(prune_ratio=0.25, rank_ratio=0.5)})]
@@ -233,8 +230,6 @@ def host_policies(seed: int = 0) -> list[Policy | None]:
 
 def _runner(model: Any, input_shape: Sequence[int], runtime: str) -> Callable[[], Any]:
     """A zero-argument callable running one batch-1 inference of ``model`` in ``runtime``."""
-    import torch
-
     x = torch.randn(1, *input_shape)
     if runtime == "torch":
         model = model.eval()
@@ -244,12 +239,6 @@ def _runner(model: Any, input_shape: Sequence[int], runtime: str) -> Callable[[]
                 return model(x)
         return run
     if runtime == "onnxruntime":
-        import io
-
-        try:
-            import onnxruntime as ort
-        except ImportError as e:  # pragma: no cover - a declared dependency
-            raise ImportError("measuring ONNX Runtime needs the 'onnxruntime' package") from e
         buf = io.BytesIO()
         torch.onnx.export(model.eval(), (x,), buf, input_names=["x"], output_names=["y"], opset_version=17,
                           dynamo=False)
@@ -281,8 +270,6 @@ def time_models(models: Sequence[Any], input_shape: Sequence[int], *, runtime: s
         >>> len(ms) == 1 and 0 < ms[0] < 1000
         True
     """
-    import torch
-
     if clock not in ("cpu", "wall"):
         raise ValueError(f"`clock in ('cpu', 'wall')` must hold, but got clock={clock!r}")
     if repeats < 1 or rounds < 1:
@@ -322,15 +309,6 @@ def host_instances(models: Sequence[str] = HOST_MODELS, *, input_shape: Sequence
     """``(name, policy, traced table, compressed module)`` for every model under every policy it
     takes (structure only: fake quantization is a training-time artefact, the deployable
     structure is what runs)."""
-    import copy
-
-    import torch
-
-    from ..compressors.apply import apply_policy_
-    from ..evaluators.models import build_model
-
-    from .trace import trace
-
     torch.manual_seed(seed)
     policies = list(policies) if policies is not None else [None]
     out = []
@@ -436,11 +414,6 @@ def cli_calibrate(target: str, measurements_csv: str | Path | None, out_path: st
                        prior_weight=HOST_PRIOR_WEIGHT if measurements_csv is None else 1e-3)
     path = save_target(fitted, out_path)
     return {"target": fitted.name, "from": get_target(target).name, "out_path": str(path), **fitted.calibration}
-
-
-def rows_to_json(rows: Sequence[CalibrationRow]) -> str:
-    return json.dumps([{"model": r.model, "latency_ms": r.latency_ms, "energy_mj": r.energy_mj,
-                        "input_shape": list(r.input_shape), "runtime": r.runtime} for r in rows], indent=1)
 
 
 __all__ = ["CalibrationRow", "calibrate", "evaluate", "metrics", "measure_host", "time_model", "cli_calibrate",

@@ -67,10 +67,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
+from ..compressors.coding import relative_index_estimate
+from ..compressors.lowrank import svd_rank
 from ..compressors.policy import LayerPolicy, Policy
-from ..compressors.pruning import kept_channels
-from .targets import Target, get_target
-from .trace import COMPRESSIBLE, LayerTable
+from ..compressors.pruning import ChannelGroups
+from ..compressors.sparsity import n_zero
+from .targets import EFFICIENCY_CLASSES, Target, get_target
+from .trace import COMPRESSIBLE, LayerTable, trace
 
 #: The schema of :meth:`Cost.to_dict` (``squeezer cost --json``).
 COST_SCHEMA = "squeezer.cost/2"
@@ -118,7 +121,7 @@ class Cost:
         energy_mj: energy per inference.
         size_bytes: stored bytes (exact, see :mod:`compressors.packing`).
         peak_memory_bytes: largest live activation set.
-        macs: conv + linear multiply-accumulates.
+        macs: multiply-accumulates (conv, linear, and the functional matmuls of ``"other"`` ops).
         layers: per-op rows, execution order.
         target: target name.
         params: stored parameter elements (after pruning/decomposition, zeros included).
@@ -169,8 +172,6 @@ def weight_storage_bytes(numel: int, out_channels: int, *, weight_bits: int | No
         scale: whether the fp32 per-channel scale is stored (not for unit-scale codebooks
             without a folded BatchNorm, see :func:`unit_scale`).
     """
-    from ..compressors.sparsity import n_zero
-
     nnz, bitmap = numel, 0
     if sparsity > 0:
         nnz = numel - n_zero(numel, sparsity)
@@ -287,39 +288,6 @@ class _Op:
         return self.out_channels * self.out_hw[0] * self.out_hw[1]
 
 
-class _Kept:
-    """Channels kept per segment list under a policy (``ChannelGroups.kept`` with a cache)."""
-
-    def __init__(self, table: LayerTable, policy: Policy) -> None:
-        self.members = table.group_members
-        self.sizes = table.group_sizes
-        self.policy = policy
-        self.cache: dict[str, int] = {}
-
-    def group_kept(self, g: str, size: int) -> int:
-        k = self.cache.get(g)
-        if k is None:
-            ratio = None
-            for m in self.members.get(g, ()):
-                if m in self.policy.layers:
-                    ratio = self.policy.layers[m].prune_ratio
-                    break
-            if ratio is None:
-                ratio = self.policy.for_layer(g).prune_ratio
-            k = kept_channels(size, ratio, self.policy.pruning.round_to)
-            self.cache[g] = k
-        return k
-
-    def __call__(self, segments: Sequence[tuple]) -> int:
-        total = 0
-        for g, n, size in segments:
-            if g is None:
-                total += n
-            else:
-                total += n * self.group_kept(g, size) // size
-        return total
-
-
 def _compute_class(kind: str, kernel: tuple[int, int], groups: int) -> str:
     if kind == "dwconv2d":
         return "dwconv"
@@ -330,9 +298,8 @@ def _compute_class(kind: str, kernel: tuple[int, int], groups: int) -> str:
 
 def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op], dict[str, str]]:
     """Ops as they run under ``policy`` (decomposition expanded), plus a rename map for inputs."""
-    kept = _Kept(table, policy)
-    from ..compressors.lowrank import svd_rank
-
+    # the pruning rule of compressors.pruning (one definition): the group's ratio, then kept_channels
+    kept = ChannelGroups(members=dict(table.group_members), sizes=dict(table.group_sizes)).kept_counter(policy)
     rename: dict[str, str] = {}
     consumers: dict[str, int] = {}
     for l in table:
@@ -397,7 +364,6 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
                 op.zero_cost = op.alias = True
             else:
                 op.cls, op.elem_ops, op.alias = "elementwise", float(op.out_elems), single
-            op.extra_params = l.params
         elif l.kind in ("add", "mul"):
             op.cls, op.elem_ops = "elementwise", float(op.out_elems * max(1, len(l.inputs) - 1))
         elif l.kind == "pool":
@@ -408,10 +374,12 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
             op.cls, op.elem_ops = "copy", float(op.out_elems)
         elif l.kind == "flatten":
             op.alias = True
+        elif l.macs:  # a functional linear / matmul / attention: multiply-accumulates at full width
+            op.cls, op.macs = "linear", l.macs
         else:
             op.cls, op.elem_ops = "elementwise", float(op.out_elems)
+        if l.kind != "bn":  # parameters outside conv/linear/BN (activations, layer scales, embeddings): fp32
             op.extra_params = l.params
-        if l.kind != "bn":
             op.stored = 4 * op.extra_params
         ops.append(op)
     return ops, rename
@@ -501,6 +469,9 @@ def _op_terms(op: _Op, target: Target, in_bytes: float, out_bytes: float, act_bi
             terms.append(("efficiency.memory", t_a))
         return terms, e_pj, e_mem, int(round(moved)), level, cbits
     cbits = target.compute_width(act_bits)
+    if op.macs:  # a functional matmul or linear: no policy compresses it
+        terms.append(("efficiency." + str(op.cls), op.macs / (target.throughput_gmacs[cbits][op.cls] * 1e6)))
+        e_pj += op.macs * target.mac_energy_pj[cbits]
     if op.elem_ops:
         terms.append(("efficiency." + str(op.cls), op.elem_ops / (target.elementwise_gops[cbits] * 1e6)))
         e_pj += op.elem_ops * target.elementwise_energy_pj.get(cbits, 0.0)
@@ -514,8 +485,6 @@ def _op_terms(op: _Op, target: Target, in_bytes: float, out_bytes: float, act_bi
 def coefficients(target: Target) -> dict[str, float]:
     """The fitted parameters as linear coefficients: ``overhead_us.<kind>`` (us) and ``efficiency.<cls>`` (1/eff)."""
     c = {f"overhead_us.{k}": float(v) for k, v in target.overhead_us.items()}
-    from .targets import EFFICIENCY_CLASSES
-
     for cls in EFFICIENCY_CLASSES:
         c[f"efficiency.{cls}"] = 1.0 / target.eff(cls)
     return c
@@ -640,9 +609,6 @@ def _huffman_estimate(numel: int, out_channels: int, bits: int, sparsity: float,
     """Entropy estimate of a Huffman-coded tensor (:func:`compressors.coding.encode_tensor` layout:
     10-byte header, one length byte per symbol of the span, the bit stream); a sparse tensor's
     positions as Huffman-coded relative indices (:func:`compressors.coding.relative_index_estimate`)."""
-    from ..compressors.coding import relative_index_estimate
-    from ..compressors.sparsity import n_zero
-
     nnz = numel - n_zero(numel, sparsity) if sparsity > 0 else numel
     bitmap = relative_index_estimate(numel, nnz) if sparsity > 0 else 0
     span = codebook if codebook else 2 ** bits
@@ -774,12 +740,12 @@ def estimate(model: Any, input_shape: Sequence[int] = (3, 224, 224), target: "st
              policy: Policy | None = None) -> Cost:
     """Trace ``model`` and estimate its cost on ``target`` under ``policy``.
 
+    Channel groups (Torch-Pruning) are found only when ``policy`` prunes: pricing needs none.
+
     Example:
         >>> from squeezer.evaluators.models import build_model
         >>> c = estimate(build_model("resnet20", in_channels=3, num_classes=10), (3, 32, 32), "arm")
         >>> c.macs
         40813184
     """
-    from .trace import trace
-
-    return estimate_table(trace(model, input_shape), policy, target)
+    return estimate_table(trace(model, input_shape, groups=policy is not None and policy.prunes), policy, target)

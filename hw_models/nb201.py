@@ -32,6 +32,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .trace import trace
+
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
 DEAD_MODES = ("drop", "fold", "keep")
@@ -226,23 +228,12 @@ _TABLE_CACHE: dict[tuple, object] = {}
 
 def nb201_table(arch: str | Sequence, num_classes: int = 10, *, dead: str = "drop", input_hw: int = 32):
     """The traced :class:`~hw_models.trace.LayerTable` of a NAS-Bench-201 network (cached per arch)."""
-    from .trace import trace
-
     ops = parse_arch(arch)
     if dead != "keep":  # architectures with the same live edges run the same graph
         ops = tuple(o if live else "none" for o, live in zip(ops, live_edges(ops, dead)))
     key = (ops, num_classes, dead, input_hw)
     t = _TABLE_CACHE.get(key)
     if t is None:
-        t = trace(build_nb201(ops, num_classes, dead=dead), (3, input_hw, input_hw), groups=_NoGroups())
+        t = trace(build_nb201(ops, num_classes, dead=dead), (3, input_hw, input_hw), groups=False)
         _TABLE_CACHE[key] = t
     return t
-
-
-class _NoGroups:
-    """Channel groups stub: NB201 tables are only costed, never pruned (skips Torch-Pruning)."""
-
-    out_segments: dict = {}
-    in_segments: dict = {}
-    members: dict = {}
-    sizes: dict = {}

@@ -21,11 +21,16 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
+
+import yaml
+
+from ..compressors.registry import UnknownNameError
 
 TARGETS_DIR = Path(__file__).resolve().parent / "targets"
 
@@ -334,8 +339,6 @@ def _target_files() -> dict[str, Path]:
 
 @lru_cache(maxsize=64)
 def _load_file(path: str, mtime: float) -> Target:
-    import yaml
-
     p = Path(path)
     try:
         d = yaml.safe_load(p.read_text())
@@ -387,15 +390,11 @@ def get_target(name_or_path: "str | Path | Target") -> Target:
         return load_target(files[aliases[s]])
     if s.endswith((".yaml", ".yml")) or "/" in s or Path(s).is_file():
         return load_target(s)
-    from ..compressors.registry import UnknownNameError
-
     raise UnknownNameError(_did_you_mean(s, list(files) + list(aliases), "target"))
 
 
 def _did_you_mean(name: str, known: list[str], kind: str) -> str:
     """Like ``compressors.registry.did_you_mean``, preferring a transposition (``a27`` -> ``a72``)."""
-    import difflib
-
     scored = sorted(((difflib.SequenceMatcher(None, name, k).ratio(), sorted(k) == sorted(name), k) for k in known),
                     key=lambda x: (-x[0] - (0.5 if x[1] else 0.0), x[2]))
     hint = f"; did you mean {scored[0][2]!r}?" if scored and (scored[0][0] >= 0.5 or scored[0][1]) else ""
@@ -404,8 +403,6 @@ def _did_you_mean(name: str, known: list[str], kind: str) -> str:
 
 def save_target(target: Target, path: str | Path) -> Path:
     """Write ``target`` as YAML (loadable with :func:`get_target`)."""
-    import yaml
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     chunks = []

@@ -5,7 +5,11 @@ the memory-bound ops around them (batch norm, activations, pooling, element-wise
 multiplies, concatenation, flatten/view), with their shapes, multiply-accumulates, producers
 (for liveness / peak memory) and, for conv/linear, the channel segments of
 :func:`compressors.pruning.channel_groups`, so that a cost model can predict the shapes of any
-structured-pruning policy without tracing again.
+structured-pruning policy without tracing again. Ops the table cannot price from shapes alone
+(a functional linear or matmul, attention, any other function) are kind ``"other"`` with the
+multiply-accumulates ``torch.utils.flop_counter`` counts while they run; parameters read
+outside their module (layer scales, position embeddings, the weights of a functional linear)
+belong to the first op that reads them.
 
 Tracing uses ``torch.fx`` symbolic tracing plus shape propagation on a zero input; models that
 FX cannot trace (data-dependent control flow) fall back to forward hooks on leaf modules, which
@@ -22,10 +26,19 @@ Example:
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..compressors.pruning import ChannelGroups, channel_groups
+from ..compressors.registry import UnknownNameError, did_you_mean
 
 Segment = tuple  # (group id | None, channels, group size), as compressors.pruning.Segment
 
@@ -50,8 +63,8 @@ class LayerSpec:
         groups: conv groups (1 otherwise).
         in_hw: spatial size of the input (tokens for a linear on 3-D input, ``(1, 1)`` if none).
         out_hw: spatial size of the output.
-        macs: multiply-accumulates (conv and linear only; 0 for other ops).
-        params: parameter elements of the module (weights, bias, affine).
+        macs: multiply-accumulates (conv, linear and ``"other"`` ops; 0 for memory-bound ops).
+        params: parameter elements of the module (weights, bias, affine), or that the op reads.
         bias: whether the conv/linear has a bias.
         inputs: producer names of the tensor inputs (``"input"`` = the model input).
         out_segments: channel segments of the output (see ``compressors.pruning``); for
@@ -154,7 +167,6 @@ class LayerTable:
             try:
                 return self.layers[self._index[key]]  # type: ignore[attr-defined]
             except KeyError:
-                from ..compressors.registry import UnknownNameError, did_you_mean
                 raise UnknownNameError(did_you_mean(key, list(self._index), "layer")) from None  # type: ignore[attr-defined]
         return self.layers[key]
 
@@ -175,8 +187,6 @@ class LayerTable:
 
     def channel_groups(self):
         """A :class:`compressors.pruning.ChannelGroups` view (for ``kept`` channel counts)."""
-        from ..compressors.pruning import ChannelGroups
-
         return ChannelGroups(out_segments={l.name: [tuple(s) for s in l.out_segments] for l in self.layers},
                              in_segments={l.name: [tuple(s) for s in l.in_segments] for l in self.layers},
                              members={g: list(m) for g, m in self.group_members.items()},
@@ -198,23 +208,18 @@ class LayerTable:
 
 # --- classification of ops -----------------------------------------------------------------
 
-def _module_kinds():
-    from torch import nn
-
-    return [
-        ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "bn"),
-        ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
-          nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Mish, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus,
-          nn.LocalResponseNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d), "act"),
-        ((nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d), "pool"),
-        ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), "gap"),
-        ((nn.Flatten, nn.Unflatten), "flatten"),
-    ]
+_MODULE_KINDS = [
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "bn"),
+    ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+      nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Mish, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus,
+      nn.LocalResponseNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d), "act"),
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d), "pool"),
+    ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), "gap"),
+    ((nn.Flatten, nn.Unflatten), "flatten"),
+]
 
 
 def _alias_module(m: Any) -> bool:
-    from torch import nn
-
     return isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout))
 
 
@@ -229,6 +234,11 @@ _ACT_FNS = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "hardswis
 _POOL_FNS = {"max_pool2d", "avg_pool2d", "max_pool1d", "avg_pool1d"}
 _GAP_FNS = {"adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool1d", "mean", "amax", "sum"}
 _ALIAS_FNS = {"dropout", "identity", "clone", "detach", "float", "to"}
+#: Functions the table prices from shapes (every other function: multiply-accumulates as counted).
+_KNOWN_FNS = (_ADD_FNS | _MUL_FNS | _CAT_FNS | _VIEW_FNS | _ACT_FNS | _POOL_FNS | _GAP_FNS | _ALIAS_FNS
+              | {"getitem"})
+#: Modules the table prices from shapes.
+_PRICED_MODULES = (nn.modules.conv._ConvNd, nn.Linear, *(types for types, _ in _MODULE_KINDS))
 
 
 def _fn_name(target: Any) -> str:
@@ -287,14 +297,18 @@ def _module_params(m: Any) -> int:
 
 # --- the tracer ------------------------------------------------------------------------------
 
-def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any = None) -> LayerTable:
+def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *,
+          groups: ChannelGroups | bool = True) -> LayerTable:
     """Trace ``model`` into a :class:`LayerTable` (batch 1, ``input_shape = (C, H, W)``).
 
     Args:
         model: an ``nn.Module`` (not modified; run in eval mode on a zero input).
         input_shape: one input's shape, without the batch dimension.
-        groups: a precomputed :class:`compressors.pruning.ChannelGroups` (skips the
-            dependency-graph build).
+        groups: the channel groups through which a pruning policy changes the estimated
+            shapes. ``True`` finds them (:func:`compressors.pruning.channel_groups`, bounded in
+            time and memory; a model it cannot group is traced without them, with one warning);
+            ``False`` skips them (pricing without pruning needs none: prune ratios then change
+            nothing); or precomputed :class:`compressors.pruning.ChannelGroups`.
 
     Returns:
         The layer table, in execution order.
@@ -304,13 +318,13 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
         >>> len(trace(build_model("lenet5", in_channels=1, num_classes=10), (1, 28, 28))) > 5
         True
     """
-    import torch
-
     input_shape = tuple(int(x) for x in input_shape)
     if len(input_shape) < 1 or any(x <= 0 for x in input_shape):
         raise ValueError(f"`input_shape` of positive (C, H, W) must hold, but got input_shape={input_shape}")
-    if groups is None:
+    if groups is True:
         groups = _groups_or_none(model, input_shape)
+    elif groups is False:
+        groups = None
     was_training = model.training
     model.eval()
     try:
@@ -319,7 +333,7 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
                 rows, outputs = _trace_fx(model, input_shape)
                 method = "fx"
             except Exception as e:  # noqa: BLE001 - any FX failure: fall back to hooks
-                warnings.warn(f"torch.fx could not trace {type(model).__name__} ({str(e).splitlines()[0][:120]}); "
+                warnings.warn(f"torch.fx could not trace {type(model).__name__} ({_first_line(e)}); "
                               "tracing with module hooks (functional adds/concats are not seen)", stacklevel=2)
                 rows, outputs = _trace_hooks(model, input_shape)
                 method = "hooks"
@@ -332,15 +346,24 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
                       group_members=members, group_sizes=sizes, method=method)
 
 
-def _groups_or_none(model: Any, input_shape: tuple[int, ...]):
+def _groups_or_none(model: Any, input_shape: tuple[int, ...]) -> ChannelGroups | None:
+    """The model's channel groups, or ``None`` and one warning line, whatever the failure."""
     try:
-        from ..compressors.pruning import channel_groups
-
-        return channel_groups(model, input_shape)
-    except Exception as e:  # noqa: BLE001 - a model Torch-Pruning cannot analyse is still costed
-        warnings.warn(f"channel groups unavailable for {type(model).__name__} ({str(e).splitlines()[0][:120]}); "
-                      "pruning policies will not change its estimated shapes", stacklevel=3)
+        with warnings.catch_warnings():
+            # Torch-Pruning's own notes (unwrapped parameters, recursion depth) are noise to a
+            # price: the one line below says what matters
+            warnings.simplefilter("ignore")
+            return channel_groups(model, input_shape)
+    except Exception as e:  # noqa: BLE001 - out of memory or a Torch-Pruning error: the model is still priced
+        warnings.warn(f"no channel groups for {type(model).__name__} ({_first_line(e)}); priced unpruned: "
+                      "prune ratios do not change its estimate", stacklevel=3)
         return None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """``"Type: first line of the message"`` (a MemoryError's message is empty)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:limit]
 
 
 class _Row(dict):
@@ -348,9 +371,6 @@ class _Row(dict):
 
 
 def _make_tracer():
-    import torch.fx as fx
-    from torch import nn
-
     leaf_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.MultiheadAttention)
 
     class _Tracer(fx.Tracer):
@@ -362,131 +382,231 @@ def _make_tracer():
     return _Tracer()
 
 
-def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], list[str]]:
-    import torch
-    import torch.fx as fx
-    from torch import nn
+def _meta(value: Any) -> Any:
+    """``value`` with every tensor (also inside a tuple or list) replaced by a meta tensor: its
+    shape and dtype without storage."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_meta(v) for v in value)
+    return value
 
-    tracer = _make_tracer()
-    graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph)
+
+def _propagate_shapes(gm: fx.GraphModule, model: Any, input_shape: tuple[int, ...],
+                      count: Callable[[fx.Node], bool]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Every node's value on a zero input, as meta tensors, and the multiply-accumulates torch
+    counts (``torch.utils.flop_counter``) in the nodes ``count`` selects.
+
+    Meta tensors because the table needs only shapes: keeping every activation alive to the end
+    cost 372 MB above the model for efficientnet_v2_s at 384 px (66 MB with meta tensors: one
+    forward's working set).
+    """
     shapes: dict[str, Any] = {}
+    macs: dict[str, int] = {}
 
     class _Prop(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
-            r = super().run_node(n)
-            shapes[n.name] = r
+            if not count(n):
+                r = super().run_node(n)
+            else:
+                with FlopCounterMode(display=False) as flops:
+                    r = super().run_node(n)
+                macs[n.name] = flops.get_total_flops() // 2
+            shapes[n.name] = _meta(r)
             return r
 
     p = next(model.parameters(), None)
     x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu",
                     dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
     _Prop(gm).run(x)
+    return shapes, macs
 
-    mods = dict(model.named_modules())
-    kinds = _module_kinds()
-    rows: list[_Row] = []
-    producer: dict[str, str] = {}      # fx node name -> producing row name (aliases resolved)
-    used_names: dict[str, int] = {}
-    outputs: list[str] = []
 
-    def tensor_inputs(n: fx.Node) -> list[fx.Node]:
-        found: list[fx.Node] = []
+def _trace_fx(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], list[str]]:
+    return _FxRows(model, input_shape).rows()
 
-        def visit(a: fx.Node) -> fx.Node:
-            if isinstance(shapes.get(a.name), torch.Tensor) and a not in found:
-                found.append(a)
-            return a
 
-        fx.node.map_arg((n.args, n.kwargs), visit)  # every Node in nested args, in order
-        return found
+def _arg_nodes(args: Any) -> list[fx.Node]:
+    """Every node in (nested) ``args``, in order."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(args, found.append)
+    return found
 
-    def unique(name: str) -> str:
-        k = used_names.get(name, 0)
-        used_names[name] = k + 1
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """``value`` if a tensor, else the first tensor of a tuple (the parts of a chunk or split, a
+    module's (output, weights)), else ``None``."""
+    if isinstance(value, tuple):
+        value = next((v for v in value if isinstance(v, torch.Tensor)), None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+class _FxRows:
+    """The rows of a model's FX graph: module calls and functional ops, in execution order."""
+
+    def __init__(self, model: Any, input_shape: tuple[int, ...]) -> None:
+        tracer = _make_tracer()
+        self.graph = tracer.trace(model)
+        self.mods = dict(model.named_modules())
+        self.shapes, self.macs = _propagate_shapes(fx.GraphModule(tracer.root, self.graph), model, input_shape,
+                                                   self.counted)
+        self.input_shape = input_shape
+        self.params = _ParamLedger(model, self.graph, self.mods)
+        self.producer: dict[str, str] = {}      # fx node name -> producing row name (aliases resolved)
+        self.used_names: dict[str, int] = {}
+
+    def rows(self) -> tuple[list[_Row], list[str]]:
+        rows: list[_Row] = []
+        outputs: list[str] = []
+        for n in self.graph.nodes:
+            held = self.params.take(n)
+            if n.op == "output":
+                outputs += [self.producer[a.name] for a in _arg_nodes(n.args) if a.name in self.producer]
+                continue
+            row = self.row(n)
+            if row is None:
+                self.params.pass_on(n, held)
+                continue
+            row["params"] = row.get("params", 0) + held
+            rows.append(row)
+            self.producer[n.name] = row["name"]
+        _mark_bn_folding(rows)
+        return rows, outputs
+
+    def row(self, n: fx.Node) -> _Row | None:
+        """``n``'s row, or ``None`` for a node that makes none (its producer recorded if it passes one on)."""
+        if n.op == "placeholder":
+            self.producer[n.name] = "input"
+            return None
+        if n.op == "get_attr":
+            self.params.read(n)
+            return None
+        out = self.shapes.get(n.name)
+        if not isinstance(out, torch.Tensor):
+            if n.op != "call_module" or _first_tensor(out) is None:
+                self.alias(n, self.tensor_inputs(n))  # sizes, the parts of a split: getitem reads them
+                return None
+            out = _first_tensor(out)  # a module returning a tuple (MultiheadAttention): its output
+        ins = [i for i in self.tensor_inputs(n) if i.name in self.producer]
+        row = self.base_row(ins, out)
+        if n.op == "call_module":
+            m = self.mods[n.target]
+            if _alias_module(m):
+                self.alias(n, ins)
+                return None
+            row.update(_module_row(m, out, row["in_shapes"]))
+            if row["kind"] == "other" and not row.get("macs"):
+                row["macs"] = self.macs.get(n.name, 0)
+            row["name"] = self.unique(str(n.target))
+            return row
+        fn = _fn_name(n.target)
+        if fn in _ALIAS_FNS or fn == "getitem":
+            self.alias(n, ins)
+            if fn != "getitem" or not ins:
+                return None
+            row.update(kind="flatten", module_type=fn)  # a slice of a tuple (chunk/split) or of a tensor: a view
+        else:
+            row.update(_function_row(fn, n, len(ins), out))
+            if row["kind"] == "other":
+                row["macs"] = self.macs.get(n.name, 0) or _sdpa_macs(fn, n, self.shapes)
+        row["name"] = self.unique(n.name)
+        return row
+
+    def counted(self, n: fx.Node) -> bool:
+        """Whether torch counts ``n``'s multiply-accumulates: a row of kind "other" with no formula."""
+        if n.op == "call_module":
+            m = self.mods[n.target]
+            # not MultiheadAttention either: under the counter its kernel leaves ~24 MB of heap
+            # behind per call (vit_h_14 at 518 px peaked 1.75 GB higher)
+            return not isinstance(m, (*_PRICED_MODULES, nn.MultiheadAttention)) and not _alias_module(m)
+        return n.op in ("call_function", "call_method") and _fn_name(n.target) not in _KNOWN_FNS
+
+    def shape_of(self, a: fx.Node) -> tuple[int, ...] | None:
+        t = _first_tensor(self.shapes.get(a.name))  # a split's parts: the shape its getitem reads
+        return tuple(t.shape) if t is not None else None
+
+    def tensor_inputs(self, n: fx.Node) -> list[fx.Node]:
+        return list(dict.fromkeys(a for a in _arg_nodes((n.args, n.kwargs)) if self.shape_of(a) is not None))
+
+    def base_row(self, ins: list[fx.Node], out: torch.Tensor) -> _Row:
+        in_shapes = [self.shape_of(i) for i in ins]
+        c_in, hw_in = _shape_info(in_shapes[0] if ins else (1, *self.input_shape))
+        c_out, hw_out = _shape_info(tuple(out.shape))
+        return _Row(in_channels=c_in, out_channels=c_out, in_hw=hw_in, out_hw=hw_out,
+                    inputs=tuple(dict.fromkeys(self.producer[i.name] for i in ins)), in_shapes=in_shapes,
+                    out_shape=tuple(out.shape))
+
+    def alias(self, n: fx.Node, ins: list[fx.Node]) -> None:
+        """``n`` passes its first input's tensor on (no row of its own)."""
+        if ins and ins[0].name in self.producer:
+            self.producer[n.name] = self.producer[ins[0].name]
+
+    def unique(self, name: str) -> str:
+        k = self.used_names.get(name, 0)
+        self.used_names[name] = k + 1
         return name if k == 0 else f"{name}:{k}"
 
-    for n in graph.nodes:
-        out = shapes.get(n.name)
-        if n.op == "placeholder":
-            producer[n.name] = "input"
-            continue
-        if n.op == "output":
-            def collect(a: fx.Node) -> fx.Node:
-                if a.name in producer:
-                    outputs.append(producer[a.name])
-                return a
 
-            fx.node.map_arg(n.args, collect)
-            continue
-        if not isinstance(out, torch.Tensor):
-            # non-tensor (sizes, tuples from split/chunk): remember the producer for getitem
-            ins = tensor_inputs(n)
-            if ins and ins[0].name in producer:
-                producer[n.name] = producer[ins[0].name]
-            continue
-        ins = [i for i in tensor_inputs(n) if i.name in producer]
-        in_names = tuple(dict.fromkeys(producer[i.name] for i in ins))
-        in_shape = tuple(shapes[ins[0].name].shape) if ins else (1, *input_shape)
-        c_in, hw_in = _shape_info(in_shape)
-        c_out, hw_out = _shape_info(tuple(out.shape))
-        row = _Row(in_channels=c_in, out_channels=c_out, in_hw=hw_in, out_hw=hw_out, inputs=in_names,
-                   in_shapes=[tuple(shapes[i.name].shape) for i in ins], out_shape=tuple(out.shape))
-        if n.op == "call_module":
-            m = mods[n.target]
-            if _alias_module(m):
-                if ins:
-                    producer[n.name] = producer[ins[0].name]
-                continue
-            row.update(_module_row(m, str(n.target), out, in_shape, kinds))
-            row["name"] = unique(str(n.target))
-        elif n.op in ("call_function", "call_method"):
-            fn = _fn_name(n.target)
-            n_tensor_args = len(ins)
-            if fn in _ALIAS_FNS or fn == "getitem":
-                if ins:
-                    producer[n.name] = producer[ins[0].name]
-                    if fn == "getitem":  # a slice of a tuple (chunk/split) or of a tensor: a view
-                        row.update(kind="flatten", module_type=fn)
-                        row["name"] = unique(n.name)
-                        rows.append(row)
-                        producer[n.name] = row["name"]
-                continue
-            if fn in _ADD_FNS:
-                kind = "add" if n_tensor_args >= 2 else "act"
-            elif fn in _MUL_FNS:
-                kind = "mul" if n_tensor_args >= 2 else "act"
-            elif fn in _CAT_FNS:
-                kind = "concat"
-            elif fn in _VIEW_FNS:
-                kind = "flatten"
-            elif fn in _POOL_FNS:
-                kind = "pool"
-                ks = n.kwargs.get("kernel_size", n.args[1] if len(n.args) > 1 else 1)
-                st = n.kwargs.get("stride", n.args[2] if len(n.args) > 2 else None) or ks
-                row.update(kernel=_pair(ks), stride=_pair(st))
-            elif fn in _GAP_FNS:
-                kind = "gap" if hw_out == (1, 1) or out.dim() <= 2 else "pool"
-            elif fn in _ACT_FNS:
-                kind = "act"
-            elif fn in ("linear", "conv2d", "matmul", "bmm", "addmm"):
-                kind = "other"  # functional weights: not compressible by a policy
-            else:
-                kind = "other"
-            row.update(kind=kind, module_type=fn)
-            row["name"] = unique(n.name)
-        else:  # get_attr
-            continue
-        rows.append(row)
-        producer[n.name] = row["name"]
+class _ParamLedger:
+    """Parameters that ops read through ``get_attr`` (layer scales, position embeddings, the
+    weights of a functional linear in attention) rather than by calling their module: each is
+    counted once, in the first row that reads it (directly or through ops that make no row)."""
 
-    _mark_bn_folding(rows)
-    return rows, outputs
+    def __init__(self, model: Any, graph: fx.Graph, mods: Mapping[str, Any]) -> None:
+        called = {id(p) for n in graph.nodes if n.op == "call_module" for p in mods[n.target].parameters()}
+        self.params = {k: p for k, p in model.named_parameters(remove_duplicate=False) if id(p) not in called}
+        self.seen: set[int] = set()
+        self.pending: dict[str, int] = {}   # node -> parameter elements it holds that no row has yet
+
+    def read(self, n: fx.Node) -> None:
+        p = self.params.get(str(n.target))
+        if p is not None and id(p) not in self.seen:
+            self.seen.add(id(p))
+            self.pending[n.name] = p.numel()
+
+    def take(self, n: fx.Node) -> int:
+        """The pending parameter elements among ``n``'s arguments."""
+        return sum(self.pending.pop(a.name, 0) for a in _arg_nodes((n.args, n.kwargs)))
+
+    def pass_on(self, n: fx.Node, held: int) -> None:
+        if held:
+            self.pending[n.name] = held
 
 
-def _module_row(m: Any, fqn: str, out: Any, in_shape: tuple[int, ...], kinds: list) -> dict[str, Any]:
-    from torch import nn
+def _function_row(fn: str, n: fx.Node, n_inputs: int, out: torch.Tensor) -> dict[str, Any]:
+    """Kind (and pooling window) of a functional op."""
+    if fn in _ADD_FNS:
+        return {"kind": "add" if n_inputs >= 2 else "act", "module_type": fn}
+    if fn in _MUL_FNS:
+        return {"kind": "mul" if n_inputs >= 2 else "act", "module_type": fn}
+    if fn in _CAT_FNS:
+        return {"kind": "concat", "module_type": fn}
+    if fn in _VIEW_FNS:
+        return {"kind": "flatten", "module_type": fn}
+    if fn in _POOL_FNS:
+        ks = n.kwargs.get("kernel_size", n.args[1] if len(n.args) > 1 else 1)
+        st = n.kwargs.get("stride", n.args[2] if len(n.args) > 2 else None) or ks
+        return {"kind": "pool", "module_type": fn, "kernel": _pair(ks), "stride": _pair(st)}
+    if fn in _GAP_FNS:
+        _, hw_out = _shape_info(tuple(out.shape))
+        return {"kind": "gap" if hw_out == (1, 1) or out.dim() <= 2 else "pool", "module_type": fn}
+    if fn in _ACT_FNS:
+        return {"kind": "act", "module_type": fn}
+    # a functional linear, matmul or attention: its weights are not compressible by a policy
+    return {"kind": "other", "module_type": fn}
 
+
+def _sdpa_macs(fn: str, n: fx.Node, shapes: Mapping[str, Any]) -> int:
+    """Scaled dot-product attention's two products: torch's flop counter does not see its CPU kernel."""
+    if fn != "scaled_dot_product_attention" or len(n.args) < 3:
+        return 0
+    q, k, v = (shapes.get(a.name) if isinstance(a, fx.Node) else None for a in n.args[:3])
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return 0
+    return math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+def _module_row(m: Any, out: Any, in_shapes: Sequence[tuple[int, ...]] = ()) -> dict[str, Any]:
     r: dict[str, Any] = {"module_type": type(m).__name__.replace("Parametrized", ""), "params": _module_params(m)}
     if isinstance(m, nn.modules.conv._ConvNd):
         w_shape = tuple(m.weight.shape)
@@ -501,12 +621,14 @@ def _module_row(m: Any, fqn: str, out: Any, in_shape: tuple[int, ...], kinds: li
                  padding=_pair(m.padding) if not isinstance(m.padding, str) else (kh // 2, kw // 2),
                  macs=int(out.shape[1]) * out_spatial * per_out, bias=m.bias is not None)
         return r
+    if isinstance(m, nn.MultiheadAttention):
+        return {**r, "kind": "other", "macs": _attention_macs(m, in_shapes, out)}
     if isinstance(m, nn.Linear):
         tokens = out.numel() // m.out_features
         r.update(kind="linear", macs=tokens * m.in_features * m.out_features, bias=m.bias is not None,
                  in_channels=m.in_features, out_channels=m.out_features, in_hw=(tokens, 1), out_hw=(tokens, 1))
         return r
-    for types, kind in kinds:
+    for types, kind in _MODULE_KINDS:
         if isinstance(m, types):
             r["kind"] = kind
             break
@@ -517,6 +639,16 @@ def _module_row(m: Any, fqn: str, out: Any, in_shape: tuple[int, ...], kinds: li
     if r["kind"] == "gap" and out.dim() > 2 and tuple(out.shape[2:]) != (1,) * (out.dim() - 2):
         r["kind"] = "pool"
     return r
+
+
+def _attention_macs(m: nn.MultiheadAttention, in_shapes: Sequence[tuple[int, ...]], out: torch.Tensor) -> int:
+    """One MultiheadAttention call: the q, k, v and output projections and the two products
+    (scores, weighted sum) over all heads."""
+    e = m.embed_dim
+    lq = out.numel() // e
+    key = in_shapes[1] if len(in_shapes) > 1 else in_shapes[0] if in_shapes else tuple(out.shape)
+    lk = math.prod(key) // m.kdim
+    return 2 * lq * e * e + lk * (m.kdim + m.vdim) * e + 2 * lq * lk * e
 
 
 def _mark_bn_folding(rows: list[_Row]) -> None:
@@ -537,10 +669,6 @@ def _mark_bn_folding(rows: list[_Row]) -> None:
 
 def _trace_hooks(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], list[str]]:
     """Fallback: record leaf modules in call order; producers matched by tensor identity."""
-    import torch
-    from torch import nn
-
-    kinds = _module_kinds()
     rows: list[_Row] = []
     made_by: dict[int, str] = {}
     used: dict[str, int] = {}
@@ -562,7 +690,7 @@ def _trace_hooks(model: Any, input_shape: tuple[int, ...]) -> tuple[list[_Row], 
             used[name] = k + 1
             row = _Row(in_channels=c_in, out_channels=c_out, in_hw=hw_in, out_hw=hw_out, inputs=(prod,),
                        in_shapes=[in_shape], out_shape=tuple(out.shape))
-            row.update(_module_row(m, name, out, in_shape, kinds))
+            row.update(_module_row(m, out))
             row["name"] = name if k == 0 else f"{name}:{k}"
             rows.append(row)
             made_by[id(out)] = row["name"]

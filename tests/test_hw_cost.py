@@ -62,7 +62,8 @@ def test_trace_hooks_fallback_for_untraceable_models():
     assert t.macs == 8 * 27 * 256 + 8 * 72 * 256 + 16
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "squeezenet1_0", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "squeezenet1_0", "efficientnet_b0",
+                                  "shufflenet_v2_x1_0"])
 def test_macs_match_fvcore_within_2_percent(name):
     from fvcore.nn import FlopCountAnalysis
 
@@ -72,8 +73,10 @@ def test_macs_match_fvcore_within_2_percent(name):
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     by_op = fca.by_operator()
     ref = sum(v for k, v in by_op.items() if k in ("conv", "linear", "addmm", "matmul", "einsum", "bmm"))
-    ours = trace(m, shape).macs
+    table = trace(m, shape)
+    ours = table.macs
     assert abs(ours - ref) / ref < 0.02, (ours, ref)
+    assert estimate_table(table, None, "arm-a72").macs == ours   # the cost model runs the traced shapes
 
 
 @pytest.mark.parametrize("target", list_targets())

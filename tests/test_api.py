@@ -166,3 +166,18 @@ def test_the_wheel_holds_only_the_squeezer_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "squeezer/search/api.py" in names and "squeezer/hw_models/targets/arm-a72.yaml" in names
     assert not any(n.startswith(("squeezer/tests/", "squeezer/benchmarks/", "squeezer/runs/")) for n in names)
+
+
+def test_a_run_of_named_model_and_data_started_from_python_resumes_from_the_cli(tmp_path):
+    run = tmp_path / "runs" / "named"
+    first = squeezer.search("resnet20", "digits", budget="60kB", trials=2, trial_steps=10, base_epochs=1,
+                            final_epochs=0.1, sensitivity=False, threads=1, run=str(run), progress=False)
+    assert first.best.metrics["size_bytes"] <= 60_000
+    cli = subprocess.run([sys.executable, "-m", "squeezer", "resume", str(run), "--trials", "3", "--quiet", "--json"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    study = __import__("optuna").load_study(study_name=STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}")
+    assert len(trained_trials(study)) == 3
+    again = squeezer.resume(run, progress=False)                     # and from Python again: nothing left to do
+    assert again.best.trial == json.loads(cli.stdout)["best"]["trial"]

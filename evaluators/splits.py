@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -52,6 +53,22 @@ class Split(Protocol):
     def first_batches(self, n: int, batch_size: int, *, seed: int = 0) -> list[Batch]: ...
 
     def loader(self, batch_size: int) -> Any: ...
+
+
+#: Pixels in one inference batch (1,024 images of 32x32): larger images get proportionally smaller
+#: batches, so evaluating at 224 px needs no more memory than at 32 px.
+INFERENCE_PIXELS = 1024 * 32 * 32
+
+
+def inference_batch(batch_size: int, input_shape: Sequence[int]) -> int:
+    """``batch_size`` capped so a batch holds at most :data:`INFERENCE_PIXELS` pixels.
+
+    Example:
+        >>> inference_batch(512, (1, 28, 28)), inference_batch(512, (3, 224, 224))
+        (512, 20)
+    """
+    hw = math.prod(input_shape[1:]) if len(input_shape) > 1 else 1
+    return max(1, min(batch_size, INFERENCE_PIXELS // max(1, hw)))
 
 
 def _subset_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
@@ -188,15 +205,16 @@ class DataSplits:
 
 
 def as_split(obj: Any) -> Any:
-    """A split from a ``TensorData``/``DatasetData``, a ``Dataset`` or a ``DataLoader`` (whose
-    dataset, workers and collate function are kept)."""
+    """A split from a ``TensorData``/``DatasetData``, a ``Dataset`` (batched by its own
+    ``collate_fn`` if it has one) or a ``DataLoader`` (whose dataset, workers and collate function
+    are kept)."""
     if isinstance(obj, (TensorData, DatasetData)):
         return obj
     if isinstance(obj, DataLoader):
         return DatasetData(obj.dataset, num_workers=obj.num_workers, collate_fn=obj.collate_fn,
                            pin_memory=obj.pin_memory)
     if isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
-        return DatasetData(obj)
+        return DatasetData(obj, collate_fn=getattr(obj, "collate_fn", None))
     raise TypeError(f"expected a torch Dataset or DataLoader, got {type(obj).__name__}")
 
 

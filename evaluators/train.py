@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..compressors.distill import make_distiller
 from ..compressors.policy import DistillConfig
-from .splits import Split
+from .splits import Split, inference_batch
 
 #: A user's metric: ``metric(model, loader) -> float``, higher is better (``loader`` yields
 #: ``(inputs, targets)`` batches of the split being judged).
@@ -37,7 +37,7 @@ def evaluate(model: nn.Module, data: Split, *, batch_size: int = 512) -> float:
     was = model.training
     model.eval()
     correct = 0
-    for xb, yb in data.batches(batch_size):
+    for xb, yb in data.batches(inference_batch(batch_size, data.input_shape)):
         correct += int((model(xb).argmax(1) == yb).sum())
     model.train(was)
     return correct / max(1, len(data))
@@ -61,7 +61,7 @@ def score(model: nn.Module, data: Split, metric: Metric | None = None, *, batch_
     model.eval()
     try:
         with torch.no_grad():
-            return float(metric(model, data.loader(batch_size)))
+            return float(metric(model, data.loader(inference_batch(batch_size, data.input_shape))))
     finally:
         model.train(was)
 

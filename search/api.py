@@ -112,7 +112,10 @@ def workload_of(model: Any, data: Any, cfg: SearchConfig, metric: Metric | None,
         cfg = cfg.with_(dataset=splits.name if splits.name.startswith("object:") else f"object:{splits.name}")
     splits = splits if splits is not None else load_data(cfg)
     obj = model if isinstance(model, nn.Module) else None
-    return Workload(cfg.model, splits, obj, metric, loss), cfg
+    if obj is not None and cfg.weights:
+        raise UserError("weights= loads pretrained weights into a torchvision model built by name; load them into "
+                        "your model object yourself")
+    return Workload(cfg.model, splits, obj, metric, loss, None if obj is not None else cfg.weights), cfg
 
 
 def search(model: Any = None, data: Any = None, *, metric: Metric | None = None, loss: Loss | None = None,

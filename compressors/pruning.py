@@ -26,7 +26,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .criteria import PRUNING_CRITERIA, PruneContext, normalize_group_scores
-from .layers import classifier_name
+from .layers import classifier_name, tensor_graph
 from .policy import Policy
 
 Segment = tuple[str | None, int, int]  # (group id or None if never pruned, channels, group size)
@@ -86,18 +86,47 @@ def _example(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
 
 
 def build_graph(model: nn.Module, input_shape: Sequence[int]):
-    
+    """Torch-Pruning's dependency graph of ``model``'s :func:`~.layers.tensor_graph` (eval mode)."""
     was_training = model.training
-    model.eval()
+    graph = tensor_graph(model).eval()
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model, input_shape))
+        dg = tp.DependencyGraph().build_dependency(graph, example_inputs=_example(model, input_shape))
     finally:
         model.train(was_training)
     return dg
 
 
-def _ignored(model: nn.Module, ignored: Iterable[str] | None) -> list[nn.Module]:
-    names = set(ignored or ())
+def output_layers(model: nn.Module, graph: Any) -> list[str]:
+    """Conv/linear layers whose output channels are the model's outputs (no layer with weights
+    follows them): a classifier, a segmentation head's class maps, a detection head's box and
+    class convs. They are never pruned.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+        >>> output_layers(m, build_graph(m, (1, 8, 8)))
+        ['2']
+    """
+    names = {m: n for n, m in model.named_modules()}
+    return [names[mod] for mod, node in graph.module2node.items()
+            if isinstance(mod, (nn.Conv2d, nn.Linear)) and mod in names and not _feeds_weights(node)]
+
+
+def _feeds_weights(node: Any) -> bool:
+    """Whether a layer with weights consumes ``node``'s output (through weightless ops)."""
+    seen, todo = set(), list(node.outputs)
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n.module, nn.Module) and next(n.module.parameters(recurse=False), None) is not None:
+            return True
+        todo.extend(n.outputs)
+    return False
+
+
+def _ignored(model: nn.Module, ignored: Iterable[str] | None, graph: Any) -> list[nn.Module]:
+    names = set(ignored or ()) | set(output_layers(model, graph))
     last = classifier_name(model)
     if last is not None:
         names.add(last)
@@ -112,7 +141,7 @@ def channel_groups(model: nn.Module, input_shape: Sequence[int], *,
     names = {m: n for n, m in model.named_modules()}
     cg = ChannelGroups()
     compressible = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored),
+    for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored, dg),
                                    root_module_types=(nn.Conv2d, nn.Linear)):
         root = group[0].dep.target.module
         gid = names[root]

@@ -27,6 +27,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
+from ..compressors.layers import tensor_graph
+
 Segment = tuple  # (group id | None, channels, group size), as compressors.pruning.Segment
 
 KINDS = ("conv2d", "dwconv2d", "linear", "bn", "act", "pool", "gap", "add", "concat", "mul",
@@ -309,6 +311,7 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *, groups: Any
     input_shape = tuple(int(x) for x in input_shape)
     if len(input_shape) < 1 or any(x <= 0 for x in input_shape):
         raise ValueError(f"`input_shape` of positive (C, H, W) must hold, but got input_shape={input_shape}")
+    model = tensor_graph(model)  # a detector: its backbone and head (no resizing, anchors or box decoding)
     if groups is None:
         groups = _groups_or_none(model, input_shape)
     was_training = model.training

@@ -45,6 +45,7 @@ class ChannelGroups:
     in_segments: dict[str, list[Segment]] = field(default_factory=dict)
     members: dict[str, list[str]] = field(default_factory=dict)  # group id -> out-channel member FQNs
     sizes: dict[str, int] = field(default_factory=dict)          # group id -> channels
+    outputs: list[str] = field(default_factory=list)             # output layers (never pruned)
 
     def group_ratio(self, group: str, policy: Policy) -> float:
         for m in self.members[group]:
@@ -61,6 +62,12 @@ class ChannelGroups:
                 k = kept_channels(size, self.group_ratio(g, policy), round_to or policy.pruning.round_to)
                 total += n * k // size
         return total
+
+    def unpruned(self) -> dict[str, str]:
+        """The conv/linear layers whose output channels no policy can prune, and why."""
+        return {fqn: "output layer: its channels are the model's outputs" if fqn in self.outputs else
+                "in no channel group: Torch-Pruning found no consistent way to remove its channels"
+                for fqn, segs in self.out_segments.items() if all(g is None for g, _, _ in segs)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"out_segments": self.out_segments, "in_segments": self.in_segments,
@@ -125,8 +132,8 @@ def _feeds_weights(node: Any) -> bool:
     return False
 
 
-def _ignored(model: nn.Module, ignored: Iterable[str] | None, graph: Any) -> list[nn.Module]:
-    names = set(ignored or ()) | set(output_layers(model, graph))
+def _ignored(model: nn.Module, ignored: Iterable[str] | None, outputs: list[str]) -> list[nn.Module]:
+    names = set(ignored or ()) | set(outputs)
     last = classifier_name(model)
     if last is not None:
         names.add(last)
@@ -139,9 +146,9 @@ def channel_groups(model: nn.Module, input_shape: Sequence[int], *,
     """Find the channel groups of ``model`` (see :class:`ChannelGroups`)."""
     dg = graph if graph is not None else build_graph(model, input_shape)
     names = {m: n for n, m in model.named_modules()}
-    cg = ChannelGroups()
+    cg = ChannelGroups(outputs=output_layers(model, dg))
     compressible = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored, dg),
+    for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored, cg.outputs),
                                    root_module_types=(nn.Conv2d, nn.Linear)):
         root = group[0].dep.target.module
         gid = names[root]

@@ -100,22 +100,28 @@ def check_readable(paths: Sequence[str | os.PathLike]) -> None:
             raise ValueError(f"unreadable image {p}: {str(e).splitlines()[0]}") from None
 
 
-def scan(root: Path) -> tuple[list[Sample], tuple[str, ...]]:
-    """``(path, class index)`` of every image under ``root/<class>/``, and the class names."""
+def scan(root: Path, classes: Sequence[str] | None = None) -> tuple[list[Sample], tuple[str, ...]]:
+    """``(path, class index)`` of every image under ``root/<class>/``, and the class names
+    (``classes``: index by these, as a test folder must by its training folder's)."""
     import torchvision.datasets as tvd  # heavy (1.7 s): only image folders need it
 
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     try:
-        classes, index = tvd.folder.find_classes(str(root))
+        found, _ = tvd.folder.find_classes(str(root))
     except FileNotFoundError:
         raise ValueError(f"no images found under {root}: expected {root}/<class>/<image> files") from None
-    samples = tvd.folder.make_dataset(str(root), index, extensions=tvd.folder.IMG_EXTENSIONS, allow_empty=True)
-    empty = sorted(set(classes) - {classes[y] for _, y in samples})
+    unknown = sorted(set(found) - set(classes if classes is not None else found))
+    if unknown:
+        raise ValueError(f"class folder(s) {', '.join(unknown)} under {root} are not among the training classes")
+    classes = tuple(classes if classes is not None else found)
+    samples = tvd.folder.make_dataset(str(root), {c: classes.index(c) for c in found},
+                                      extensions=tvd.folder.IMG_EXTENSIONS, allow_empty=True)
+    empty = sorted(set(found) - {classes[y] for _, y in samples})
     if empty:
         raise ValueError(f"class folder(s) {', '.join(empty)} under {root} hold no images "
                          f"({', '.join(tvd.folder.IMG_EXTENSIONS[:4])}, ...)")
-    return samples, tuple(classes)
+    return samples, classes
 
 
 def transforms(image_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[Callable, Callable]:
@@ -163,7 +169,8 @@ def image_folder(path: str | os.PathLike, *, image_size: int = 224, normalize: s
         raise ValueError(f"`image_size >= 8` (pixels) must hold, but got image_size={image_size!r}")
     root = Path(path)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        (train, classes), (test, _) = scan(root / "train"), scan(root / "test")
+        train, classes = scan(root / "train")
+        test, _ = scan(root / "test", classes)
     else:
         full, classes = scan(root)
         train, test = _held_out(full, max(1, len(full) // 5), 1234)  # fixed: independent of the search seed

@@ -105,7 +105,7 @@ def workload_of(model: Any, data: Any, cfg: SearchConfig, metric: Metric | None,
     """The workload of an API call, and the config that names it (``object:<Class>`` for objects)."""
     if model is not None and not isinstance(model, (str, nn.Module)):
         raise UserError(f"model must be a name or a torch.nn.Module, got {type(model).__name__}")
-    splits = None if data is None or isinstance(data, str) else splits_of(data)
+    splits = None if data is None or isinstance(data, str) else splits_of(data, cfg.workers_for(False))
     if isinstance(model, nn.Module):
         cfg = cfg.with_(model=object_name(model), checkpoint=None)
     if splits is not None:

@@ -47,7 +47,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize", help="input normalisation: imagenet, dataset or none (default auto: imagenet with "
                                        "--weights, else the dataset's own mean and std)")
     g.add_argument("--loader-workers", type=int, dest="loader_workers",
-                   help="DataLoader worker processes for streamed image folders (2)")
+                   help="DataLoader worker processes reading the data (default 2 for a streamed image folder)")
     g.add_argument("--batch-size", type=int, dest="batch_size", help="training batch size (128)")
     g = p.add_argument_group("goal")
     g.add_argument("--budget", help="model size budget, e.g. 2MB (2,000,000 B), 2MiB, 500kB (default 2MB)")

@@ -34,10 +34,11 @@ class SearchConfig:
     # Pretrained weights for a torchvision --model (a local state-dict file, or DEFAULT:
     # torchvision's own download), loaded before the head is fitted to the data's classes.
     weights: str | None = None
-    # Image folders: the side in pixels (224 unless given), loader processes, and the input
-    # normalisation (auto: imagenet with --weights, else the dataset's own mean and std).
+    # Image folders: the side in pixels (224 unless given), loader processes (None: 2 for a
+    # streamed image folder, 0 for a Dataset passed from Python), and the input normalisation
+    # (auto: imagenet with --weights, else the dataset's own mean and std).
     image_size: int | None = None
-    loader_workers: int = 2
+    loader_workers: int | None = None
     normalize: str = "auto"
     target: str = "arm"
     budget: str = "2MB"
@@ -127,13 +128,20 @@ class SearchConfig:
     def _check_data_options(self) -> None:
         for name, low in (("image_size", 8), ("loader_workers", 0), ("batch_size", 1)):
             v = getattr(self, name)
-            if (v is not None or name != "image_size") and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            if (v is not None or name == "batch_size") and (not isinstance(v, int) or isinstance(v, bool) or v < low):
                 raise ValueError(f"`{name} >= {low}` must hold, but got {name}={v!r}")
         if self.normalize not in ("auto", *NORMALIZE):
             raise ValueError(did_you_mean(str(self.normalize), ["auto", *NORMALIZE], "normalization"))
         if self.weights and self.checkpoint:
             raise ValueError("give --weights (pretrained weights to train the base from) or --checkpoint (the trained "
                              "base model), not both")
+
+    def workers_for(self, streamed_folder: bool) -> int:
+        """Loader processes: ``loader_workers``, else 2 for a streamed image folder and 0 otherwise
+        (a small in-memory Dataset is faster read in this process)."""
+        if self.loader_workers is not None:
+            return self.loader_workers
+        return 2 if streamed_folder else 0
 
     @property
     def normalization(self) -> str:

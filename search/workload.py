@@ -107,7 +107,7 @@ def load_data(cfg: SearchConfig) -> DataSplits:
                  "dataset uses the dataset's own)")
     try:
         return load_dataset(cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, image_size=cfg.image_size,
-                            normalize=cfg.normalization, workers=cfg.loader_workers)
+                            normalize=cfg.normalization, workers=cfg.workers_for(True))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
@@ -125,12 +125,13 @@ def check_names(cfg: SearchConfig) -> None:
         raise UserError(did_you_mean(cfg.dataset, list(KNOWN), "dataset"))
 
 
-def splits_of(data: Any) -> DataSplits:
-    """Data a user passed as objects: ``(train, val[, test])`` Datasets/DataLoaders, or DataSplits."""
+def splits_of(data: Any, workers: int = 0) -> DataSplits:
+    """Data a user passed as objects: ``(train, val[, test])`` Datasets/DataLoaders (a Dataset read
+    by ``workers`` loader processes; a DataLoader keeps its own), or DataSplits."""
     if isinstance(data, DataSplits):
         return data
     try:
-        return from_objects(data)
+        return from_objects(data, workers=workers)
     except TypeError as e:
         raise UserError(str(e)) from None
 
@@ -159,7 +160,7 @@ def base_cache_path(cache_root: Path, cfg: SearchConfig, *, train_size: int | No
     if cfg.batch_size != SearchConfig.batch_size:
         extra += f"-b{cfg.batch_size}"
     if cfg.dataset.startswith("imagefolder:"):
-        extra += f"-lw{cfg.loader_workers}"
+        extra += f"-lw{cfg.workers_for(True)}"
     if cfg.weights:
         extra += f"-w{_weights_id(cfg.weights)}"
     return Path(cache_root) / f"{safe(cfg.model)}-{safe(cfg.dataset)}-s{cfg.seed}-e{cfg.base_epochs:g}" \

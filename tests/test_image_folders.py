@@ -181,3 +181,16 @@ def test_options_that_do_not_apply_say_so(tmp_path):
         SearchConfig(weights="w.pt", checkpoint="c.pt")
     with pytest.raises(ValueError, match="weights file nothing.pt does not exist"):
         build_model("resnet18", weights="nothing.pt")
+
+
+def test_loader_workers_apply_to_datasets_passed_from_python():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from squeezer.search.workload import splits_of
+
+    ds = TensorDataset(torch.zeros(8, 1, 4, 4), torch.zeros(8, dtype=torch.int64))
+    cfg = SearchConfig()
+    assert (cfg.workers_for(True), cfg.workers_for(False)) == (2, 0)         # auto
+    s = splits_of((ds, DataLoader(ds, num_workers=1)), SearchConfig(loader_workers=3).workers_for(False))
+    assert s.train.num_workers == 3 and s.val.num_workers == 1                # a DataLoader keeps its own
+    assert sum(len(y) for _, y in s.train.batches(4)) == 8

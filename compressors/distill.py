@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,8 @@ from torch import nn
 
 from .policy import DistillConfig
 from .registry import Registry
+
+log = logging.getLogger("squeezer")
 
 
 class Distiller:
@@ -57,6 +60,76 @@ class HintonDistiller(Distiller):
             return ce
         a = self.config.alpha
         return a * soft_target_loss(student_logits, teacher_logits, self.config.temperature) + (1 - a) * ce
+
+
+def logit_maps(output: Any) -> list[torch.Tensor] | None:
+    """The class scores in a model's output: the output if it is one ``[N, C, ...]`` float tensor
+    (C > 1), else a dict's such tensors (a segmentation model's ``{"out": ...}``); None if there
+    are none (a detector's losses or boxes).
+
+    Example:
+        >>> [tuple(t.shape) for t in logit_maps({"out": torch.zeros(2, 3, 4, 4)})], logit_maps([{"boxes": 0}])
+        ([(2, 3, 4, 4)], None)
+    """
+    leaves = list(output.values()) if isinstance(output, dict) else [output]
+    maps = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2
+            and t.shape[1] > 1]
+    return maps or None
+
+
+def elementwise_soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft targets at every output element: KL(teacher_T || student_T) over dimension 1 (classes)
+    at each position of ``[N, C, ...]`` maps, averaged over the batch and positions, x T^2 (on
+    ``[N, C]`` logits it is :func:`soft_target_loss`)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="sum")
+    return kl * (t * t) / (student.numel() // student.shape[1])
+
+
+class UserLossDistiller:
+    """A user's loss ``loss_fn(model, batch, teacher)`` with soft targets from ``teacher`` at every
+    output element: ``(1 - alpha) * loss + alpha * KD`` (:func:`elementwise_soft_target_loss`).
+
+    The student's output is the one the user's loss computed (a forward hook keeps it); the
+    teacher runs on the batch's inputs. Where the student's training output holds no class
+    scores (:func:`logit_maps`: a detector returns its losses) or the teacher's do not match
+    them, soft targets are switched off, once, with a warning, and the user's loss alone trains.
+    """
+
+    def __init__(self, config: DistillConfig | None, student: nn.Module, teacher: nn.Module | None,
+                 loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor]) -> None:
+        self.config, self.student, self.teacher, self.loss_fn = config, student, teacher, loss_fn
+        self.active = config is not None and teacher is not None
+        self._output: Any = None
+        self._hook = student.register_forward_hook(self._keep) if self.active else None
+
+    def _keep(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._output = output
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        self._output = None
+        user = self.loss_fn(self.student, batch, self.teacher)
+        if not self.active:
+            return user
+        student = logit_maps(self._output)
+        with torch.no_grad():
+            teacher = logit_maps(self.teacher(batch[0])) if student else None
+        pairs = [(s, t) for s, t in zip(student or [], teacher or []) if s.shape == t.shape]
+        if not pairs:
+            what = type(self._output).__name__
+            log.warning("distillation off: the model's training output (%s) holds no class scores matching the "
+                        "teacher's; the loss alone trains", what)
+            self.close()
+            return user
+        a, temp = self.config.alpha, self.config.temperature
+        kd = sum(elementwise_soft_target_loss(s, t, temp) for s, t in pairs) / len(pairs)
+        return (1 - a) * user + a * kd
+
+    def close(self) -> None:
+        self.active = False
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 #: Distillation methods by name.

@@ -29,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .criteria import PRUNING_CRITERIA, PruneContext, normalize_group_scores
-from .layers import classifier_name
+from .layers import classifier_name, tensor_graph
 from .policy import Policy
 
 Segment = tuple[str | None, int, int]  # (group id or None if never pruned, channels, group size)
@@ -48,6 +48,7 @@ class ChannelGroups:
     in_segments: dict[str, list[Segment]] = field(default_factory=dict)
     members: dict[str, list[str]] = field(default_factory=dict)  # group id -> out-channel member FQNs
     sizes: dict[str, int] = field(default_factory=dict)          # group id -> channels
+    outputs: list[str] = field(default_factory=list)             # output layers (never pruned)
 
     def group_ratio(self, group: str, policy: Policy) -> float:
         for m in self.members.get(group, ()):
@@ -85,6 +86,12 @@ class ChannelGroups:
 
         return kept
 
+    def unpruned(self) -> dict[str, str]:
+        """The conv/linear layers whose output channels no policy can prune, and why."""
+        return {fqn: "output layer: its channels are the model's outputs" if fqn in self.outputs else
+                "in no channel group: Torch-Pruning found no consistent way to remove its channels"
+                for fqn, segs in self.out_segments.items() if all(g is None for g, _, _ in segs)}
+
     def to_dict(self) -> dict[str, Any]:
         return {"out_segments": self.out_segments, "in_segments": self.in_segments,
                 "members": self.members, "sizes": self.sizes}
@@ -109,18 +116,47 @@ def _example(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
 
 
 def build_graph(model: nn.Module, input_shape: Sequence[int]):
-    
+    """Torch-Pruning's dependency graph of ``model``'s :func:`~.layers.tensor_graph` (eval mode)."""
     was_training = model.training
-    model.eval()
+    graph = tensor_graph(model).eval()
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model, input_shape))
+        dg = tp.DependencyGraph().build_dependency(graph, example_inputs=_example(model, input_shape))
     finally:
         model.train(was_training)
     return dg
 
 
-def _ignored(model: nn.Module, ignored: Iterable[str] | None) -> list[nn.Module]:
-    names = set(ignored or ())
+def output_layers(model: nn.Module, graph: Any) -> list[str]:
+    """Conv/linear layers whose output channels are the model's outputs (no layer with weights
+    follows them): a classifier, a segmentation head's class maps, a detection head's box and
+    class convs. They are never pruned.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+        >>> output_layers(m, build_graph(m, (1, 8, 8)))
+        ['2']
+    """
+    names = {m: n for n, m in model.named_modules()}
+    return [names[mod] for mod, node in graph.module2node.items()
+            if isinstance(mod, (nn.Conv2d, nn.Linear)) and mod in names and not _feeds_weights(node)]
+
+
+def _feeds_weights(node: Any) -> bool:
+    """Whether a layer with weights consumes ``node``'s output (through weightless ops)."""
+    seen, todo = set(), list(node.outputs)
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n.module, nn.Module) and next(n.module.parameters(recurse=False), None) is not None:
+            return True
+        todo.extend(n.outputs)
+    return False
+
+
+def _ignored(model: nn.Module, ignored: Iterable[str] | None, outputs: list[str]) -> list[nn.Module]:
+    names = set(ignored or ()) | set(outputs)
     last = classifier_name(model)
     if last is not None:
         names.add(last)
@@ -234,9 +270,9 @@ def channel_groups(model: nn.Module, input_shape: Sequence[int], *, ignored: Ite
 
 def _collect_groups(model: nn.Module, dg: Any, ignored: Iterable[str] | None, budget: _Budget) -> ChannelGroups:
     names = {m: n for n, m in model.named_modules()}
-    cg = ChannelGroups()
+    cg = ChannelGroups(outputs=output_layers(model, dg))
     compressible = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored),
+    for group in dg.get_all_groups(ignored_layers=_ignored(model, ignored, cg.outputs),
                                    root_module_types=(nn.Conv2d, nn.Linear)):
         budget.next_group()
         root = group[0].dep.target.module

@@ -1,9 +1,9 @@
-"""Named datasets, loaded into memory with a train / validation / test split.
+"""Named datasets with a train / validation / test split (in memory; image folders streamed when large).
 
 ``load_dataset(name, root=None)`` returns a :class:`DataSplits` whose ``val`` is carved from
 the training set (the search never sees ``test``). Names: ``fashion-mnist`` (default),
 ``mnist``, ``cifar10``, ``digits`` (scikit-learn's 8x8 digits, always offline) and
-``imagefolder:PATH``. Files are looked for in ``root``, ``$SQUEEZER_DATA``,
+``imagefolder:PATH`` (:mod:`.images`: any size, streamed from disk when it does not fit in memory). Files are looked for in ``root``, ``$SQUEEZER_DATA``,
 ``~/.cache/squeezer``, torchvision's layout under those, and Debian's
 ``/usr/share/datasets/<name>/``; they are downloaded through torchvision only when online.
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..compressors.registry import did_you_mean
+from .images import IMAGENET_MEAN, IMAGENET_STD, IN_MEMORY_MAX_BYTES, NORMALIZE, image_folder
 from .splits import DataSplits, TensorData
 
 KNOWN = ("fashion-mnist", "mnist", "cifar10", "digits", "imagefolder:PATH")
@@ -71,8 +72,7 @@ def _find_idx(dirs: list[Path], torchvision_folder: str) -> dict[str, Path] | No
     return None
 
 
-def _mnist_like(name: str, root, debian: str, tv_folder: str, tv_cls: str, mean: float, std: float,
-                val_size: int, seed: int, download: bool) -> DataSplits:
+def _idx_arrays(name: str, root, debian: str, tv_folder: str, tv_cls: str, download: bool) -> dict[str, np.ndarray]:
     dirs = _search_dirs(root, debian)
     files = _find_idx(dirs, tv_folder)
     if files is None and download:
@@ -83,7 +83,18 @@ def _mnist_like(name: str, root, debian: str, tv_folder: str, tv_cls: str, mean:
             f"{name} not found in {', '.join(str(d) for d in dirs)}; install it with "
             f"'apt-get install dataset-{debian}' (Debian), put the IDX files in --data-root, "
             f"or run once while online to download it")
-    arrays = {k: _read_idx(p) for k, p in files.items()}
+    return {k: _read_idx(p) for k, p in files.items()}
+
+
+def fashion_mnist_arrays(root: str | os.PathLike | None = None, *, download: bool = True) -> dict[str, np.ndarray]:
+    """Fashion-MNIST as uint8 arrays: ``train_x`` [60000, 28, 28], ``train_y``, ``test_x``, ``test_y``."""
+    return _idx_arrays("fashion-mnist", root, "fashion-mnist", "FashionMNIST", "FashionMNIST", download)
+
+
+def _mnist_like(name: str, root, debian: str, tv_folder: str, tv_cls: str, mean: float, std: float,
+                val_size: int, seed: int, download: bool) -> DataSplits:
+    arrays = _idx_arrays(name, root, debian, tv_folder, tv_cls, download)
+
     def to_x(a: np.ndarray) -> torch.Tensor:
         return ((torch.from_numpy(a.astype(np.float32) / 255.0) - mean) / std).unsqueeze(1)
     train = TensorData(to_x(arrays["train_x"]), torch.from_numpy(arrays["train_y"].astype(np.int64)))
@@ -159,51 +170,33 @@ def _cifar10(root, val_size: int, seed: int, download: bool) -> DataSplits:
     return DataSplits("cifar10", train, val, conv(te), 10, mean, std, tuple(tr.classes))
 
 
-def _imagefolder(path: str, val_size: int, seed: int, image_size: int | None) -> DataSplits:
-    """``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (or ``PATH/<class>/*``, 20% held out)."""
-    import torchvision.datasets as tvd
-    import torchvision.transforms as T
-
-    p = Path(path)
-    if not p.is_dir():
-        raise DatasetNotFound(f"image folder {p} does not exist")
-    size = image_size or 32
-    tf = T.Compose([T.Resize((size, size)), T.ToTensor()])
-
-    def load(d: Path) -> tuple[TensorData, list[str]]:
-        ds = tvd.ImageFolder(str(d), transform=tf)
-        if len(ds) == 0:
-            raise DatasetNotFound(f"no images found under {d}")
-        xs, ys = zip(*[ds[i] for i in range(len(ds))])
-        return TensorData(torch.stack(xs), torch.tensor(ys, dtype=torch.int64)), ds.classes
-
-    if (p / "train").is_dir() and (p / "test").is_dir():
-        train, classes = load(p / "train")
-        test, _ = load(p / "test")
-    else:
-        full, classes = load(p)
-        g = torch.Generator().manual_seed(1234)
-        perm = torch.randperm(len(full), generator=g)
-        n_test = max(1, len(full) // 5)
-        test = TensorData(full.x[perm[:n_test]], full.y[perm[:n_test]])
-        train = TensorData(full.x[perm[n_test:]], full.y[perm[n_test:]])
-    mean = tuple(train.x.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(train.x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist())
-    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
-    train, test = TensorData((train.x - m) / s, train.y), TensorData((test.x - m) / s, test.y)
-    train, val = _split(train, min(val_size, max(1, len(train) // 5)), seed)
-    return DataSplits(f"imagefolder:{path}", train, val, test, len(classes), mean, std, tuple(classes))
-
-
 def load_dataset(name: str = "fashion-mnist", root: str | os.PathLike | None = None, *,
                  val_size: int = 5000, seed: int = 0, download: bool = True,
-                 image_size: int | None = None) -> DataSplits:
-    """Load ``name`` into memory with a validation split carved from the training set.
+                 image_size: int | None = None, normalize: str = "dataset", workers: int = 0,
+                 in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> DataSplits:
+    """Load ``name`` with a validation split carved from the training set.
+
+    ``image_size``, ``workers`` and ``in_memory_max_bytes`` apply to ``imagefolder:PATH``
+    (:func:`~.images.image_folder`: 224 px unless given); ``normalize`` (``dataset``, ``imagenet``
+    or ``none``) to every dataset.
 
     Raises:
-        ValueError: unknown dataset name (with a did-you-mean hint).
+        ValueError: unknown dataset name (with a did-you-mean hint), an option that does not
+            apply, an image folder without images or with an unreadable one.
         DatasetNotFound: the files are missing and cannot be downloaded.
     """
+    if name.startswith("imagefolder:"):
+        try:
+            return image_folder(name.partition(":")[2], image_size=image_size or 224, normalize=normalize,
+                                workers=workers, val_size=val_size, seed=seed, in_memory_max_bytes=in_memory_max_bytes)
+        except FileNotFoundError as e:
+            raise DatasetNotFound(str(e)) from None
+    if image_size is not None:
+        raise ValueError(f"image_size applies to imagefolder:PATH datasets; {name} keeps its own size")
+    return renormalized(_named(name, root, val_size, seed, download), normalize)
+
+
+def _named(name: str, root: str | os.PathLike | None, val_size: int, seed: int, download: bool) -> DataSplits:
     if name == "fashion-mnist":
         return _mnist_like(name, root, "fashion-mnist", "FashionMNIST", "FashionMNIST", 0.2860, 0.3530,
                            val_size, seed, download)
@@ -213,6 +206,31 @@ def load_dataset(name: str = "fashion-mnist", root: str | os.PathLike | None = N
         return _digits(val_size, seed)
     if name == "cifar10":
         return _cifar10(root, val_size, seed, download)
-    if name.startswith("imagefolder:"):
-        return _imagefolder(name.partition(":")[2], val_size, seed, image_size)
     raise ValueError(did_you_mean(name, [k for k in KNOWN], "dataset"))
+
+
+def renormalized(d: DataSplits, normalize: str) -> DataSplits:
+    """In-memory splits normalised as ``normalize`` says instead of by their own mean and std
+    (``imagenet`` on one channel: the mean of ImageNet's three).
+
+    Example:
+        >>> d = renormalized(load_dataset("digits"), "none")
+        >>> d.mean, float(d.train.x.min()) >= 0.0
+        ((0.0,), True)
+    """
+    if normalize == "dataset":
+        return d
+    if normalize not in NORMALIZE:
+        raise ValueError(f"`normalize in {NORMALIZE}` must hold, but got normalize={normalize!r}")
+    c = len(d.mean)
+    if normalize == "none":
+        mean, std = (0.0,) * c, (1.0,) * c
+    else:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else \
+            ((sum(IMAGENET_MEAN) / 3,) * c, (sum(IMAGENET_STD) / 3,) * c)
+    old_m, old_s = torch.tensor(d.mean)[:, None, None], torch.tensor(d.std)[:, None, None]
+    new_m, new_s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+
+    def conv(t: TensorData | None) -> TensorData | None:
+        return None if t is None else TensorData((t.x * old_s + old_m - new_m) / new_s, t.y)
+    return DataSplits(d.name, conv(d.train), conv(d.val), conv(d.test), d.num_classes, mean, std, d.classes)

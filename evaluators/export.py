@@ -52,6 +52,7 @@ from torch.nn.utils import parametrize
 from ..compressors import packing
 from ..compressors.policy import Policy
 from ..compressors.quantize import QuantizedTensor, weight_quantizer
+from .splits import inference_batch
 
 #: Allowed difference between an artifact's test accuracy and the reference, in [0, 1] (0.5 pp).
 ACCURACY_TOLERANCE = 0.005
@@ -715,7 +716,7 @@ def compare_runtime(torch_model: nn.Module, run: Callable[[np.ndarray], np.ndarr
     s = torch.tensor(list(std) or [1.0] * c).reshape(1, -1, 1, 1)
     ok_a = ok_t = n = 0
     diff = 0.0
-    for xb, yb in data.batches(batch_size):
+    for xb, yb in data.batches(inference_batch(batch_size, data.input_shape)):
         n += len(yb)
         ref = torch_model(xb)
         inp = xb * s + m if raw_input else xb

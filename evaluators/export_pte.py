@@ -112,7 +112,7 @@ def _calibration_images(job: Any, input_shape: tuple[int, ...]) -> torch.Tensor:
     """Up to 128 training images in [0, 1] (the deploy model's input); random without data."""
     if job.data is None:
         return torch.rand(64, *input_shape)
-    x = job.data.train.x[:128]
+    x, _ = next(iter(job.data.train.batches(128)))  # the first 128, in memory or streamed
     c = x.shape[1]
     mean = torch.tensor(job.mean or (0.0,) * c).reshape(1, -1, 1, 1)
     std = torch.tensor(job.std or (1.0,) * c).reshape(1, -1, 1, 1)

@@ -1,9 +1,10 @@
 """Model zoo: small-input CNNs, torchvision classifiers adapted to any input, user factories.
 
-Names resolve in this order: the small-input zoo (``lenet5``, ``resnet20``, ``vgg_small``,
-``mobilenet_v2``...), ``package.module:factory`` (the user's own), then torchvision's
-classification models (``resnet18``, ``mobilenet_v3_small``...), whose stem and classifier
-are adapted to ``in_channels`` and ``num_classes``.
+Names resolve in this order: ``torchvision:NAME``, the small-input zoo (``lenet5``,
+``resnet20``, ``vgg_small``, ``mobilenet_v2``...), ``package.module:factory`` (the user's own),
+then torchvision's classification models (``resnet18``, ``mobilenet_v3_small``...), whose stem
+and classifier are adapted to ``in_channels`` and ``num_classes``; a torchvision model may start
+from pretrained weights (a local file, or ``DEFAULT`` through torchvision's download).
 
 Example:
     >>> m = build_model("resnet20", in_channels=1, num_classes=10)
@@ -14,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,6 +25,8 @@ from torch import nn
 from ..compressors.registry import Registry, did_you_mean
 
 ZOO: Registry[Callable[..., nn.Module]] = Registry("model")
+#: ``torchvision:mobilenet_v3_small`` names torchvision's model explicitly (a zoo name may shadow it).
+TORCHVISION_PREFIX = "torchvision:"
 
 
 # --- LeNet-5 -----------------------------------------------------------------------------
@@ -144,20 +149,29 @@ ZOO.add("mobilenet_v2_050", lambda in_channels, num_classes: _mobilenet_v2_small
 
 
 def _torchvision_names() -> list[str]:
-    from torchvision import models
+    from torchvision import models  # heavy (1.7 s): only torchvision names need it
     return list(models.list_models(module=models))
 
 
-def _adapt_torchvision(m: nn.Module, in_channels: int, num_classes: int) -> nn.Module:
-    """Replace the first conv (input channels) and the last linear (classes) of a torchvision model."""
+def _adapt_torchvision(m: nn.Module, in_channels: int, num_classes: int, *, keep_stem: bool = False) -> nn.Module:
+    """Replace the first conv (input channels) and the last linear (classes) of a torchvision model.
+
+    With ``keep_stem`` (pretrained weights) the new first conv starts from the old one's filters
+    averaged over its input channels (exact for a grey image the old conv saw as R = G = B).
+    """
     first = next((mod for mod in m.modules() if isinstance(mod, nn.Conv2d)), None)
     if first is not None and first.in_channels != in_channels:
         for name, mod in m.named_modules():
             if mod is first:
                 parent = m.get_submodule(name.rpartition(".")[0]) if "." in name else m
-                setattr(parent, name.rpartition(".")[2], nn.Conv2d(
-                    in_channels, first.out_channels, first.kernel_size, first.stride, first.padding,
-                    first.dilation, 1, first.bias is not None))
+                stem = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride, first.padding,
+                                 first.dilation, 1, first.bias is not None)
+                if keep_stem:
+                    with torch.no_grad():
+                        stem.weight.copy_(first.weight.sum(1, keepdim=True).expand_as(stem.weight) / in_channels)
+                        if first.bias is not None:
+                            stem.bias.copy_(first.bias)
+                setattr(parent, name.rpartition(".")[2], stem)
                 break
     last_name, last = None, None
     for name, mod in m.named_modules():
@@ -173,28 +187,104 @@ def known_models() -> list[str]:
     return ZOO.names() + [n for n in _torchvision_names() if n not in ZOO]
 
 
-def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
-    """Build an untrained model by name (zoo, ``pkg.mod:factory`` or torchvision).
+def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10, weights: str | None = None) -> nn.Module:
+    """Build a model by name (zoo, ``pkg.mod:factory``, or torchvision: ``resnet18`` or
+    ``torchvision:resnet18``), untrained unless ``weights`` are given for a torchvision model:
+    a local state-dict file, or a torchvision weights name (``DEFAULT``, downloaded by
+    torchvision), loaded before the stem and head are fitted to ``in_channels`` and ``num_classes``.
 
     Raises:
-        ValueError: unknown name (message lists close matches), or a factory that fails.
+        ValueError: unknown name (message lists close matches), a factory that fails, weights
+            for a model that is not torchvision's, or weights that do not fit the model.
     """
+    tv_name = name.removeprefix(TORCHVISION_PREFIX)
+    if name.startswith(TORCHVISION_PREFIX) or (name not in ZOO and ":" not in name):
+        if tv_name in _torchvision_names():
+            m = _torchvision(tv_name, weights)
+            return _adapt_torchvision(m, in_channels, num_classes, keep_stem=weights is not None)
+        raise ValueError(did_you_mean(tv_name, known_models(), "model", shown=ZOO.names(),
+                                      more=", any torchvision classification model, or package.module:factory"))
+    if weights is not None:
+        raise ValueError(f"--weights applies to torchvision models, not {name}; load trained weights with --checkpoint")
     if name in ZOO:
         return ZOO.get(name)(in_channels, num_classes)
-    if ":" in name:
-        mod_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot load model factory {name!r}: {e}") from None
-        try:
-            return factory(in_channels=in_channels, num_classes=num_classes)
-        except TypeError:
-            model = factory()
-            return _adapt_torchvision(model, in_channels, num_classes)
-    tv = _torchvision_names()
-    if name in tv:
-        from torchvision import models
-        return _adapt_torchvision(models.get_model(name, weights=None), in_channels, num_classes)
-    raise ValueError(did_you_mean(name, known_models(), "model", shown=ZOO.names(),
-                                  more=", any torchvision classification model, or package.module:factory"))
+    mod_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load model factory {name!r}: {e}") from None
+    try:
+        return factory(in_channels=in_channels, num_classes=num_classes)
+    except TypeError:
+        model = factory()
+        return _adapt_torchvision(model, in_channels, num_classes)
+
+
+def _torchvision(name: str, weights: str | None) -> nn.Module:
+    """torchvision's ``name`` with ``weights``: None, a local file, or a weights name to download."""
+    from torchvision import models  # heavy (1.7 s): only torchvision models need it
+
+    if weights is None or Path(weights).is_file():
+        m = models.get_model(name, weights=None)
+        if weights is not None:
+            load_weights_(m, weights, what=f"torchvision model {name}")
+        return m
+    if not weights.replace("_", "").isalnum() or weights != weights.upper():
+        raise ValueError(f"weights file {weights} does not exist (give a state-dict file or a torchvision weights "
+                         "name such as DEFAULT)")
+    try:
+        return models.get_model(name, weights=weights)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"torchvision has no weights {weights!r} for {name}: {str(e).splitlines()[0]}") from None
+    except OSError as e:  # URLError, no network, no disk
+        raise ValueError(f"cannot download torchvision's {weights} weights for {name} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:80]}); pass a local state-dict file: --weights PATH") from None
+
+
+def load_weights_(model: nn.Module, path: str | os.PathLike, *, what: str = "the model") -> None:
+    """Load a state-dict file (bare, or under ``state_dict`` / ``model``) into ``model``, all keys
+    and shapes matching (else a one-line ``ValueError`` saying what differs).
+
+    Example:
+        >>> import tempfile
+        >>> p = tempfile.mktemp(suffix=".pt")
+        >>> torch.save({"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}, p)
+        >>> m = nn.Linear(2, 3); load_weights_(m, p); int(torch.count_nonzero(m.weight))
+        0
+        >>> load_weights_(nn.Linear(2, 4), p)
+        Traceback (most recent call last):
+        ...
+        ValueError: weights file ... does not match the model: 2 tensors of another shape (weight: file (3, 2), model (4, 2))
+    """
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickled objects, not a torch file, unreadable
+        raise ValueError(f"cannot read weights file {path} as a state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:100]})") from None
+    sd = next((blob[k] for k in ("state_dict", "model") if isinstance(blob, dict) and isinstance(blob.get(k), dict)),
+              blob)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"weights file {path} holds no state dict (a mapping of names to tensors)")
+    problems = _mismatch(model.state_dict(), sd)
+    if problems:
+        raise ValueError(f"weights file {path} does not match {what}: {'; '.join(problems)}")
+    model.load_state_dict(sd)
+
+
+def _mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps state dict ``sd`` from loading into a model whose state dict is ``own``, in words."""
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "")
+
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({some(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({some(unexpected)})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} tensors of another shape ({k}: file {tuple(sd[k].shape)}, "
+                        f"model {tuple(own[k].shape)})")
+    return problems

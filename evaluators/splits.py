@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -52,6 +53,22 @@ class Split(Protocol):
     def first_batches(self, n: int, batch_size: int, *, seed: int = 0) -> list[Batch]: ...
 
     def loader(self, batch_size: int) -> Any: ...
+
+
+#: Pixels in one inference batch (1,024 images of 32x32): larger images get proportionally smaller
+#: batches, so evaluating at 224 px needs no more memory than at 32 px.
+INFERENCE_PIXELS = 1024 * 32 * 32
+
+
+def inference_batch(batch_size: int, input_shape: Sequence[int]) -> int:
+    """``batch_size`` capped so a batch holds at most :data:`INFERENCE_PIXELS` pixels.
+
+    Example:
+        >>> inference_batch(512, (1, 28, 28)), inference_batch(512, (3, 224, 224))
+        (512, 20)
+    """
+    hw = math.prod(input_shape[1:]) if len(input_shape) > 1 else 1
+    return max(1, min(batch_size, INFERENCE_PIXELS // max(1, hw)))
 
 
 def _subset_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
@@ -187,16 +204,17 @@ class DataSplits:
         return tuple(self.train.input_shape)
 
 
-def as_split(obj: Any) -> Any:
-    """A split from a ``TensorData``/``DatasetData``, a ``Dataset`` or a ``DataLoader`` (whose
-    dataset, workers and collate function are kept)."""
+def as_split(obj: Any, workers: int = 0) -> Any:
+    """A split from a ``TensorData``/``DatasetData``, a ``Dataset`` (batched by its own
+    ``collate_fn`` if it has one) or a ``DataLoader`` (whose dataset, workers and collate function
+    are kept; a Dataset is read by ``workers`` loader processes)."""
     if isinstance(obj, (TensorData, DatasetData)):
         return obj
     if isinstance(obj, DataLoader):
         return DatasetData(obj.dataset, num_workers=obj.num_workers, collate_fn=obj.collate_fn,
                            pin_memory=obj.pin_memory)
     if isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
-        return DatasetData(obj)
+        return DatasetData(obj, num_workers=workers, collate_fn=getattr(obj, "collate_fn", None))
     raise TypeError(f"expected a torch Dataset or DataLoader, got {type(obj).__name__}")
 
 
@@ -206,12 +224,14 @@ def _num_classes(ds: Any) -> int | None:
     return len(classes) if classes is not None and len(classes) > 0 else None
 
 
-def from_objects(data: Sequence[Any], *, name: str | None = None, num_classes: int | None = None) -> DataSplits:
-    """``DataSplits`` from ``(train, val)`` or ``(train, val, test)`` datasets or loaders."""
+def from_objects(data: Sequence[Any], *, name: str | None = None, num_classes: int | None = None,
+                 workers: int = 0) -> DataSplits:
+    """``DataSplits`` from ``(train, val)`` or ``(train, val, test)`` datasets or loaders (datasets
+    read by ``workers`` loader processes)."""
     if isinstance(data, (str, bytes)) or not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
         raise TypeError("data must be (train, val) or (train, val, test): torch Datasets or DataLoaders, "
                         f"got {type(data).__name__}")
-    splits = [as_split(d) for d in data]
+    splits = [as_split(d, workers) for d in data]
     train, val = splits[0], splits[1]
     test = splits[2] if len(splits) == 3 else None
     first = data[0].dataset if isinstance(data[0], DataLoader) else data[0]

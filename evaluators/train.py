@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compressors.distill import make_distiller
+from ..compressors.distill import UserLossDistiller, make_distiller
 from ..compressors.policy import DistillConfig
-from .splits import Split
+from .splits import Split, inference_batch
 
 #: A user's metric: ``metric(model, loader) -> float``, higher is better (``loader`` yields
 #: ``(inputs, targets)`` batches of the split being judged).
@@ -37,7 +37,7 @@ def evaluate(model: nn.Module, data: Split, *, batch_size: int = 512) -> float:
     was = model.training
     model.eval()
     correct = 0
-    for xb, yb in data.batches(batch_size):
+    for xb, yb in data.batches(inference_batch(batch_size, data.input_shape)):
         correct += int((model(xb).argmax(1) == yb).sum())
     model.train(was)
     return correct / max(1, len(data))
@@ -61,7 +61,7 @@ def score(model: nn.Module, data: Split, metric: Metric | None = None, *, batch_
     model.eval()
     try:
         with torch.no_grad():
-            return float(metric(model, data.loader(batch_size)))
+            return float(metric(model, data.loader(inference_batch(batch_size, data.input_shape))))
     finally:
         model.train(was)
 
@@ -81,8 +81,10 @@ def train(model: nn.Module, data: Split, *, epochs: float = 1.0, lr: float = 0.0
             ``(step, total, loss)`` called every step.
         step_hook: called after each optimizer step (e.g. DNS mask updates, ADMM projections).
         extra_loss: added to the loss (regularisers such as group lasso).
-        loss_fn: the user's loss ``loss_fn(model, batch, teacher)`` instead of cross-entropy with
-            distillation from ``teacher`` (the user's loss does its own distillation).
+        loss_fn: the user's loss ``loss_fn(model, batch, teacher)`` instead of cross-entropy; with a
+            ``teacher`` and ``distill``, soft targets per output element are mixed in
+            (:class:`~compressors.distill.UserLossDistiller`; off, with a warning, for outputs
+            without class scores such as a detector's losses).
 
     Returns:
         ``{"steps": ..., "loss": final running loss}``.
@@ -95,7 +97,8 @@ def train(model: nn.Module, data: Split, *, epochs: float = 1.0, lr: float = 0.0
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15,
                                                 anneal_strategy="cos", div_factor=10, final_div_factor=100)
-    distiller = make_distiller(distill, model, teacher)
+    distiller = make_distiller(distill, model, teacher) if loss_fn is None else \
+        UserLossDistiller(distill, model, teacher, loss_fn)
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -108,7 +111,7 @@ def train(model: nn.Module, data: Split, *, epochs: float = 1.0, lr: float = 0.0
         while step < total:
             for xb, yb in data.batches(batch_size, shuffle=True, seed=seed + epoch, augment=augment):
                 if loss_fn is not None:
-                    loss = loss_fn(model, (xb, yb), teacher)
+                    loss = distiller.loss((xb, yb))
                 else:
                     loss = _default_loss(model, teacher, distiller, xb, yb)
                 if extra_loss is not None:
@@ -152,8 +155,12 @@ def _default_loss(model: nn.Module, teacher: nn.Module | None, distiller: Any, x
 
 
 @torch.no_grad()
-def recalibrate_bn_(model: nn.Module, data: Split, *, batches: int = 20, batch_size: int = 128) -> None:
-    """Re-estimate BatchNorm running statistics (after pruning or quantization)."""
+def recalibrate_bn_(model: nn.Module, data: Split, *, batches: int = 20, batch_size: int = 128,
+                    loss_fn: Loss | None = None) -> None:
+    """Re-estimate BatchNorm running statistics (after pruning or quantization) on ``batches`` x
+    ``batch_size`` training images, fed in batches :func:`~.splits.inference_batch` caps (large
+    images: more, smaller batches, averaged). A model whose training forward needs targets (a
+    detector) runs as the fine-tune's ``loss_fn`` runs it."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -161,8 +168,13 @@ def recalibrate_bn_(model: nn.Module, data: Split, *, batches: int = 20, batch_s
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     model.train()
-    for i, (xb, _) in enumerate(data.batches(batch_size, shuffle=True, seed=99)):
-        if i >= batches:
+    seen = 0
+    for xb, yb in data.batches(inference_batch(batch_size, data.input_shape), shuffle=True, seed=99):
+        if seen >= batches * batch_size:
             break
-        model(xb)
+        if loss_fn is None:
+            model(xb)
+        else:
+            loss_fn(model, (xb, yb), None)
+        seen += len(xb)
     model.eval()

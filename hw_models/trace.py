@@ -37,6 +37,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..compressors.layers import tensor_graph
 from ..compressors.pruning import ChannelGroups, channel_groups
 from ..compressors.registry import UnknownNameError, did_you_mean
 
@@ -321,6 +322,7 @@ def trace(model: Any, input_shape: Sequence[int] = (3, 224, 224), *,
     input_shape = tuple(int(x) for x in input_shape)
     if len(input_shape) < 1 or any(x <= 0 for x in input_shape):
         raise ValueError(f"`input_shape` of positive (C, H, W) must hold, but got input_shape={input_shape}")
+    model = tensor_graph(model)  # a detector: its backbone and head (no resizing, anchors or box decoding)
     if groups is True:
         groups = _groups_or_none(model, input_shape)
     elif groups is False:

@@ -105,14 +105,17 @@ def workload_of(model: Any, data: Any, cfg: SearchConfig, metric: Metric | None,
     """The workload of an API call, and the config that names it (``object:<Class>`` for objects)."""
     if model is not None and not isinstance(model, (str, nn.Module)):
         raise UserError(f"model must be a name or a torch.nn.Module, got {type(model).__name__}")
-    splits = None if data is None or isinstance(data, str) else splits_of(data)
+    splits = None if data is None or isinstance(data, str) else splits_of(data, cfg.workers_for(False))
     if isinstance(model, nn.Module):
         cfg = cfg.with_(model=object_name(model), checkpoint=None)
     if splits is not None:
         cfg = cfg.with_(dataset=splits.name if splits.name.startswith("object:") else f"object:{splits.name}")
     splits = splits if splits is not None else load_data(cfg)
     obj = model if isinstance(model, nn.Module) else None
-    return Workload(cfg.model, splits, obj, metric, loss), cfg
+    if obj is not None and cfg.weights:
+        raise UserError("weights= loads pretrained weights into a torchvision model built by name; load them into "
+                        "your model object yourself")
+    return Workload(cfg.model, splits, obj, metric, loss, None if obj is not None else cfg.weights), cfg
 
 
 def search(model: Any = None, data: Any = None, *, metric: Metric | None = None, loss: Loss | None = None,

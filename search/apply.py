@@ -196,6 +196,6 @@ def _compress(base: nn.Module, policy: Policy, data: DataSplits, epochs: float, 
         finetune(model, data.train, teacher=base, distill=policy.distill, epochs=epochs, lr=lr, seed=seed,
                  progress=progress, loss_fn=loss)
     else:
-        recalibrate_bn_(model, data.train)
+        recalibrate_bn_(model, data.train, loss_fn=loss)
     return model, resolved
 

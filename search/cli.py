@@ -39,8 +39,17 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="zoo name (lenet5, resnet20, vgg_small, mobilenet_v2), a torchvision "
                                    "model name, or package.module:factory (default mobilenet_v2)")
     g.add_argument("--checkpoint", help="trained weights for --model (squeezer checkpoint or a state dict)")
+    g.add_argument("--weights", help="pretrained weights for a torchvision --model: a local state-dict file, or "
+                                     "DEFAULT (torchvision's download); the head is fitted to the data's classes")
     g.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, digits, imagefolder:PATH")
     g.add_argument("--data-root", help="where datasets are looked for (also $SQUEEZER_DATA)")
+    g.add_argument("--image-size", type=int, dest="image_size",
+                   help="imagefolder: side in pixels (224); train: random resized crop + flip, eval: resize + centre crop")
+    g.add_argument("--normalize", help="input normalisation: imagenet, dataset or none (default auto: imagenet with "
+                                       "--weights, else the dataset's own mean and std)")
+    g.add_argument("--loader-workers", type=int, dest="loader_workers",
+                   help="DataLoader worker processes reading the data (default 2 for a streamed image folder)")
+    g.add_argument("--batch-size", type=int, dest="batch_size", help="training batch size (128)")
     g = p.add_argument_group("goal")
     g.add_argument("--budget", help="model size budget, e.g. 2MB (2,000,000 B), 2MiB, 500kB (default 2MB)")
     g.add_argument("--target", help="hardware target name or a calibrated target .yaml (default arm)")
@@ -91,7 +100,8 @@ def _config_from_args(args: argparse.Namespace):
             base = SearchConfig.load(args.config).to_dict()
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
-    cli = {k: getattr(args, k) for k in ("model", "checkpoint", "dataset", "data_root", "budget", "target",
+    cli = {k: getattr(args, k) for k in ("model", "checkpoint", "weights", "dataset", "data_root", "image_size",
+                                         "normalize", "loader_workers", "batch_size", "budget", "target",
                                          "max_latency_ms", "max_energy_mj", "timeout", "run", "seed",
                                          "storage", "sampler", "base_epochs", "trial_steps", "final_epochs",
                                          "criterion", "quantizer", "prune_choices", "threads", "rungs", "sensitivity_threshold_pp",

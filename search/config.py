@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..compressors.registry import did_you_mean
+from ..evaluators.images import NORMALIZE
 from .budget import parse_positive, parse_size
 
 #: CLI spellings of config fields (``--tolerance`` is ``tolerance_pp``, ...), accepted by
@@ -30,6 +31,15 @@ class SearchConfig:
     dataset: str = "fashion-mnist"
     data_root: str | None = None
     checkpoint: str | None = None
+    # Pretrained weights for a torchvision --model (a local state-dict file, or DEFAULT:
+    # torchvision's own download), loaded before the head is fitted to the data's classes.
+    weights: str | None = None
+    # Image folders: the side in pixels (224 unless given), loader processes (None: 2 for a
+    # streamed image folder, 0 for a Dataset passed from Python), and the input normalisation
+    # (auto: imagenet with --weights, else the dataset's own mean and std).
+    image_size: int | None = None
+    loader_workers: int | None = None
+    normalize: str = "auto"
     target: str = "arm"
     budget: str = "2MB"
     max_latency_ms: float | None = None
@@ -113,6 +123,32 @@ class SearchConfig:
             raise ValueError(f"`workers >= 1` must hold, but got workers={self.workers!r}")
         if self.backend not in ("optuna", "ray"):
             raise ValueError(did_you_mean(self.backend, ["optuna", "ray"], "backend"))
+        self._check_data_options()
+
+    def _check_data_options(self) -> None:
+        for name, low in (("image_size", 8), ("loader_workers", 0), ("batch_size", 1)):
+            v = getattr(self, name)
+            if (v is not None or name == "batch_size") and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+                raise ValueError(f"`{name} >= {low}` must hold, but got {name}={v!r}")
+        if self.normalize not in ("auto", *NORMALIZE):
+            raise ValueError(did_you_mean(str(self.normalize), ["auto", *NORMALIZE], "normalization"))
+        if self.weights and self.checkpoint:
+            raise ValueError("give --weights (pretrained weights to train the base from) or --checkpoint (the trained "
+                             "base model), not both")
+
+    def workers_for(self, streamed_folder: bool) -> int:
+        """Loader processes: ``loader_workers``, else 2 for a streamed image folder and 0 otherwise
+        (a small in-memory Dataset is faster read in this process)."""
+        if self.loader_workers is not None:
+            return self.loader_workers
+        return 2 if streamed_folder else 0
+
+    @property
+    def normalization(self) -> str:
+        """``normalize`` with ``auto`` resolved: ``imagenet`` for pretrained ``weights``, else ``dataset``."""
+        if self.normalize != "auto":
+            return self.normalize
+        return "imagenet" if self.weights else "dataset"
 
     @property
     def rung_steps(self) -> tuple[int, ...]:

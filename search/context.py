@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import hw_models
+from ..compressors.distill import logit_maps
 from ..compressors.policy import Policy
 from ..evaluators.splits import DataSplits
 from .budget import format_bytes
@@ -75,11 +76,11 @@ class Context:
         return self.workload.score(model, split)
 
 
-def check_runs(arch: nn.Module, cfg: SearchConfig, data: DataSplits) -> None:
-    """The model runs on one input of the data's shape (else a one-line error)."""
+def check_runs(arch: nn.Module, cfg: SearchConfig, data: DataSplits) -> Any:
+    """The model's output on one input of the data's shape (else a one-line error)."""
     try:
         with torch.no_grad():
-            arch.eval()(torch.zeros(1, *data.input_shape))
+            return arch.eval()(torch.zeros(1, *data.input_shape))
     except RuntimeError as e:
         raise UserError(f"model {cfg.model} cannot run on {cfg.dataset}'s {'x'.join(map(str, data.input_shape))} "
                         f"inputs: {str(e).splitlines()[0]}") from None
@@ -99,6 +100,15 @@ def build_space(cfg: SearchConfig, arch: nn.Module, input_shape: tuple[int, ...]
     wbits, abits = target_bits(target)
     return SearchSpace.build(arch, input_shape, weight_bits=wbits, act_bits=abits, distill=cfg.distill,
                              criterion=cfg.criterion, quantizer=cfg.quantizer, prune_choices=cfg.prune_ratio_choices)
+
+
+def log_unpruned(space: SearchSpace) -> None:
+    """Say which layers no policy prunes, and why (every conv/linear is still quantized)."""
+    whole = space.groups_info.unpruned()
+    for why in sorted(set(whole.values())):
+        names = [n for n, w in whole.items() if w == why]
+        log.info("pruning leaves %d of %d conv/linear layers whole (%s): %s", len(names), len(space.layers), why,
+                 ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else ""))
 
 
 def base_metrics_of(cost: Any, cfg: SearchConfig, workload: Workload, base: nn.Module, meta: dict[str, Any],
@@ -124,9 +134,13 @@ def prepare(cfg: SearchConfig, run_dir: Path, workload: Workload, *, progress: b
     # The architecture alone fixes the table, the space and the smallest reachable size:
     # check the budget before spending minutes on the base model.
     arch = workload.architecture()
-    check_runs(arch, cfg, workload.data)
+    if logit_maps(check_runs(arch, cfg, workload.data)) is None and cfg.distill:
+        log.warning("distillation off: %s's outputs hold no class scores to use as soft targets (a detector's "
+                    "boxes); fine-tunes use the loss alone", cfg.model)
+        cfg = cfg.with_(distill=False)
     table = hw_models.trace(arch, workload.data.input_shape)
     space = build_space(cfg, arch, workload.data.input_shape, target)
+    log_unpruned(space)
     smallest = check_budget_reachable(cfg, table, space, target)
     with file_lock(run_dir / ".base.lock"):  # concurrent processes of one run train it once
         base, meta = build_base(cfg, workload, run_dir / BASE_MODEL, run_dir.parent / ".cache", progress=progress)

@@ -35,7 +35,8 @@ import torch
 
 from ..compressors.apply import _compress_layer_, apply_policy_
 from ..compressors.lowrank import DECOMPOSITIONS
-from ..evaluators.train import Metric, recalibrate_bn_
+from ..evaluators.splits import inference_batch
+from ..evaluators.train import Loss, Metric, recalibrate_bn_
 from ..evaluators.train import score as score_metric
 from .runfolder import SENSITIVITY, CorruptFile, file_lock, read_checked_json, write_json
 
@@ -94,7 +95,7 @@ def aggressiveness(dim: str, v: Any) -> float:
 
 def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int = 128, batch_size: int = 256,
             seed: int = 0, calib=None, bn_data=None, bn_images: int = 0, progress: bool = False,
-            metric: Metric | None = None) -> dict[str, Any]:
+            metric: Metric | None = None, loss: Loss | None = None) -> dict[str, Any]:
     """Probe every non-neutral choice of every dimension; accuracy loss in percentage points.
 
     Args:
@@ -108,6 +109,8 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
             measured (adaptive BN); 0 = the base model's statistics.
         metric: the user's metric (``metric(model, loader)``, higher is better) instead of top-1
             accuracy; the loss is then in points of that metric x 100.
+        loss: the user's fine-tuning loss: BN statistics are re-estimated running the model as it
+            runs (a detector's training forward needs its targets).
 
     Returns:
         ``{"schema", "base_accuracy", "val_size", "bn_images", "seconds",
@@ -121,7 +124,8 @@ def measure(model: torch.nn.Module, space, data, input_shape, *, val_size: int =
 
     sub = data.subset(min(val_size, len(data)), seed=seed) if hasattr(data, "subset") else data
     bn_images = min(bn_images, len(bn_data)) if bn_data is not None else 0
-    prober = _Prober(model, sub, batch_size=batch_size, bn_data=bn_data, bn_images=bn_images, metric=metric)
+    prober = _Prober(model, sub, batch_size=inference_batch(batch_size, input_shape), bn_data=bn_data,
+                     bn_images=bn_images, metric=metric, loss=loss)
     neutral = neutral_params(space)
     probes: dict[str, dict[str, float]] = {}
     divergence: dict[str, dict[str, float]] = {}
@@ -152,8 +156,8 @@ class _Prober:
     """Scores probes on fixed validation images against the unchanged model (see :func:`measure`)."""
 
     def __init__(self, model: torch.nn.Module, sub: Any, *, batch_size: int, bn_data: Any, bn_images: int,
-                 metric: Metric | None) -> None:
-        self.model, self.sub, self.batch_size, self.metric = model, sub, batch_size, metric
+                 metric: Metric | None, loss: Loss | None = None) -> None:
+        self.model, self.sub, self.batch_size, self.metric, self.loss = model, sub, batch_size, metric, loss
         self.bn_data, self.bn_images = bn_data, bn_images
         self.labels = torch.cat([y for _, y in sub.batches(batch_size)]) if metric is None else None
         ref_model = copy.deepcopy(model) if bn_images > 0 else model
@@ -165,7 +169,7 @@ class _Prober:
         per output element), its BN statistics re-estimated first if asked (then ``m`` must be a
         copy: its statistics change); None for outputs that are not one tensor."""
         if self.bn_images > 0:
-            recalibrate_bn_(m, self.bn_data, batches=1, batch_size=self.bn_images)
+            recalibrate_bn_(m, self.bn_data, batches=1, batch_size=self.bn_images, loss_fn=self.loss)
         was = m.training
         m.eval()
         with torch.no_grad():
@@ -269,7 +273,7 @@ def load_or_measure(ctx, *, force: bool = False, val_size: int = 128, progress: 
                  f", BN statistics re-estimated on {bn} training images" if bn else "")
         sens = measure(ctx.base, ctx.space, ctx.data.val, ctx.input_shape, val_size=val_size,
                        seed=ctx.cfg.seed, calib=calib, bn_data=ctx.trial_train, bn_images=bn,
-                       progress=progress, metric=ctx.workload.metric)
+                       progress=progress, metric=ctx.workload.metric, loss=ctx.workload.loss)
         write_json(path, sens, checksum=True)
         log.info("sensitivity: %d probes in %.1f s -> %s", sens["n_probes"], sens["seconds"], path)
         return sens

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import random
 import time
@@ -37,7 +38,7 @@ from ..evaluators.checkpoint import (
     weights_sha1,
 )
 from ..evaluators.datasets import KNOWN, load_dataset
-from ..evaluators.models import ZOO, build_model, known_models
+from ..evaluators.models import TORCHVISION_PREFIX, ZOO, build_model, known_models
 from ..evaluators.splits import DataSplits, from_objects
 from ..evaluators.train import Loss, Metric, score, train
 from .config import SearchConfig
@@ -68,6 +69,7 @@ class Workload:
     model: nn.Module | None = None
     metric: Metric | None = None
     loss: Loss | None = None
+    weights: str | None = None   # pretrained weights of a torchvision model built by name
 
     @property
     def metric_name(self) -> str:
@@ -87,7 +89,7 @@ class Workload:
                             "it has; give the dataset a `classes` attribute or pass a model object")
         try:
             return build_model(self.model_name, in_channels=self.data.input_shape[0],
-                               num_classes=self.data.num_classes)
+                               num_classes=self.data.num_classes, weights=self.weights)
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -101,15 +103,21 @@ def load_data(cfg: SearchConfig) -> DataSplits:
     if cfg.dataset.startswith(OBJECT_PREFIX):
         raise UserError(f"this run's data was passed as a Python object ({cfg.dataset}); pass it again: "
                         "squeezer.resume(RUN, data=(train, val))")
+    if cfg.normalize == "auto" and cfg.weights:
+        log.info("input normalisation: ImageNet's mean and std (what pretrained --weights expect; --normalize "
+                 "dataset uses the dataset's own)")
     try:
-        return load_dataset(cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed)
+        return load_dataset(cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, image_size=cfg.image_size,
+                            normalize=cfg.normalization, workers=cfg.workers_for(True))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
 
 def check_names(cfg: SearchConfig) -> None:
     """The model and dataset ``cfg`` names exist (a one-line error with a hint, before any work)."""
-    if not cfg.model.startswith(OBJECT_PREFIX) and cfg.model not in ZOO and cfg.model not in known_models():
+    tv = cfg.model.startswith(TORCHVISION_PREFIX)
+    if not cfg.model.startswith(OBJECT_PREFIX) and cfg.model not in ZOO and (tv or ":" not in cfg.model) \
+            and cfg.model.removeprefix(TORCHVISION_PREFIX) not in known_models():
         try:
             build_model(cfg.model, in_channels=1, num_classes=10)
         except ValueError as e:
@@ -118,12 +126,13 @@ def check_names(cfg: SearchConfig) -> None:
         raise UserError(did_you_mean(cfg.dataset, list(KNOWN), "dataset"))
 
 
-def splits_of(data: Any) -> DataSplits:
-    """Data a user passed as objects: ``(train, val[, test])`` Datasets/DataLoaders, or DataSplits."""
+def splits_of(data: Any, workers: int = 0) -> DataSplits:
+    """Data a user passed as objects: ``(train, val[, test])`` Datasets/DataLoaders (a Dataset read
+    by ``workers`` loader processes; a DataLoader keeps its own), or DataSplits."""
     if isinstance(data, DataSplits):
         return data
     try:
-        return from_objects(data)
+        return from_objects(data, workers=workers)
     except TypeError as e:
         raise UserError(str(e)) from None
 
@@ -133,18 +142,39 @@ def named_workload(cfg: SearchConfig, *, data: DataSplits | None = None) -> Work
     if cfg.model.startswith(OBJECT_PREFIX):
         raise UserError(f"this run's model was passed as a Python object ({cfg.model}); pass it again: "
                         "squeezer.resume(RUN, model=...)")
-    return Workload(cfg.model, data if data is not None else load_data(cfg))
+    return Workload(cfg.model, data if data is not None else load_data(cfg), weights=cfg.weights)
 
 
 def base_cache_path(cache_root: Path, cfg: SearchConfig, *, train_size: int | None = None) -> Path:
     """Where a base model trained from ``cfg`` is cached (one file per model, dataset, seed,
-    epochs and validation split: the settings that decide its weights)."""
+    epochs, validation split, and where set: image size, normalisation, batch size, loader
+    workers (their random crops) and pretrained weights (the file's path, size and time): the
+    settings that decide its weights)."""
     def safe(s: str) -> str:
         return s.replace(":", "_").replace("/", "_")
 
-    size = f"-n{train_size}" if train_size else ""
+    extra = f"-n{train_size}" if train_size else ""
+    if cfg.image_size is not None:
+        extra += f"-i{cfg.image_size}"
+    if cfg.normalization != "dataset":
+        extra += f"-{cfg.normalization}"
+    if cfg.batch_size != SearchConfig.batch_size:
+        extra += f"-b{cfg.batch_size}"
+    if cfg.dataset.startswith("imagefolder:"):
+        extra += f"-lw{cfg.workers_for(True)}"
+    if cfg.weights:
+        extra += f"-w{_weights_id(cfg.weights)}"
     return Path(cache_root) / f"{safe(cfg.model)}-{safe(cfg.dataset)}-s{cfg.seed}-e{cfg.base_epochs:g}" \
-                              f"-v{cfg.val_size}{size}.pt"
+                              f"-v{cfg.val_size}{extra}.pt"
+
+
+def _weights_id(weights: str) -> str:
+    """Weights named by torchvision as they are; a file by a digest of its path, size and time."""
+    p = Path(weights)
+    if not p.is_file():
+        return weights
+    st = p.stat()
+    return hashlib.sha1(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
 
 
 def train_base(model: nn.Module, data: DataSplits, cfg: SearchConfig, *, progress: bool = True) -> dict[str, Any]:

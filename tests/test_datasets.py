@@ -55,7 +55,7 @@ def test_imagefolder(tmp_path):
             for i in range(6):
                 Image.new("RGB", (12, 12), (color, i * 10, 0)).save(tmp_path / split / c / f"{i}.png")
     d = load_dataset(f"imagefolder:{tmp_path}", val_size=2)
-    assert d.num_classes == 2 and d.input_shape == (3, 32, 32) and len(d.test) == 12
+    assert d.num_classes == 2 and d.input_shape == (3, 224, 224) and len(d.test) == 12  # 224 px unless given
 
 
 def test_unknown_dataset_did_you_mean():

@@ -166,6 +166,11 @@ def test_the_wheel_holds_only_the_squeezer_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "squeezer/search/api.py" in names and "squeezer/hw_models/targets/arm-a72.yaml" in names
     assert not any(n.startswith(("squeezer/tests/", "squeezer/benchmarks/", "squeezer/runs/")) for n in names)
+    # every package of the source tree ships (a subpackage missing from pyproject's list imports
+    # from a checkout but not from the wheel)
+    sources = {f"squeezer/{p.relative_to(ROOT).as_posix()}"
+               for top in ("search", "compressors", "evaluators", "hw_models") for p in (ROOT / top).rglob("__init__.py")}
+    assert sources <= set(names), sorted(sources - set(names))
 
 
 def test_a_run_of_named_model_and_data_started_from_python_resumes_from_the_cli(tmp_path):

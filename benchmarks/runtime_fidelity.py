@@ -7,10 +7,11 @@ fp32 / uniform int8 ends), exports each as ``squeezer export`` writes ONNX
 (:func:`hw_models.micro.export_policy`), times every file in ONNX Runtime on this machine
 (batch 1, one thread, interleaved rounds, median of per-round medians:
 :func:`hw_models.kit_runner.time_interleaved`) and compares with the ``host-ort`` cost model's
-prediction (``trace`` -> ``estimate_table``). With ``--pte`` the same policies are also written
-as ExecuTorch XNNPACK programs and compared with ``host-xnnpack``.
+prediction (``trace`` -> ``estimate_table``). With ``--format pte`` the same policies are
+written as ExecuTorch XNNPACK programs and compared with ``host-xnnpack``.
 
     python benchmarks/runtime_fidelity.py --per-model 22 --json runs/runtime_fidelity.json
+    python benchmarks/runtime_fidelity.py --format pte --folder runs/runtime_fidelity_pte --json runs/rf_pte.json
 
 Prepare (export) under ``flock -s``, time under ``flock -x``: ``--export-only`` writes the files
 and a manifest; ``--time-only`` times an existing folder.
@@ -36,6 +37,7 @@ from squeezer.compressors.policy import LayerPolicy as LP  # noqa: E402
 from squeezer.compressors.policy import Policy  # noqa: E402
 from squeezer.evaluators.models import build_model  # noqa: E402
 from squeezer.hw_models import get_target  # noqa: E402
+from squeezer.hw_models.bench import host_target, load_artifact  # noqa: E402
 from squeezer.hw_models.calibrate import metrics  # noqa: E402
 from squeezer.hw_models.cost import estimate_table  # noqa: E402
 from squeezer.hw_models.kit_runner import onnx_session, time_interleaved  # noqa: E402
@@ -91,14 +93,15 @@ def draw_policies(model: str, per_model: int, seed: int) -> list[tuple[str, Poli
     return out
 
 
-def export_all(folder: Path, per_model: int, seed: int) -> list[dict]:
+def export_all(folder: Path, per_model: int, seed: int, fmt: str = "onnx") -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for model in MODELS:
         for name, pol in draw_policies(model, per_model, seed):
-            path = folder / f"{model}_{name}.onnx"
+            path = folder / f"{model}_{name}.{fmt}"
             t0 = time.time()
-            export_policy(build_model(model, in_channels=SHAPE[0], num_classes=10), pol, SHAPE, path)
+            if not path.is_file():
+                export_policy(build_model(model, in_channels=SHAPE[0], num_classes=10), pol, SHAPE, path, fmt=fmt)
             if pol is not None:
                 pol.save(folder / f"{model}_{name}.policy.json")
             entries.append({"model": model, "policy_name": name, "file": path.name,
@@ -116,7 +119,8 @@ def predict(entries: list[dict], target: str) -> list[float]:
 
 
 def time_all(folder: Path, entries: list[dict], rounds: int, repeats: int) -> list[float]:
-    runs = {e["file"]: onnx_session(folder / e["file"]) for e in entries}
+    runs = {e["file"]: onnx_session(folder / e["file"]) if e["file"].endswith(".onnx") else
+            load_artifact(folder / e["file"])[1] for e in entries}
     x = np.random.default_rng(0).random((1, *SHAPE), dtype=np.float32)
     ms = time_interleaved(runs, {k: x for k in runs}, rounds=rounds, repeats=repeats)
     return [ms[e["file"]] for e in entries]
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folder", type=Path, default=ROOT / "runs" / "runtime_fidelity")
     ap.add_argument("--per-model", type=int, default=22)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target", default="host-ort")
+    ap.add_argument("--format", default="onnx", choices=["onnx", "pte"])
+    ap.add_argument("--target", default=None, help="default: the runtime's host target (host-ort, host-xnnpack)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--export-only", action="store_true")
@@ -156,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_only:
         entries = json.loads((args.folder / "manifest.json").read_text())
     else:
-        entries = export_all(args.folder, args.per_model, args.seed)
+        entries = export_all(args.folder, args.per_model, args.seed, args.format)
     if args.export_only:
         return 0
+    args.target = args.target or host_target(args.format)
     t0 = time.time()
     meas = time_all(args.folder, entries, args.rounds, args.repeats)
     pred = predict(entries, args.target)

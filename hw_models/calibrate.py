@@ -46,8 +46,9 @@ from ..compressors.apply import apply_policy_
 from ..compressors.policy import LayerPolicy, Policy
 from ..evaluators.models import build_model
 from . import kit_runner
+from .bench import load_artifact
 from .cost import coefficients, estimate_table, features
-from .micro import MicroGraph, build_micro, write_kit
+from .micro import MICRO_CLASSES, STRUCTURAL_POLICIES, MicroGraph, build_micro, export_micro, micro_set, write_kit
 from .nb201 import nb201_table
 from .targets import EFFICIENCY_CLASSES, Target, get_target, save_target
 from .trace import LayerTable, trace
@@ -396,14 +397,30 @@ def read_measurements(path: str | Path) -> list[CalibrationRow]:
     return rows
 
 
-def measure_runtime(graphs: Sequence[MicroGraph] | None = None, *, rounds: int = 7, repeats: int = 30,
-                    workdir: str | Path | None = None) -> list[CalibrationRow]:
-    """Time micro-benchmark graphs in ONNX Runtime on this machine (one thread, batch 1,
-    interleaved): the kit of :func:`hw_models.micro.write_kit`, run here by its own runner."""
+def measure_runtime(graphs: Sequence[MicroGraph] | None = None, *, runtime: str = "onnxruntime", rounds: int = 7,
+                    repeats: int = 30, workdir: str | Path | None = None) -> list[CalibrationRow]:
+    """Time micro-benchmark graphs on this machine (one thread, batch 1, interleaved). ONNX
+    Runtime: the kit of :func:`hw_models.micro.write_kit`, run here by its own runner; ExecuTorch
+    (``runtime="xnnpack"``): the graphs as ``.pte`` programs, timed by the same function."""
+    if runtime not in ("onnxruntime", "xnnpack"):
+        raise ValueError(f"`runtime in ('onnxruntime', 'xnnpack')` must hold, but got runtime={runtime!r}")
     with tempfile.TemporaryDirectory() as tmp:
         kit = Path(workdir) if workdir is not None else Path(tmp)
-        write_kit(kit, graphs)
-        return read_measurements(kit_runner.run_kit(kit, rounds=rounds, repeats=repeats))
+        if runtime == "onnxruntime":
+            write_kit(kit, graphs)
+            return read_measurements(kit_runner.run_kit(kit, rounds=rounds, repeats=repeats))
+        graphs = list(graphs) if graphs is not None else micro_set(policies=STRUCTURAL_POLICIES)
+        runs, inputs = {}, {}
+        for g in graphs:
+            path = kit / f"{g.file_stem}.pte"
+            if not path.is_file():  # a workdir keeps the programs of an earlier call (exporting takes ~10 s each)
+                export_micro(g, path, fmt="pte")
+            runs[g.file_stem] = load_artifact(path)[1]
+            inputs[g.file_stem] = np.random.default_rng(0).random((1, *g.input_shape), dtype=np.float32)
+        ms = kit_runner.time_interleaved(runs, inputs, rounds=rounds, repeats=repeats)
+        return [CalibrationRow(model=g.spec, latency_ms=ms[g.file_stem], input_shape=g.input_shape,
+                               num_classes=MICRO_CLASSES, policy=g.policy, runtime="executorch xnnpack")
+                for g in graphs]
 
 
 def cli_calibrate(target: str | None, measurements_csv: str | Path | None, out_path: str | Path | None, *,
@@ -438,11 +455,12 @@ def cli_calibrate(target: str | None, measurements_csv: str | Path | None, out_p
         if base.runtime.name == "pytorch":
             rows = measure_host(runtime=runtime, policies=host_policies())
             src = f"measure_host ({runtime})"
-        elif base.runtime.name == "onnxruntime":
-            rows = measure_runtime()
-            src = f"{len(rows)} micro-benchmark graphs (hw_models.micro) timed in ONNX Runtime {ort.__version__} here"
+        elif base.runtime.name in ("onnxruntime", "xnnpack"):
+            rows = measure_runtime(runtime=base.runtime.name)
+            src = f"{len(rows)} micro-benchmark graphs (hw_models.micro) timed in {base.runtime.name} here"
         else:
-            raise ValueError("`measurements are given unless the target's runtime runs here (pytorch, onnxruntime)` "
+            raise ValueError("`measurements are given unless the target's runtime runs here (pytorch, onnxruntime, "
+                             "xnnpack)` "
                              f"must hold, but got target={target!r} (runtime {base.runtime.name}) and no "
                              "measurements file")
     else:

@@ -391,14 +391,23 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
     return ops, rename
 
 
-def _tensor_bits(ops: list[_Op], outputs: Iterable[str]) -> dict[str, int]:
+def _act_bits(op: _Op, target: Target) -> int | None:
+    """The width a conv/linear reads its input at: its policy's ``act_bits``, or 8 where the
+    deployment flow quantizes the whole graph (``runtime.integer_kernels.whole_graph``)."""
+    if op.lp is None:
+        return None
+    return 8 if target.runtime.integer_kernels.whole_graph else op.lp.act_bits
+
+
+def _tensor_bits(ops: list[_Op], outputs: Iterable[str], target: Target) -> dict[str, int]:
     """Bits per element of each tensor: the widest width any reader needs (float by default)."""
     bits: dict[str, int] = {o: 32 for o in outputs}
     for op in reversed(ops):
         if op.name not in bits:
             bits[op.name] = 0
         if op.lp is not None:
-            need = op.lp.act_bits if op.lp.act_bits is not None else 32
+            act = _act_bits(op, target)
+            need = act if act is not None else 32
         else:
             need = bits[op.name] or 32
         for i in op.inputs:
@@ -417,8 +426,9 @@ def _weight_bytes_moved(op: _Op, target: Target, integer: bool = True) -> float:
     lp = op.lp
     if lp is None:
         return 0.0
-    at_load = not integer and target.runtime.integer_kernels.dequantize_at_load
-    w = op.numel * (32 if at_load else target.storage_width(_code_bits(lp))) / 8.0
+    ik = target.runtime.integer_kernels
+    at_load = not integer and ik.dequantize_at_load
+    w = op.numel * (32 if at_load else 8 if ik.whole_graph else target.storage_width(_code_bits(lp))) / 8.0
     if lp.sparsity > 0 and target.sparse_kernels:
         w = w * (1.0 - lp.sparsity) + op.numel / 8.0
     return w
@@ -523,7 +533,7 @@ def _breakdown(table: LayerTable, policy: Policy, target: Target) -> _Breakdown:
     table = runtime_graph(table, target.runtime.graph)
     ops, rename = _expand(table, policy, target)
     outputs = [rename.get(o, o) for o in table.outputs] or ([ops[-1].name] if ops else [])
-    bits = _tensor_bits(ops, outputs)
+    bits = _tensor_bits(ops, outputs, target)
     integer = _integer_kernels(ops, outputs, target)
     pr = _Pricer(table, target, bits.get("input", 32), sum(_weight_bytes_moved(op, target, op.name in integer)
                                                            for op in ops))
@@ -597,8 +607,8 @@ class _Pricer:
             self.domain[op.name] = self.domain.get(op.inputs[0], self.float_w) if op.inputs else self.float_w
         else:
             # conv/linear read their input at act_bits (float without); other ops at their width
-            read = cbits if op.lp is None else \
-                (self.float_w if op.lp.act_bits is None else self.target.compute_width(op.lp.act_bits))
+            act = _act_bits(op, self.target)
+            read = cbits if op.lp is None else self.float_w if act is None else self.target.compute_width(act)
             for i in op.inputs:
                 t = self.convert(i, read)
                 if read != cbits:  # integer activations into a float kernel
@@ -669,7 +679,7 @@ def _integer_kernels(ops: list[_Op], outputs: Sequence[str], target: Target) -> 
             continue  # a width the runtime cannot compute: dequantized, a float kernel runs
         if ik.output == "quantized":
             rs = readers.get(op.name, [])
-            if len(rs) != 1 or rs[0] is None or rs[0].lp is None or rs[0].lp.act_bits is None:
+            if len(rs) != 1 or rs[0] is None or _act_bits(rs[0], target) is None:
                 continue  # ONNX Runtime's QDQ rule: the result goes to exactly one quantize
         out.add(op.name)
     return out

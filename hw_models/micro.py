@@ -34,7 +34,9 @@ from torch import nn
 
 from ..compressors.apply import apply_policy_
 from ..compressors.policy import LayerPolicy, Policy
+from ..evaluators.checkpoint import Loaded
 from ..evaluators.export import deploy_model, export_onnx
+from ..evaluators.formats import export_model
 from . import kit_runner
 from .trace import LayerTable, trace
 
@@ -146,6 +148,11 @@ POLICIES: dict[str, Callable[[list[str]], Policy] | None] = {
 }
 
 
+#: The policies that change what a whole-graph int8 flow runs (XNNPACK's PT2E quantizer makes every
+#: layer int8 whatever its bits): structure only.
+STRUCTURAL_POLICIES = ("fp32", "pruned_w8a8", "lowrank")
+
+
 @dataclass(frozen=True)
 class MicroGraph:
     """One calibration graph: a model spec at an input shape under a named policy."""
@@ -180,10 +187,11 @@ def micro_set(specs: Sequence[tuple[str, int, int, int]] = DEFAULT_SPECS,
 
 
 def export_policy(model: nn.Module, policy: Policy | None, input_shape: tuple[int, ...], path: str | Path, *,
-                  seed: int = 0) -> Path:
-    """Write ``model`` (changed in place) under ``policy`` as ``squeezer export`` writes ONNX:
-    the policy applied, activation ranges seen on a few random batches, BN and normalisation
-    folded, QDQ. For timing: an untrained model runs as fast as a trained one."""
+                  seed: int = 0, fmt: str = "onnx") -> Path:
+    """Write ``model`` (changed in place) under ``policy`` as ``squeezer export`` writes ``fmt``
+    (``onnx``: the policy applied, activation ranges seen on a few random batches, BN and
+    normalisation folded, QDQ; ``pte``: the ExecuTorch XNNPACK program). For timing: an untrained
+    model runs as fast as a trained one."""
     torch.manual_seed(seed)
     if policy is not None:
         batches = [(torch.rand(32, *input_shape), torch.randint(0, 2, (32,))) for _ in range(2)]
@@ -192,14 +200,18 @@ def export_policy(model: nn.Module, policy: Policy | None, input_shape: tuple[in
             for x, _ in batches:
                 model(x)
     c = input_shape[0]
+    if fmt == "pte":
+        norm = {"mean": [0.5] * c, "std": [0.25] * c}
+        return export_model(Loaded(model.eval(), "micro", tuple(input_shape), MICRO_CLASSES, policy, norm), "pte",
+                            path).path
     export_onnx(deploy_model(model.eval(), mean=(0.5,) * c, std=(0.25,) * c), path, input_shape)
     return Path(path)
 
 
-def export_micro(g: MicroGraph, path: str | Path, seed: int = 0) -> Path:
-    """Write the micro graph ``g`` as ``squeezer export`` writes ONNX (:func:`export_policy`)."""
+def export_micro(g: MicroGraph, path: str | Path, seed: int = 0, fmt: str = "onnx") -> Path:
+    """Write the micro graph ``g`` as ``squeezer export`` writes ``fmt`` (:func:`export_policy`)."""
     torch.manual_seed(seed)
-    return export_policy(build_micro(g.spec, g.input_shape[0]), g.policy, g.input_shape, path, seed=seed)
+    return export_policy(build_micro(g.spec, g.input_shape[0]), g.policy, g.input_shape, path, seed=seed, fmt=fmt)
 
 
 def write_kit(kit_dir: str | Path, graphs: Sequence[MicroGraph] | None = None, *,

@@ -298,6 +298,14 @@ def _compute_class(kind: str, kernel: tuple[int, int], groups: int) -> str:
     return "pointwise" if kernel == (1, 1) and groups == 1 else "conv"
 
 
+def _conv_behind(by_name: Mapping[str, Any], name: str, fuse_bn: bool) -> bool:
+    """``name`` is a conv/linear's result, or a BN folded into one (conv -> BN -> add fuses as conv -> add)."""
+    layer = by_name[name]
+    if layer.kind == "bn" and layer.bn_folded_into and fuse_bn:
+        layer = by_name.get(layer.bn_folded_into, layer)
+    return layer.kind in COMPRESSIBLE
+
+
 def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op], dict[str, str]]:
     """Ops as they run under ``policy`` (decomposition expanded), plus a rename map for inputs."""
     # the pruning rule of compressors.pruning (one definition): the group's ratio, then kept_channels
@@ -368,7 +376,7 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
             else:
                 op.cls, op.elem_ops, op.alias = "elementwise", float(op.out_elems), single
         elif l.kind == "add" and fuse_add and any(
-                by_name[i].kind in COMPRESSIBLE and consumers.get(i, 0) == 1 for i in l.inputs if i in by_name):
+                _conv_behind(by_name, i, fuse_bn) and consumers.get(i, 0) == 1 for i in l.inputs if i in by_name):
             op.zero_cost = op.alias = True  # the conv accumulates into the sum (ONNX Runtime's NCHWc Conv + Add)
         elif l.kind in ("add", "mul"):
             op.cls, op.elem_ops = "elementwise", float(op.out_elems * max(1, len(l.inputs) - 1))

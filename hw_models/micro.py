@@ -49,7 +49,10 @@ DEFAULT_SPECS = (("chain3", 16, 28, 3), ("chain3", 48, 14, 3), ("chain3", 96, 7,
                  ("chain1", 32, 28, 3), ("chain1", 128, 7, 3),
                  ("res", 16, 28, 2), ("res", 32, 14, 2), ("res", 64, 7, 2),
                  ("mbconv", 16, 28, 2), ("mbconv", 32, 14, 2), ("mbconv", 64, 7, 2),
-                 ("pool", 32, 28, 2), ("pool", 64, 14, 2))
+                 ("pool", 32, 28, 2), ("pool", 64, 14, 2),
+                 # deeper graphs: the per-node cost apart from the per-inference one (a network has tens of nodes)
+                 ("res", 16, 28, 6), ("res", 32, 14, 6), ("chain3", 32, 14, 8), ("mbconv", 32, 14, 5),
+                 ("chain1", 64, 14, 10))
 _SPEC = re.compile(r"^micro:(?P<family>[a-z0-9]+)-c(?P<c>\d+)-r(?P<r>\d+)-n(?P<n>\d+)$")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from squeezer.evaluators.checkpoint import load_checkpoint  # noqa: E402
 from squeezer.evaluators.datasets import load_dataset  # noqa: E402
 from squeezer.evaluators.export import deploy_model, export_model, export_onnx, runtime_op_types  # noqa: E402
+from squeezer.hw_models.kit_runner import time_interleaved  # noqa: E402
 
 BUDGETS = {"resnet20": "300kB", "mobilenet_v2": "2MB"}
 
@@ -82,20 +82,9 @@ def session(path: Path):
 
 
 def timed_rounds(runs: dict[str, object], x: np.ndarray, *, rounds: int, repeats: int) -> dict[str, float]:
-    """Median over rounds of each artifact's per-round median (ms); artifacts interleaved per round."""
-    for run in runs.values():
-        for _ in range(max(3, repeats // 5)):
-            run(x)  # warm-up
-    per: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, run in runs.items():
-            ts = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                run(x)
-                ts.append((time.perf_counter() - t) * 1e3)
-            per[k].append(statistics.median(ts))
-    return {k: statistics.median(v) for k, v in per.items()}
+    """Median over rounds of each artifact's per-round median (ms); artifacts interleaved per round
+    (:func:`hw_models.kit_runner.time_interleaved`, the calibration kit's timing)."""
+    return time_interleaved(runs, {k: x for k in runs}, rounds=rounds, repeats=repeats, warmup=max(3, repeats // 5))
 
 
 def describe(policy: dict | None) -> str:

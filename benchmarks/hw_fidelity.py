@@ -12,8 +12,12 @@ share within +-20%, pooled over the held-out folds.
     python benchmarks/hw_fidelity.py --json runs/hw_fidelity_results.json   # every number as JSON
 
 Rows whose cell output does not depend on its input (``none`` on every path) are left out,
-as the data README says (the converters fold those networks away). Runtimes (TFLite/LiteRT)
-drop ops that do not reach a cell output; the simulators (Eyeriss, FPGA) cost every op.
+as the data README says (the converters fold those networks away). Every network is built
+plainly, as NAS-Bench-201's code writes it (all six edges, ``none`` as ``x.mul(0.)``), and
+priced through the general path (``trace`` -> ``estimate_table``): what each runtime executes
+of it follows from its target's graph rules (:mod:`hw_models.graph`; LiteRT: a ``none`` edge
+is a zero and what only it reads is dead code; the simulators cost every op but the ``none``
+edges; ONNX Runtime on the Pi 5 keeps ``x * 0``; TorchScript mobile runs the graph as written).
 The HW-NAS-Bench-360 file (Raspberry Pi 5, Pixel) holds one measurement per NAS-Bench-201
 isomorphism class (``Structure.to_unique_str(consider_zero=True)``), taken on the class's
 lowest ``arch_idx`` and copied to its other members: every row is predicted for the network
@@ -44,29 +48,39 @@ torch.set_num_threads(1)
 from squeezer.hw_models import get_target, save_target  # noqa: E402
 from squeezer.hw_models.calibrate import CalibrationRow, calibrate, metrics  # noqa: E402
 from squeezer.hw_models.cost import estimate_table  # noqa: E402
+from squeezer.hw_models.graph import runtime_graph  # noqa: E402
 from squeezer.hw_models.nb201 import is_connected, measured_representatives, nb201_table, parse_arch  # noqa: E402
+from squeezer.hw_models.targets import GraphRules, RuntimeRules  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hw-measurements"
-CACHE = ROOT / "runs" / "cache" / "nb201_tables.pkl"
+CACHE = ROOT / "runs" / "cache" / "nb201_plain_tables.pkl"
 
-# device key: (csv file, latency column, energy column, base target, classes, dead-edge mode, sample,
+# device key: (csv file, latency column, energy column, base target, classes, runtime, sample,
 #              which network was measured: "self" or "class-min" (see hw_models.nb201.measured_representatives))
+# The networks are built plainly (every edge, ``none`` as x.mul(0.)); what the runtime executes of
+# them follows from the base target's graph rules, or from RUNTIME_GRAPH where the device's
+# runtime is not the base target's.
 DEVICES = {
-    "pi4": ("nb201_raspi4_latency_calibration.csv", "raspi4_latency_ms", None, "arm-a72", 10, "drop", None, "self"),
+    "pi4": ("nb201_raspi4_latency_calibration.csv", "raspi4_latency_ms", None, "arm-a72", 10, "litert", None, "self"),
     "pi5-litert": ("nb360_pi5_cifar100_calibration.csv", "pi5_litert_lat_ms_median", "pi5_litert_energy_mj",
-                   "arm-a76", 100, "drop", None, "class-min"),
+                   "arm-a76", 100, "litert", None, "class-min"),
     "pi5-onnx": ("nb360_pi5_cifar100_calibration.csv", "pi5_onnx_lat_ms_median", "pi5_onnx_energy_mj",
-                 "arm-a76", 100, "keep", None, "class-min"),
+                 "arm-a76", 100, "onnxruntime", None, "class-min"),
     "pi5-torchmobile": ("nb360_pi5_cifar100_calibration.csv", "pi5_torchmobile_lat_ms_median",
-                        "pi5_torchmobile_energy_mj", "arm-a76", 100, "keep", None, "class-min"),
+                        "pi5_torchmobile_energy_mj", "arm-a76", 100, "pytorch", None, "class-min"),
     "pixel-litert": ("nb360_pi5_cifar100_calibration.csv", "pixel_litert_lat_ms_median", None, "arm-a76", 100,
-                     "drop", None, "class-min"),
-    "pixel3": ("nb201_pixel3_eyeriss_fpga_latency.csv", "pixel3_latency_ms", None, "arm-a76", 10, "drop", 1000,
+                     "litert", None, "class-min"),
+    "pixel3": ("nb201_pixel3_eyeriss_fpga_latency.csv", "pixel3_latency_ms", None, "arm-a76", 10, "litert", 1000,
                "self"),
-    "eyeriss": ("nb201_pixel3_eyeriss_fpga_latency.csv", "eyeriss_latency_ms", None, "eyeriss", 10, "keep", 1000,
-                "self"),
-    "fpga": ("nb201_pixel3_eyeriss_fpga_latency.csv", "fpga_latency_ms", None, "eyeriss", 10, "keep", 1000, "self"),
+    "eyeriss": ("nb201_pixel3_eyeriss_fpga_latency.csv", "eyeriss_latency_ms", None, "eyeriss", 10, "simulator",
+                1000, "self"),
+    "fpga": ("nb201_pixel3_eyeriss_fpga_latency.csv", "fpga_latency_ms", None, "eyeriss", 10, "simulator", 1000,
+             "self"),
 }
+#: Graph rules of runtimes measured on a base target that models another runtime: ONNX Runtime
+#: folds constants and removes dead code but keeps x * 0 (IEEE: NaN * 0 is NaN); TorchScript
+#: mobile runs the graph as written.
+RUNTIME_GRAPH = {"onnxruntime": GraphRules(zero_multiply=False), "pytorch": GraphRules.none()}
 #: Shipped profiles refit on all rows with --write-profiles.
 PROFILES = {"pi4": "arm-a72", "pi5-litert": "arm-a76", "eyeriss": "eyeriss"}
 
@@ -89,11 +103,11 @@ class Tables:
                 self.data = {}
         self.dirty = False
 
-    def get(self, arch: str, classes: int, dead: str):
-        key = (arch, classes, dead)
+    def get(self, arch: str, classes: int):
+        key = (arch, classes)
         t = self.data.get(key)
         if t is None:
-            t = nb201_table(arch, classes, dead=dead)
+            t = nb201_table(arch, classes)
             self.data[key] = t
             self.dirty = True
         return t
@@ -108,7 +122,7 @@ class Tables:
 def device_rows(key: str, data: Path, archs: dict, reps: dict[int, int], tables: Tables, seed: int = 0):
     """Calibration rows of one device; ``reps`` maps an ``arch_idx`` to the network measured for it
     (:func:`hw_models.nb201.measured_representatives`), used where the device's rule is ``class-min``."""
-    fname, lcol, ecol, _, classes, dead, sample, measured = DEVICES[key]
+    fname, lcol, ecol, _, classes, _, sample, measured = DEVICES[key]
     with (data / fname).open() as f:
         raw = [r for r in csv.DictReader(f)]
     if sample is not None and len(raw) > sample:
@@ -124,7 +138,7 @@ def device_rows(key: str, data: Path, archs: dict, reps: dict[int, int], tables:
             continue
         e = float(r[ecol]) if ecol and r.get(ecol) not in (None, "") else None
         rows.append(CalibrationRow(model=f"nb201:{arch}", latency_ms=lat, energy_mj=e, num_classes=classes,
-                                   table=tables.get(arch, classes, dead), runtime=key))
+                                   table=tables.get(arch, classes), runtime=key))
         macs.append(macs_m)
     return rows, np.array(macs), dropped
 
@@ -138,12 +152,22 @@ def line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def cross_validate(key: str, rows, macs: np.ndarray, folds: int) -> dict:
+def device_target(key: str):
+    """The base target of a device, with the graph rules of the runtime it was measured in."""
     base = get_target(DEVICES[key][3])
+    graph = RUNTIME_GRAPH.get(DEVICES[key][5])
+    if graph is None:
+        return base
+    return base.replace(runtime=RuntimeRules(name=DEVICES[key][5], graph=graph,
+                                             integer_kernels=base.runtime.integer_kernels))
+
+
+def cross_validate(key: str, rows, macs: np.ndarray, folds: int) -> dict:
+    base = device_target(key)
     n = len(rows)
     pl, pe, bl, be = np.zeros(n), np.full(n, np.nan), np.zeros(n), np.full(n, np.nan)
     bll, bel = np.zeros(n), np.full(n, np.nan)
-    live = np.array([r.table.macs / 1e6 for r in rows])  # MACs of the graph the runtime executes
+    live = np.array([runtime_graph(r.table, base.runtime.graph).macs / 1e6 for r in rows])  # what runs
     y = np.array([r.latency_ms for r in rows])
     ye = np.array([r.energy_mj if r.energy_mj is not None else np.nan for r in rows])
     for test in kfold(n, folds):

@@ -3,8 +3,9 @@
 ``bench_artifact(path)`` loads ``.onnx`` (ONNX Runtime), ``.pte`` (ExecuTorch runtime) or
 ``.pt`` (TorchScript, or a ``squeezer.model/1`` checkpoint run in eager PyTorch), runs it
 ``warmup`` times, then times ``repeats`` runs at batch 1 and at batch ``batch`` and reports
-the medians. When the artifact says which model and policy it holds, the ``host`` cost
-model's prediction (:func:`hw_models.estimate`) is reported next to it.
+the medians. When the artifact says which model and policy it holds, the cost model of the
+runtime that ran it on this machine (:data:`HOST_TARGETS`: ``host-ort`` for ONNX Runtime,
+``host-xnnpack`` for ExecuTorch, ``host`` for PyTorch) predicts it next to the measurement.
 
 Example:
     >>> import tempfile
@@ -40,6 +41,17 @@ from ..evaluators.export import runtime_op_types
 from ..evaluators.export_pte import EXTRA_HINT, executorch_available
 from ..evaluators.models import build_model
 from .cost import estimate
+from .targets import list_targets
+
+#: The target that models how this machine runs each artifact kind.
+HOST_TARGETS = {"onnx": "host-ort", "pte": "host-xnnpack", "torchscript": "host", "checkpoint": "host"}
+
+
+def host_target(kind: str) -> str:
+    """The cost model of the runtime this machine runs an artifact of ``kind`` in (``host`` if the
+    runtime's target is not shipped)."""
+    t = HOST_TARGETS.get(kind, "host")
+    return t if t in list_targets() else "host"
 
 #: The schema of :meth:`BenchResult.to_dict` (``squeezer bench --json``).
 BENCH_SCHEMA = "squeezer.bench/2"
@@ -170,8 +182,9 @@ def predict_latency_ms(meta: dict[str, Any], target: str) -> tuple[float | None,
 
 
 def bench_artifact(path: str | Path, *, batch: int = 32, repeats: int = 30, warmup: int = 5, threads: int = 1,
-                   input_shape: Sequence[int] | None = None, target: str | None = "host") -> BenchResult:
-    """Median latency of ``path`` at batch 1 and batch ``batch`` (see module docstring)."""
+                   input_shape: Sequence[int] | None = None, target: str | None = "auto") -> BenchResult:
+    """Median latency of ``path`` at batch 1 and batch ``batch`` (see module docstring); ``target``
+    ``"auto"`` predicts with the runtime's host target (:func:`host_target`), ``None`` not at all."""
     for what, v, lo in (("batch", batch, 1), ("repeats", repeats, 1), ("warmup", warmup, 0), ("threads", threads, 1)):
         if v < lo:
             raise BenchError(f"`{what} >= {lo}` must hold, but got {what}={v}")
@@ -190,6 +203,8 @@ def bench_artifact(path: str | Path, *, batch: int = 32, repeats: int = 30, warm
         lat_b = _median_ms(lambda: run(xb), max(3, repeats // 4), max(1, warmup // 2))
     elif kind != "pte":
         lat_b = lat1
+    if target == "auto":
+        target = host_target(kind)
     pred, note = predict_latency_ms(meta, target) if target else (None, None)
     ops = None
     if kind == "onnx":

@@ -10,7 +10,11 @@ values. Energy is then fitted the same way: ``energy_scale.compute``, ``energy_s
 and ``active_power_mw`` (power above idle x predicted latency).
 
 :func:`measure_host` times real runtimes on this machine (PyTorch eager; ONNX Runtime with
-``runtime="onnxruntime"``): median of repeats after warm-up, one thread.
+``runtime="onnxruntime"``): median of repeats after warm-up, one thread. A target that models
+ONNX Runtime is calibrated by measurement on micro-benchmark graphs (:mod:`hw_models.micro`,
+nn-Meter style): :func:`measure_runtime` exports them as ``squeezer export`` does and times them
+with :mod:`hw_models.kit_runner`, the same runner a calibration kit (:func:`hw_models.micro.write_kit`)
+carries to another device.
 
 Example:
     >>> from squeezer.hw_models.nb201 import nb201_table
@@ -28,6 +32,7 @@ import copy
 import csv
 import io
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,7 +45,10 @@ import torch
 from ..compressors.apply import apply_policy_
 from ..compressors.policy import LayerPolicy, Policy
 from ..evaluators.models import build_model
+from . import kit_runner
+from .bench import load_artifact
 from .cost import coefficients, estimate_table, features
+from .micro import MICRO_CLASSES, STRUCTURAL_POLICIES, MicroGraph, build_micro, export_micro, micro_set, write_kit
 from .nb201 import nb201_table
 from .targets import EFFICIENCY_CLASSES, Target, get_target, save_target
 from .trace import LayerTable, trace
@@ -86,6 +94,8 @@ def table_for(model: str, input_shape: Sequence[int] = (3, 32, 32), num_classes:
     """Trace a model by name (``nb201:<arch_str>`` builds a NAS-Bench-201 network)."""
     if model.startswith("nb201:"):
         return nb201_table(model[len("nb201:"):], num_classes, input_hw=int(input_shape[-1]))
+    if model.startswith("micro:"):
+        return trace(build_micro(model, int(input_shape[0]), num_classes), tuple(input_shape))
     return trace(build_model(model, in_channels=int(input_shape[0]), num_classes=num_classes), tuple(input_shape))
 
 
@@ -387,34 +397,81 @@ def read_measurements(path: str | Path) -> list[CalibrationRow]:
     return rows
 
 
-def cli_calibrate(target: str, measurements_csv: str | Path | None, out_path: str | Path, *,
-                  name: str | None = None, runtime: str = "torch") -> dict[str, Any]:
-    """What ``squeezer calibrate`` does: fit ``target`` to a CSV (or measure ``host``) and save.
+def measure_runtime(graphs: Sequence[MicroGraph] | None = None, *, runtime: str = "onnxruntime", rounds: int = 7,
+                    repeats: int = 30, workdir: str | Path | None = None) -> list[CalibrationRow]:
+    """Time micro-benchmark graphs on this machine (one thread, batch 1, interleaved). ONNX
+    Runtime: the kit of :func:`hw_models.micro.write_kit`, run here by its own runner; ExecuTorch
+    (``runtime="xnnpack"``): the graphs as ``.pte`` programs, timed by the same function."""
+    if runtime not in ("onnxruntime", "xnnpack"):
+        raise ValueError(f"`runtime in ('onnxruntime', 'xnnpack')` must hold, but got runtime={runtime!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        kit = Path(workdir) if workdir is not None else Path(tmp)
+        if runtime == "onnxruntime":
+            write_kit(kit, graphs)
+            return read_measurements(kit_runner.run_kit(kit, rounds=rounds, repeats=repeats))
+        graphs = list(graphs) if graphs is not None else micro_set(policies=STRUCTURAL_POLICIES)
+        runs, inputs = {}, {}
+        for g in graphs:
+            path = kit / f"{g.file_stem}.pte"
+            if not path.is_file():  # a workdir keeps the programs of an earlier call (exporting takes ~10 s each)
+                export_micro(g, path, fmt="pte")
+            runs[g.file_stem] = load_artifact(path)[1]
+            inputs[g.file_stem] = np.random.default_rng(0).random((1, *g.input_shape), dtype=np.float32)
+        ms = kit_runner.time_interleaved(runs, inputs, rounds=rounds, repeats=repeats)
+        return [CalibrationRow(model=g.spec, latency_ms=ms[g.file_stem], input_shape=g.input_shape,
+                               num_classes=MICRO_CLASSES, policy=g.policy, runtime="executorch xnnpack")
+                for g in graphs]
+
+
+def cli_calibrate(target: str | None, measurements_csv: str | Path | None, out_path: str | Path | None, *,
+                  name: str | None = None, runtime: str = "torch", kit: str | Path | None = None) -> dict[str, Any]:
+    """What ``squeezer calibrate`` does: fit ``target`` to a CSV, or measure this machine, and save;
+    or write a calibration kit.
 
     Args:
         target: starting target (name, alias or path).
-        measurements_csv: CSV of measurements (see :func:`read_measurements`); ``None`` with
-            ``target="host"`` measures this machine.
+        measurements_csv: CSV of measurements (see :func:`read_measurements`). Without it, a
+            target whose runtime is PyTorch (``host``) or ONNX Runtime (``host-ort``) is measured
+            on this machine.
         out_path: where to write the calibrated YAML.
         name: name of the new target (default: the file stem of ``out_path``).
+        runtime: with ``kit``, the runtime the kit's graphs are written for (``onnxruntime``).
+        kit: write a calibration kit to this folder instead (graphs, manifest, ``run_kit.py``).
 
     Returns:
-        A JSON-able summary (rows, errors before/after, output path).
+        A JSON-able summary (rows, errors before/after, output path; or the kit's files).
     """
+    if kit is not None:
+        manifest = write_kit(kit, runtime="onnxruntime" if runtime == "torch" else runtime)
+        n = sum(1 for _ in manifest.open()) - 1
+        return {"kit": str(Path(kit)), "graphs": n, "manifest": str(manifest), "runner": str(Path(kit) / "run_kit.py"),
+                "next": f"copy {kit} to the device; there: pip install numpy onnxruntime; python run_kit.py; "
+                        f"then: squeezer calibrate --target <start> --measurements {Path(kit) / 'measurements.csv'} "
+                        "--out <device>.yaml"}
+    if target is None or out_path is None:
+        raise ValueError("`--target and --out are given (or --kit)` must hold")
+    base = get_target(target)
     if measurements_csv is None:
-        if get_target(target).name != "host":
-            raise ValueError("`measurements are given unless the target is 'host'` must hold, "
-                             f"but got target={target!r} and no measurements file")
-        rows = measure_host(runtime=runtime, policies=host_policies())
-        src = f"measure_host ({runtime})"
+        if base.runtime.name == "pytorch":
+            rows = measure_host(runtime=runtime, policies=host_policies())
+            src = f"measure_host ({runtime})"
+        elif base.runtime.name in ("onnxruntime", "xnnpack"):
+            rows = measure_runtime(runtime=base.runtime.name)
+            src = f"{len(rows)} micro-benchmark graphs (hw_models.micro) timed in {base.runtime.name} here"
+        else:
+            raise ValueError("`measurements are given unless the target's runtime runs here (pytorch, onnxruntime, "
+                             "xnnpack)` "
+                             f"must hold, but got target={target!r} (runtime {base.runtime.name}) and no "
+                             "measurements file")
     else:
         rows = read_measurements(measurements_csv)
         src = str(measurements_csv)
-    fitted = calibrate(target, rows, name=name or Path(out_path).stem, source=src,
+    fitted = calibrate(base, rows, name=name or Path(out_path).stem, source=src,
                        prior_weight=HOST_PRIOR_WEIGHT if measurements_csv is None else 1e-3)
     path = save_target(fitted, out_path)
-    return {"target": fitted.name, "from": get_target(target).name, "out_path": str(path), **fitted.calibration}
+    return {"target": fitted.name, "from": base.name, "out_path": str(path), **fitted.calibration}
 
 
-__all__ = ["CalibrationRow", "calibrate", "evaluate", "metrics", "measure_host", "time_model", "cli_calibrate",
+__all__ = ["CalibrationRow", "calibrate", "evaluate", "metrics", "measure_host", "measure_runtime", "time_model",
+           "cli_calibrate",
            "read_measurements", "table_for", "EFFICIENCY_CLASSES"]

@@ -72,7 +72,8 @@ from ..compressors.lowrank import svd_rank
 from ..compressors.policy import LayerPolicy, Policy
 from ..compressors.pruning import ChannelGroups
 from ..compressors.sparsity import n_zero
-from .targets import EFFICIENCY_CLASSES, Target, get_target
+from .graph import runtime_graph
+from .targets import EFFICIENCY_CLASSES, OPTIONAL_CLASSES, Target, get_target
 from .trace import COMPRESSIBLE, LayerTable, trace
 
 #: The schema of :meth:`Cost.to_dict` (``squeezer cost --json``).
@@ -282,6 +283,7 @@ class _Op:
     elem_ops: float = 0.0
     extra_params: int = 0
     in_per_group: int = 1             # input channels per group (conv/linear), for input padding
+    module_type: str = ""
 
     @property
     def out_elems(self) -> int:
@@ -294,6 +296,14 @@ def _compute_class(kind: str, kernel: tuple[int, int], groups: int) -> str:
     if kind == "linear":
         return "linear"
     return "pointwise" if kernel == (1, 1) and groups == 1 else "conv"
+
+
+def _conv_behind(by_name: Mapping[str, Any], name: str, fuse_bn: bool) -> bool:
+    """``name`` is a conv/linear's result, or a BN folded into one (conv -> BN -> add fuses as conv -> add)."""
+    layer = by_name[name]
+    if layer.kind == "bn" and layer.bn_folded_into and fuse_bn:
+        layer = by_name.get(layer.bn_folded_into, layer)
+    return layer.kind in COMPRESSIBLE
 
 
 def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op], dict[str, str]]:
@@ -309,6 +319,7 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
     folded_into = {l.bn_folded_into: l.name for l in table if l.kind == "bn" and l.bn_folded_into}
     fuse_bn = target.fusion.get("bn", True)
     fuse_act = target.fusion.get("activation", True)
+    fuse_add = target.fusion.get("add", False)
     ops: list[_Op] = []
     for l in table:
         ins = tuple(rename.get(i, i) for i in l.inputs)
@@ -345,7 +356,7 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
                            bias_out=bias_c, kernel=l.kernel, bn_folded=l.name in folded_into,
                            in_per_group=1 if l.kind == "dwconv2d" else max(1, in_c // max(1, groups))))
             continue
-        op = _Op(l.name, l.kind, ins, out_c, l.out_hw, kernel=l.kernel)
+        op = _Op(l.name, l.kind, ins, out_c, l.out_hw, kernel=l.kernel, module_type=l.module_type)
         in_c = kept(l.in_segments) if l.in_segments else l.in_channels
         in_elems = in_c * l.in_hw[0] * l.in_hw[1]
         if l.kind == "bn":
@@ -364,6 +375,9 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
                 op.zero_cost = op.alias = True
             else:
                 op.cls, op.elem_ops, op.alias = "elementwise", float(op.out_elems), single
+        elif l.kind == "add" and fuse_add and any(
+                _conv_behind(by_name, i, fuse_bn) and consumers.get(i, 0) == 1 for i in l.inputs if i in by_name):
+            op.zero_cost = op.alias = True  # the conv accumulates into the sum (ONNX Runtime's NCHWc Conv + Add)
         elif l.kind in ("add", "mul"):
             op.cls, op.elem_ops = "elementwise", float(op.out_elems * max(1, len(l.inputs) - 1))
         elif l.kind == "pool":
@@ -385,14 +399,23 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
     return ops, rename
 
 
-def _tensor_bits(ops: list[_Op], outputs: Iterable[str]) -> dict[str, int]:
+def _act_bits(op: _Op, target: Target) -> int | None:
+    """The width a conv/linear reads its input at: its policy's ``act_bits``, or 8 where the
+    deployment flow quantizes the whole graph (``runtime.integer_kernels.whole_graph``)."""
+    if op.lp is None:
+        return None
+    return 8 if target.runtime.integer_kernels.whole_graph else op.lp.act_bits
+
+
+def _tensor_bits(ops: list[_Op], outputs: Iterable[str], target: Target) -> dict[str, int]:
     """Bits per element of each tensor: the widest width any reader needs (float by default)."""
     bits: dict[str, int] = {o: 32 for o in outputs}
     for op in reversed(ops):
         if op.name not in bits:
             bits[op.name] = 0
         if op.lp is not None:
-            need = op.lp.act_bits if op.lp.act_bits is not None else 32
+            act = _act_bits(op, target)
+            need = act if act is not None else 32
         else:
             need = bits[op.name] or 32
         for i in op.inputs:
@@ -407,33 +430,39 @@ def _level(target: Target, working_set: float):
     return target.memory[-1]
 
 
-def _weight_bytes_moved(op: _Op, target: Target) -> float:
+def _weight_bytes_moved(op: _Op, target: Target, integer: bool = True) -> float:
     lp = op.lp
     if lp is None:
         return 0.0
-    w = op.numel * target.storage_width(_code_bits(lp)) / 8.0
+    ik = target.runtime.integer_kernels
+    at_load = not integer and ik.dequantize_at_load
+    w = op.numel * (32 if at_load else 8 if ik.whole_graph else target.storage_width(_code_bits(lp))) / 8.0
     if lp.sparsity > 0 and target.sparse_kernels:
         w = w * (1.0 - lp.sparsity) + op.numel / 8.0
     return w
 
 
-def _op_terms(op: _Op, target: Target, in_bytes: float, out_bytes: float, act_bits: int,
+def _op_terms(op: _Op, target: Target, in_bytes: float, out_bytes: float, cbits: int,
               model_weight_bytes: float = 0.0) -> tuple[list[tuple[str, float]], float, float, int, str, int]:
-    """Latency terms ``[(parameter, ms at coefficient 1)]``, energy (pJ, without static), bytes, level, bits."""
+    """Latency terms ``[(parameter, ms at coefficient 1)]``, energy (pJ, without static), bytes, level, bits.
+
+    ``cbits`` is the width the op computes at (:func:`_compute_bits`); a conv/linear below 32
+    bits runs an integer kernel, priced with the target's ``<class>_int`` efficiency and
+    ``<kind>_int`` overhead where it has them.
+    """
     terms: list[tuple[str, float]] = []
     if op.zero_cost:
-        return terms, 0.0, 0.0, 0, "-", act_bits
+        return terms, 0.0, 0.0, 0, "-", cbits
     kind = op.kind
+    integer = op.lp is not None and cbits < 32
+    if integer and f"{kind}_int" in target.overhead_us:
+        kind = f"{kind}_int"
     okey = "overhead_us." + (kind if kind in target.overhead_us else "default")
     terms.append((okey, 1e-3))
     e_pj = 0.0
     if op.lp is not None:  # conv / linear
         lp = op.lp
-        wb = lp.weight_bits
-        if lp.act_bits is None:
-            cbits = target.compute_width(32)
-        else:
-            cbits = target.compute_width(max(wb if wb is not None else 32, lp.act_bits))
+        cls = f"{op.cls}_int" if integer and f"{op.cls}_int" in target.efficiency else op.cls
         lanes = target.vector_lanes.get(cbits, 1)
         oc = max(1, op.out_channels)
         padded = op.macs * (math.ceil(oc / lanes) * lanes / oc) if lanes > 1 else float(op.macs)
@@ -441,14 +470,14 @@ def _op_terms(op: _Op, target: Target, in_bytes: float, out_bytes: float, act_bi
         if ilanes > 1 and op.in_per_group > 1:  # blocked layouts pad input channels too
             ic = op.in_per_group
             padded *= math.ceil(ic / ilanes) * ilanes / ic
-        w_moved = _weight_bytes_moved(op, target)
+        w_moved = _weight_bytes_moved(op, target, integer)
         macs_run = float(op.macs)
         if lp.sparsity > 0 and target.sparse_kernels:
             factor = min(1.0, (1.0 - lp.sparsity) / target.sparse_efficiency)
             padded *= factor
             macs_run *= 1.0 - lp.sparsity
         peak = target.throughput_gmacs[cbits][op.cls]  # type: ignore[index]
-        terms.append(("efficiency." + str(op.cls), padded / (peak * 1e6)))
+        terms.append(("efficiency." + cls, padded / (peak * 1e6)))
         e_pj += macs_run * target.mac_energy_pj[cbits]
         moved = w_moved + in_bytes + out_bytes
         # Weights are reused once per inference: between two uses the whole model's weights pass
@@ -468,12 +497,12 @@ def _op_terms(op: _Op, target: Target, in_bytes: float, out_bytes: float, act_bi
             terms.append(("efficiency.weights", t_w))
             terms.append(("efficiency.memory", t_a))
         return terms, e_pj, e_mem, int(round(moved)), level, cbits
-    cbits = target.compute_width(act_bits)
     if op.macs:  # a functional matmul or linear: no policy compresses it
         terms.append(("efficiency." + str(op.cls), op.macs / (target.throughput_gmacs[cbits][op.cls] * 1e6)))
         e_pj += op.macs * target.mac_energy_pj[cbits]
     if op.elem_ops:
-        terms.append(("efficiency." + str(op.cls), op.elem_ops / (target.elementwise_gops[cbits] * 1e6)))
+        cls = "convert" if op.kind in ("quantize", "dequantize") and "convert" in target.efficiency else op.cls
+        terms.append(("efficiency." + str(cls), op.elem_ops / (target.elementwise_gops[cbits] * 1e6)))
         e_pj += op.elem_ops * target.elementwise_energy_pj.get(cbits, 0.0)
     moved = 0.0 if kind == "flatten" else in_bytes + out_bytes  # views move nothing
     lv = _level(target, in_bytes + out_bytes)
@@ -485,7 +514,7 @@ def _op_terms(op: _Op, target: Target, in_bytes: float, out_bytes: float, act_bi
 def coefficients(target: Target) -> dict[str, float]:
     """The fitted parameters as linear coefficients: ``overhead_us.<kind>`` (us) and ``efficiency.<cls>`` (1/eff)."""
     c = {f"overhead_us.{k}": float(v) for k, v in target.overhead_us.items()}
-    for cls in EFFICIENCY_CLASSES:
+    for cls in EFFICIENCY_CLASSES + tuple(k for k in OPTIONAL_CLASSES if k in target.efficiency):
         c[f"efficiency.{cls}"] = 1.0 / target.eff(cls)
     return c
 
@@ -509,99 +538,175 @@ class _Breakdown:
 
 
 def _breakdown(table: LayerTable, policy: Policy, target: Target) -> _Breakdown:
+    table = runtime_graph(table, target.runtime.graph)
     ops, rename = _expand(table, policy, target)
     outputs = [rename.get(o, o) for o in table.outputs] or ([ops[-1].name] if ops else [])
-    bits = _tensor_bits(ops, outputs)
-    c0 = table.input_shape[0]
-    in_elems = 1
-    for d in table.input_shape:
-        in_elems *= int(d)
-    tbytes: dict[str, int] = {"input": (in_elems * bits.get("input", 32) + 7) // 8}
-    terms_all, e_c, e_m, moved_all, levels, cb, obytes = [], [], [], [], [], [], []
-    size = 0
-    exact = True
-    params = 0
-    huffman = policy.coding == "huffman"
-    model_w = sum(_weight_bytes_moved(op, target) for op in ops)
-    run_ops: list[_Op] = []
-
-    def add_row(op: _Op, row: tuple, ob: int) -> None:
-        terms, epj, emem, moved, level, cbits = row
-        run_ops.append(op)
-        terms_all.append(terms)
-        e_c.append(epj)
-        e_m.append(emem)
-        moved_all.append(moved)
-        levels.append(level)
-        cb.append(cbits)
-        obytes.append(ob)
-
-    float_w = target.compute_width(32)
-    domain: dict[str, int] = {"input": float_w}     # width each tensor is written at
-    elems: dict[str, tuple[int, int, tuple[int, int]]] = {
-        "input": (in_elems, c0, tuple(int(d) for d in table.input_shape[1:3]) or (1, 1))}  # type: ignore[dict-item]
-    converted: dict[tuple[str, int], str] = {}
-
-    def convert(t: str, to: int) -> str:
-        # A tensor read at another width than it was written at: one (de)quantize op per
-        # (tensor, width), shared by all readers at that width. Returns the tensor read.
-        frm = domain.get(t, float_w)
-        if frm == to:
-            return t
-        if (t, to) in converted:
-            return converted[(t, to)]
-        n, ch, hw = elems.get(t, (0, 1, (1, 1)))
-        kind = "quantize" if to < frm else "dequantize"
-        q = _Op(f"{t}:{kind}", kind, (t,), ch, hw, cls="elementwise", elem_ops=float(n))
-        ib, ob = (n * frm + 7) // 8, (n * to + 7) // 8
-        add_row(q, _op_terms(q, target, ib, ob, min(frm, to), model_w), ob)
-        converted[(t, to)] = q.name
-        domain[q.name], elems[q.name] = to, elems.get(t, (0, 1, (1, 1)))
-        return q.name
-
+    bits = _tensor_bits(ops, outputs, target)
+    integer = _integer_kernels(ops, outputs, target)
+    pr = _Pricer(table, target, bits.get("input", 32), sum(_weight_bytes_moved(op, target, op.name in integer)
+                                                           for op in ops))
+    size, exact, params = 0, True, 0
+    if "call" in target.overhead_us:  # the runtime's fixed cost per inference (session run, input copy)
+        pr.add_row(_Op("(call)", "call", (), 0, (1, 1)), ([("overhead_us.call", 1e-3)], 0.0, 0.0, 0,
+                                                                         "-", 32), 0)
     for op in ops:
-        ob = (op.out_elems * bits.get(op.name, 32) + 7) // 8
-        tbytes[op.name] = ob
-        ib = sum(tbytes.get(i, 0) for i in op.inputs)
-        row = _op_terms(op, target, ib, ob, bits.get(op.name, 32), model_w)
-        elems[op.name] = (op.out_elems, op.out_channels, op.out_hw)
-        if op.zero_cost or op.kind == "flatten":  # folded / fused / a view: written as its input was
-            domain[op.name] = domain.get(op.inputs[0], float_w) if op.inputs else float_w
-        else:
-            cbits = row[5]
-            # conv/linear read their input at act_bits (float without); other ops at their width
-            read = cbits if op.lp is None else \
-                (float_w if op.lp.act_bits is None else target.compute_width(op.lp.act_bits))
-            for i in op.inputs:
-                t = convert(i, read)
-                if read != cbits:  # integer activations into a float kernel (float weights)
-                    convert(t, cbits)
-            domain[op.name] = cbits
-        add_row(op, row, ob)
+        pr.price(op, _compute_bits(op, target, op.name in integer, bits.get(op.name, 32)))
         if op.lp is not None:
-            lp = op.lp
-            wbits, k, pq, ok = weight_layout(lp, op.out_channels)
+            op.stored, ok = _stored_bytes(op, policy.coding == "huffman")
             exact = exact and ok
-            if pq:
-                w = _pq_bytes(op.numel, op.out_channels, wbits or 8, k or 2, lp.sparsity)
-                if huffman:  # the packer Huffman-codes the sub-vector indices and positions too
-                    exact = False
-            else:
-                scale = op.bn_folded or not unit_scale(lp)
-                if huffman and wbits is not None:
-                    exact = False
-                    w = _huffman_estimate(op.numel, op.out_channels, wbits, lp.sparsity, k, scale=scale)
-                else:
-                    w = weight_storage_bytes(op.numel, op.out_channels,
-                                             weight_bits=wbits if wbits is not None else lp.weight_bits,
-                                             sparsity=lp.sparsity, codebook=k, scale=scale)
-            op.stored = w + 4 * op.bias_out + (8 if lp.act_bits is not None and lp.act_bits < 16 else 0)
             params += op.numel + op.bias_out
         size += op.stored
     for o in outputs:  # the caller reads float logits
-        convert(o, float_w)
-    peak = _peak_memory(ops, tbytes, outputs)
-    return _Breakdown(run_ops, terms_all, e_c, e_m, moved_all, levels, cb, obytes, size, exact, peak, params)
+        pr.convert(o, pr.float_w)
+    peak = _peak_memory(ops, pr.tbytes, outputs)
+    b = pr.bd
+    b.size_bytes, b.size_exact, b.peak_bytes, b.params = size, exact, peak, params
+    return b
+
+
+class _Pricer:
+    """Prices ops in execution order, each tensor at the width it is written at (``domain``),
+    with a quantize/dequantize op wherever a reader needs another width."""
+
+    def __init__(self, table: LayerTable, target: Target, input_bits: int, model_weight_bytes: float) -> None:
+        self.target, self.model_w = target, model_weight_bytes
+        self.bd = _Breakdown([], [], [], [], [], [], [], [], 0, True, 0, 0)
+        self.float_w = target.compute_width(32)
+        n = math.prod(int(d) for d in table.input_shape)
+        self.tbytes: dict[str, int] = {"input": (n * input_bits + 7) // 8}
+        self.domain: dict[str, int] = {"input": self.float_w}     # width each tensor is written at
+        hw = tuple(int(d) for d in table.input_shape[1:3]) or (1, 1)
+        self.elems: dict[str, tuple[int, int, tuple[int, int]]] = {
+            "input": (n, int(table.input_shape[0]), hw)}  # type: ignore[dict-item]
+        self.converted: dict[tuple[str, int], str] = {}
+
+    def add_row(self, op: _Op, row: tuple, ob: int) -> None:
+        terms, epj, emem, moved, level, cbits = row
+        b = self.bd
+        b.ops.append(op)
+        b.terms.append(terms)
+        b.e_compute_pj.append(epj)
+        b.e_memory_pj.append(emem)
+        b.moved.append(moved)
+        b.levels.append(level)
+        b.cbits.append(cbits)
+        b.out_bytes.append(ob)
+
+    def convert(self, t: str, to: int) -> str:
+        """``t`` read at width ``to``: one (de)quantize op per (tensor, width), shared by all
+        readers at that width (a memory-bound op over the tensor). Returns the tensor read."""
+        frm = self.domain.get(t, self.float_w)
+        if frm == to:
+            return t
+        if (t, to) in self.converted:
+            return self.converted[(t, to)]
+        n, ch, hw = self.elems.get(t, (0, 1, (1, 1)))
+        kind = "quantize" if to < frm else "dequantize"
+        q = _Op(f"{t}:{kind}", kind, (t,), ch, hw, cls="elementwise", elem_ops=float(n))
+        ib, ob = (n * frm + 7) // 8, (n * to + 7) // 8
+        self.add_row(q, _op_terms(q, self.target, ib, ob, self.target.compute_width(min(frm, to)), self.model_w), ob)
+        self.converted[(t, to)] = q.name
+        self.domain[q.name], self.elems[q.name] = to, self.elems.get(t, (0, 1, (1, 1)))
+        return q.name
+
+    def price(self, op: _Op, cbits: int) -> None:
+        """``op`` computing at ``cbits``: the conversions of its inputs, then the op itself."""
+        if op.zero_cost or op.kind == "flatten":  # folded / fused / a view: written as its input was
+            self.domain[op.name] = self.domain.get(op.inputs[0], self.float_w) if op.inputs else self.float_w
+        else:
+            # conv/linear read their input at act_bits (float without); other ops at their width
+            act = _act_bits(op, self.target)
+            read = cbits if op.lp is None else self.float_w if act is None else self.target.compute_width(act)
+            for i in op.inputs:
+                t = self.convert(i, read)
+                if read != cbits:  # integer activations into a float kernel
+                    self.convert(t, cbits)
+            self.domain[op.name] = cbits
+        ob = (op.out_elems * self.domain[op.name] + 7) // 8
+        ib = sum(self.tbytes.get(i, 0) for i in op.inputs)
+        self.tbytes[op.name] = ob
+        self.elems[op.name] = (op.out_elems, op.out_channels, op.out_hw)
+        self.add_row(op, _op_terms(op, self.target, ib, ob, cbits, self.model_w), ob)
+
+
+def _stored_bytes(op: _Op, huffman: bool) -> tuple[int, bool]:
+    """(packed bytes of a conv/linear's parameters, whether exact)."""
+    lp = op.lp
+    assert lp is not None
+    wbits, k, pq, exact = weight_layout(lp, op.out_channels)
+    if pq:
+        w = _pq_bytes(op.numel, op.out_channels, wbits or 8, k or 2, lp.sparsity)
+        exact = exact and not huffman  # the packer Huffman-codes the sub-vector indices and positions too
+    else:
+        scale = op.bn_folded or not unit_scale(lp)
+        if huffman and wbits is not None:
+            exact = False
+            w = _huffman_estimate(op.numel, op.out_channels, wbits, lp.sparsity, k, scale=scale)
+        else:
+            w = weight_storage_bytes(op.numel, op.out_channels,
+                                     weight_bits=wbits if wbits is not None else lp.weight_bits,
+                                     sparsity=lp.sparsity, codebook=k, scale=scale)
+    return w + 4 * op.bias_out + (8 if lp.act_bits is not None and lp.act_bits < 16 else 0), exact
+
+
+def _readers(ops: list[_Op], outputs: Sequence[str], target: Target) -> dict[str, list[_Op | None]]:
+    """Tensor -> the ops that read it, looking through folded/fused ops and the ops a quantize
+    moves across (``runtime.integer_kernels.through``); ``None``: a model output."""
+    direct: dict[str, list[_Op]] = {}
+    for op in ops:
+        for i in op.inputs:
+            direct.setdefault(i, []).append(op)
+    outs = set(outputs)
+    ik = target.runtime.integer_kernels
+
+    def final(name: str) -> list[_Op | None]:
+        found: list[_Op | None] = [None] if name in outs else []
+        for r in direct.get(name, []):
+            found += final(r.name) if r.zero_cost or ik.moves_across(r.kind, r.module_type) else [r]
+        return found
+
+    return {op.name: final(op.name) for op in ops if op.lp is not None}
+
+
+def _integer_kernels(ops: list[_Op], outputs: Sequence[str], target: Target) -> set[str]:
+    """The conv/linear ops that run integer kernels on ``target`` (its ``runtime.integer_kernels``)."""
+    ik = target.runtime.integer_kernels
+    readers = _readers(ops, outputs, target) if ik.output == "quantized" else {}
+    out = set()
+    for op in ops:
+        lp = op.lp
+        if lp is None or op.kind not in ik.ops:
+            continue
+        if ik.whole_graph:
+            out.add(op.name)
+            continue
+        wb = lp.weight_bits
+        if lp.act_bits is None or wb is None or target.compute_width(max(wb, lp.act_bits)) >= 32:
+            continue
+        if ik.weight_bits and target.storage_width(wb) not in ik.weight_bits:
+            continue  # a width the runtime cannot compute: dequantized, a float kernel runs
+        if ik.output == "quantized":
+            rs = readers.get(op.name, [])
+            if len(rs) != 1 or rs[0] is None or _act_bits(rs[0], target) is None:
+                continue  # ONNX Runtime's QDQ rule: the result goes to exactly one quantize
+        out.add(op.name)
+    return out
+
+
+def _compute_bits(op: _Op, target: Target, integer: bool, read_bits: int) -> int:
+    """The width ``op`` computes at: a conv/linear at its weight/activation width when it runs an
+    integer kernel, else float; other ops at the width their readers need where the runtime has
+    integer kernels of their kind (``runtime.integer_kernels.ops``), else float."""
+    ik = target.runtime.integer_kernels
+    if op.lp is None:
+        integer_op = op.kind in ik.ops or ik.moves_across(op.kind, op.module_type)
+        return target.compute_width(read_bits if integer_op else 32)
+    if not integer:
+        return target.compute_width(32)
+    if ik.whole_graph:
+        return target.compute_width(8)
+    wb = op.lp.weight_bits
+    return target.compute_width(max(wb if wb is not None else 32, op.lp.act_bits or 32))
 
 
 def _huffman_estimate(numel: int, out_channels: int, bits: int, sparsity: float, codebook: int | None,

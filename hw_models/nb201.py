@@ -1,4 +1,4 @@
-"""NAS-Bench-201 networks (Dong & Yang, ICLR 2020), built as the shared hardware data describes them.
+"""NAS-Bench-201 networks (Dong & Yang, ICLR 2020), built plainly, as NAS-Bench-201's own code writes them.
 
 Used to calibrate the shipped ``arm-a72``/``arm-a76``/``eyeriss`` profiles on published
 measurements and by ``benchmarks/hw_fidelity.py``; measurement CSVs given to
@@ -7,22 +7,22 @@ measurements and by ``benchmarks/hw_fidelity.py``; measurement CSVs given to
 - Input 3x32x32, batch 1. Stem: Conv3x3(3->16, no bias) + BN.
 - Three stages of 5 cells (C = 16, 32, 64); between stages a residual reduction block:
   ReLU-Conv3x3(s2)-BN, ReLU-Conv3x3-BN, shortcut AvgPool2x2(s2) -> Conv1x1 (no BN/bias).
-- A cell has 4 nodes; node j = sum over i < j of op(i->j) (edges 0->1, 0->2, 1->2, 0->3,
-  1->3, 2->3); the cell output is node 3. ``nor_conv_kxk`` = ReLU-Conv(no bias)-BN,
-  ``avg_pool_3x3`` (count_include_pad=False), ``skip_connect`` = identity, ``none`` = zeros.
+- A cell has 4 nodes; node j = ``sum(op(i->j)(node i) for i < j)`` (edges 0->1, 0->2, 1->2,
+  0->3, 1->3, 2->3); the cell output is node 3. ``nor_conv_kxk`` = ReLU-Conv(no bias)-BN,
+  ``avg_pool_3x3`` (count_include_pad=False), ``skip_connect`` = identity, ``none`` =
+  ``x.mul(0.)`` (NAS-Bench-201's ``Zero`` op): every edge is built and traced.
 - Head: BN + ReLU, global average pool, Linear(64 -> classes).
 
-Runtimes eliminate dead code (:func:`live_edges`): ``dead="drop"`` removes ops whose output
-does not reach the cell output (TFLite/LiteRT: the Raspberry Pi 4, Pixel and Raspberry Pi 5
-measurements), ``dead="fold"`` also removes ops applied to nodes that only receive ``none``
-(a converter that constant-folds zero tensors), ``dead="keep"`` keeps every non-``none`` op
-(the Eyeriss and FPGA simulators). HW-NAS-Bench-360's Raspberry Pi 5 / Pixel rows are one
-measurement per isomorphism class (:func:`unique_str`, :func:`measured_representatives`).
+What a runtime executes of such a network (a ``none`` edge is a constant zero, ops whose
+result only it reads are dead code, ops on zeros fold away) is no business of this module:
+the cost model's graph rewrites (:mod:`hw_models.graph`, rules in each target file) do it on
+any traced model. HW-NAS-Bench-360's Raspberry Pi 5 / Pixel rows are one measurement per
+isomorphism class (:func:`unique_str`, :func:`measured_representatives`).
 
 Example:
-    >>> arch = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
-    >>> live_edges(parse_arch(arch))
-    (True, True, True, True, True, True)
+    >>> t = nb201_table("|nor_conv_3x3~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|")
+    >>> sum(1 for l in t if l.kind == "conv2d")  # the stem, 15 cells' conv, 2 x 3 reduction convs
+    22
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from .trace import trace
 
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
-DEAD_MODES = ("drop", "fold", "keep")
 
 
 def parse_arch(arch: str | Sequence[str] | Sequence[int]) -> tuple[str, ...]:
@@ -54,28 +53,6 @@ def parse_arch(arch: str | Sequence[str] | Sequence[int]) -> tuple[str, ...]:
     if len(out) != 6 or any(o not in OPS for o in out):
         raise ValueError(f"`6 ops from {OPS}` must hold, but got {arch!r}")
     return out
-
-
-def live_edges(ops: Sequence[str], dead: str = "drop") -> tuple[bool, ...]:
-    """Which edges a runtime executes (``dead`` mode, see the module docstring).
-
-    ``drop``: non-``none`` ops whose output reaches node 3 (a node that only receives ``none``
-    is still a computed zero tensor, and ops applied to it run: HW-NAS-Bench's TFLite on the
-    Raspberry Pi 4). ``fold``: additionally, zero nodes are constant-folded, so ops applied
-    to them vanish. ``keep``: every
-    non-``none`` op (simulators).
-    """
-    if dead == "keep":
-        return tuple(o != "none" for o in ops)
-    has_value = [True, dead == "drop", dead == "drop", dead == "drop"]
-    for e, (i, j) in enumerate(EDGES):
-        if ops[e] != "none" and has_value[i]:
-            has_value[j] = True
-    reaches = [False, False, False, True]
-    for e, (i, j) in reversed(list(enumerate(EDGES))):
-        if ops[e] != "none" and reaches[j] and has_value[i]:
-            reaches[i] = True
-    return tuple(ops[e] != "none" and has_value[i] and reaches[j] for e, (i, j) in enumerate(EDGES))
 
 
 def unique_str(arch: str | Sequence) -> str:
@@ -140,41 +117,36 @@ def is_connected(ops: Sequence[str]) -> bool:
     return has_value[3]
 
 
-def _op(name: str, c: int) -> nn.Module | None:
+class Zero(nn.Module):
+    """NAS-Bench-201's ``none`` edge: ``x.mul(0.)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul(0.0)
+
+
+def _op(name: str, c: int) -> nn.Module:
     if name == "nor_conv_3x3":
         return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
     if name == "nor_conv_1x1":
         return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1, 1, 0, bias=False), nn.BatchNorm2d(c))
     if name == "avg_pool_3x3":
         return nn.AvgPool2d(3, 1, 1, count_include_pad=False)
-    return None  # skip_connect: identity
+    if name == "none":
+        return Zero()
+    return nn.Identity()  # skip_connect
 
 
 class Cell(nn.Module):
-    """One NB201 cell (edges that are ``none`` or dead are not built)."""
+    """One NB201 cell, every edge built (NAS-Bench-201's ``InferCell``)."""
 
-    def __init__(self, c: int, ops: Sequence[str], dead: str = "drop") -> None:
+    def __init__(self, c: int, ops: Sequence[str]) -> None:
         super().__init__()
-        keep = live_edges(ops, dead)
-        self.edges = nn.ModuleDict()
-        self.plan: list[list[tuple[int, str | None]]] = [[] for _ in range(4)]
-        for e, (i, j) in enumerate(EDGES):
-            if not keep[e]:
-                continue
-            key = f"e{i}{j}"
-            m = _op(ops[e], c)
-            if m is not None:
-                self.edges[key] = m
-            self.plan[j].append((i, key if m is not None else None))
+        self.edges = nn.ModuleList(_op(o, c) for o in ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nodes: list[torch.Tensor] = [x]
+        nodes = [x]
         for j in (1, 2, 3):
-            s = None
-            for i, key in self.plan[j]:
-                y = nodes[i] if key is None else self.edges[key](nodes[i])
-                s = y if s is None else s + y
-            nodes.append(s if s is not None else nodes[0] * 0.0)
+            nodes.append(sum(self.edges[e](nodes[i]) for e, (i, jj) in enumerate(EDGES) if jj == j))
         return nodes[3]
 
 
@@ -194,11 +166,9 @@ class Reduction(nn.Module):
 class NB201(nn.Module):
     """A NAS-Bench-201 network (see the module docstring)."""
 
-    def __init__(self, arch: str | Sequence, num_classes: int = 10, *, dead: str = "drop", cells: int = 5,
-                 width: int = 16, in_channels: int = 3) -> None:
+    def __init__(self, arch: str | Sequence, num_classes: int = 10, *, cells: int = 5, width: int = 16,
+                 in_channels: int = 3) -> None:
         super().__init__()
-        if dead not in DEAD_MODES:
-            raise ValueError(f"`dead in {DEAD_MODES}` must hold, but got dead={dead!r}")
         ops = parse_arch(arch)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
         layers: list[nn.Module] = []
@@ -207,7 +177,7 @@ class NB201(nn.Module):
             if s > 0:
                 layers.append(Reduction(c, 2 * c))
                 c *= 2
-            layers += [Cell(c, ops, dead) for _ in range(cells)]
+            layers += [Cell(c, ops) for _ in range(cells)]
         self.cells = nn.Sequential(*layers)
         self.lastact = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -218,22 +188,19 @@ class NB201(nn.Module):
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
-def build_nb201(arch: str | Sequence, num_classes: int = 10, *, dead: str = "drop") -> NB201:
-    """Build a NAS-Bench-201 network (untrained)."""
-    return NB201(arch, num_classes, dead=dead)
+def build_nb201(arch: str | Sequence, num_classes: int = 10) -> NB201:
+    """Build a NAS-Bench-201 network (untrained), every edge as NAS-Bench-201's code builds it."""
+    return NB201(arch, num_classes)
 
 
 _TABLE_CACHE: dict[tuple, object] = {}
 
 
-def nb201_table(arch: str | Sequence, num_classes: int = 10, *, dead: str = "drop", input_hw: int = 32):
+def nb201_table(arch: str | Sequence, num_classes: int = 10, *, input_hw: int = 32):
     """The traced :class:`~hw_models.trace.LayerTable` of a NAS-Bench-201 network (cached per arch)."""
-    ops = parse_arch(arch)
-    if dead != "keep":  # architectures with the same live edges run the same graph
-        ops = tuple(o if live else "none" for o, live in zip(ops, live_edges(ops, dead)))
-    key = (ops, num_classes, dead, input_hw)
+    key = (parse_arch(arch), num_classes, input_hw)
     t = _TABLE_CACHE.get(key)
     if t is None:
-        t = trace(build_nb201(ops, num_classes, dead=dead), (3, input_hw, input_hw), groups=False)
+        t = trace(build_nb201(key[0], num_classes), (3, input_hw, input_hw), groups=False)
         _TABLE_CACHE[key] = t
     return t

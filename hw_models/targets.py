@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..compressors.registry import UnknownNameError
+from .trace import KINDS
 
 TARGETS_DIR = Path(__file__).resolve().parent / "targets"
 
@@ -38,13 +39,109 @@ TARGETS_DIR = Path(__file__).resolve().parent / "targets"
 OP_CLASSES = ("conv", "pointwise", "dwconv", "linear")
 #: Efficiency classes (fitted): the compute classes plus memory-bound work.
 EFFICIENCY_CLASSES = OP_CLASSES + ("elementwise", "pool", "copy", "memory", "weights")
+#: Classes a target may add to fit apart what its runtime runs differently: integer kernels of
+#: each compute class (``conv_int``...; else they share the float class's efficiency) and the
+#: quantize/dequantize ops at float <-> integer boundaries (``convert``; else ``elementwise``).
+OPTIONAL_CLASSES = tuple(f"{c}_int" for c in OP_CLASSES) + ("convert",)
 DEVICE_CLASSES = ("cpu", "mcu", "gpu", "asic", "fpga")
 #: Sections that must cite a source (a key equal to, or starting with, the section name).
 SOURCED = ("throughput_gmacs", "elementwise_gops", "memory", "mac_energy_pj", "overhead_us", "capacity")
 
 
+#: Runtimes a target may model (``runtime.name``).
+RUNTIMES = ("litert", "xnnpack", "onnxruntime", "tflite-micro", "cmsis-nn", "tensorrt", "pytorch", "simulator",
+            "unspecified")
+#: Fusion rules a target may set (``fusion``): BN folded into its conv, an activation into its
+#: producer, a residual add into the float conv that produces one of its inputs.
+FUSIONS = ("bn", "activation", "add")
+
+
 class TargetError(ValueError):
     """A target file is malformed or incomplete."""
+
+
+@dataclass(frozen=True)
+class GraphRules:
+    """The graph rewrites a runtime does before running a model (``runtime.graph``; applied by
+    :func:`hw_models.graph.runtime_graph`).
+
+    Attributes:
+        zero_multiply: ``x * 0`` is a constant zero (ops only it reads become dead), ``x + 0``
+            and ``x * 1`` are ``x``.
+        constant_folding: ops whose inputs are all constants cost nothing per inference.
+        dead_code: ops whose result reaches no output are removed.
+    """
+
+    zero_multiply: bool = True
+    constant_folding: bool = True
+    dead_code: bool = True
+
+    @property
+    def rewrites(self) -> bool:
+        return self.zero_multiply or self.constant_folding or self.dead_code
+
+    @classmethod
+    def none(cls) -> "GraphRules":
+        """No rewrites: every op of the traced graph runs (PyTorch eager)."""
+        return cls(False, False, False)
+
+
+@dataclass(frozen=True)
+class IntegerKernels:
+    """Where the runtime runs a conv/linear as an integer kernel (``runtime.integer_kernels``).
+
+    Attributes:
+        ops: op kinds (:data:`hw_models.trace.KINDS`) with integer kernels; others compute in
+            float whatever their readers need (default: every kind, as in a fully int8 TFLite
+            graph; ONNX Runtime's QDQ form gives only conv/linear integer kernels).
+        weight_bits: stored weight widths the integer kernels read (empty: every width below
+            32); other integer weights are dequantized at load and run a float kernel (int4 on
+            ONNX Runtime CPU).
+        output: ``"any"``: every conv/linear with integer weights and activations runs an
+            integer kernel (TFLite int8 ops); ``"quantized"``: only when its result (through
+            fused BN/activations) goes to exactly one reader that quantizes it (ONNX Runtime's
+            QDQ rule: ``DQ -> Conv -> Q`` becomes ``QLinearConv``, other convs stay float with
+            their ``Q -> DQ`` around them).
+        through: op kinds or module types a quantize moves across (ONNX Runtime propagates
+            ``Q``/``DQ`` over ``MaxPool``: ``conv -> max pool -> quantize`` still forms an integer
+            conv, and the pool then runs on integers).
+        whole_graph: the deployment flow quantizes every conv/linear to int8 whatever the policy
+            (ExecuTorch's XNNPACK PT2E quantizer).
+        dequantize_at_load: integer weights outside an integer kernel are dequantized once when
+            the model loads (the float kernel streams fp32 weights; squeezer's ONNX files for ONNX
+            Runtime), rather than read as integers by a hybrid kernel.
+    """
+
+    ops: tuple[str, ...] = KINDS
+    weight_bits: tuple[int, ...] = ()
+    output: str = "any"
+    through: tuple[str, ...] = ()
+    whole_graph: bool = False
+    dequantize_at_load: bool = False
+
+    def moves_across(self, kind: str, module_type: str) -> bool:
+        return kind in self.through or module_type in self.through
+
+
+@dataclass(frozen=True)
+class RuntimeRules:
+    """The runtime a target models and what it does to a graph (the file's ``runtime`` section).
+
+    Attributes:
+        name: one of :data:`RUNTIMES`.
+        graph: rewrites on the traced graph.
+        integer_kernels: where integer kernels form.
+    """
+
+    name: str = "unspecified"
+    graph: GraphRules = field(default_factory=GraphRules)
+    integer_kernels: IntegerKernels = field(default_factory=IntegerKernels)
+
+    def to_dict(self) -> dict[str, Any]:
+        ik = self.integer_kernels
+        return {"name": self.name, "graph": {f.name: getattr(self.graph, f.name) for f in fields(GraphRules)},
+                "integer_kernels": {"ops": list(ik.ops), "weight_bits": list(ik.weight_bits), "output": ik.output,
+                                    "through": list(ik.through), "whole_graph": ik.whole_graph, "dequantize_at_load": ik.dequantize_at_load}}
 
 
 @dataclass(frozen=True)
@@ -92,7 +189,9 @@ class Target:
         efficiency: fitted achieved/peak ratio per class (:data:`EFFICIENCY_CLASSES`); a fitted
             multiplier, so it may exceed 1 where the nominal peak or bandwidth is conservative.
         energy_scale: fitted multipliers of the ``compute`` and ``memory`` energy terms.
-        fusion: ``bn`` (BN folds into conv), ``activation`` (activation fused into its producer).
+        fusion: ``bn`` (BN folds into conv), ``activation`` (activation fused into its producer),
+            ``add`` (a residual add fused into the float conv producing one of its inputs).
+        runtime: the runtime modelled and its rules (:class:`RuntimeRules`).
         sparse_kernels: whether unstructured sparsity speeds compute up.
         sparse_efficiency: achieved fraction of the ideal sparse speed-up.
         aliases: other names.
@@ -122,6 +221,7 @@ class Target:
     efficiency: Mapping[str, float] = field(default_factory=dict)
     energy_scale: Mapping[str, float] = field(default_factory=dict)
     fusion: Mapping[str, bool] = field(default_factory=dict)
+    runtime: RuntimeRules = field(default_factory=RuntimeRules)
     sparse_kernels: bool = False
     sparse_efficiency: float = 0.5
     aliases: tuple[str, ...] = ()
@@ -162,7 +262,9 @@ class Target:
             if f.name == "path":
                 continue
             v = getattr(self, f.name)
-            if f.name == "memory":
+            if f.name == "runtime":
+                v = v.to_dict()
+            elif f.name == "memory":
                 v = [{"name": m.name, "size_bytes": m.size_bytes, "bandwidth_gbps": m.bandwidth_gbps,
                       "energy_pj_per_byte": m.energy_pj_per_byte} for m in v]
             elif isinstance(v, tuple):
@@ -266,7 +368,8 @@ def _from_dict(d: Mapping[str, Any], source: str) -> Target:
         sources={str(k): str(v) for k, v in d["sources"].items()},
         efficiency={str(k): float(v) for k, v in (d.get("efficiency") or {}).items()},
         energy_scale={str(k): float(v) for k, v in (d.get("energy_scale") or {}).items()},
-        fusion={str(k): bool(v) for k, v in (d.get("fusion") or {}).items()},
+        fusion=_fusion(source, d.get("fusion") or {}),
+        runtime=_runtime(source, d.get("runtime")),
         aliases=tuple(str(a) for a in (d.get("aliases") or ())),
         calibration=dict(d.get("calibration") or {}),
         path=None if source.startswith("<") else source,
@@ -278,6 +381,58 @@ def _from_dict(d: Mapping[str, Any], source: str) -> Target:
     except (TypeError, ValueError) as e:
         _fail(source, str(e))
     raise AssertionError  # unreachable
+
+
+def _fusion(source: str, d: Any) -> dict[str, bool]:
+    if not isinstance(d, Mapping):
+        _fail(source, "field 'fusion' must be a mapping of rule -> true/false")
+    for k, v in d.items():
+        _check(source, k in FUSIONS, f"fusion keys in {FUSIONS}", f"'fusion.{k}'")
+        _check(source, isinstance(v, bool), f"fusion.{k} is true or false", f"{v!r}")
+    return {str(k): bool(v) for k, v in d.items()}
+
+
+def _section(source: str, d: Any, path: str, known: tuple[str, ...]) -> Mapping[str, Any]:
+    """A mapping whose keys are all in ``known`` (else the unknown field is named)."""
+    if d is None:
+        return {}
+    if not isinstance(d, Mapping):
+        _fail(source, f"field '{path}' must be a mapping, but got {type(d).__name__}")
+    for k in d:
+        if k not in known:
+            _fail(source, f"unknown field '{path}.{k}'; known: {list(known)}")
+    return d
+
+
+def _runtime(source: str, d: Any) -> RuntimeRules:
+    """The ``runtime`` section, every rule checked (a malformed one is named by its field path)."""
+    if d is None:
+        return RuntimeRules()
+    d = _section(source, d, "runtime", ("name", "graph", "integer_kernels"))
+    name = d.get("name", "unspecified")
+    _check(source, name in RUNTIMES, f"runtime.name in {RUNTIMES}", f"runtime.name={name!r}")
+    g = _section(source, d.get("graph"), "runtime.graph", tuple(f.name for f in fields(GraphRules)))
+    for k, v in g.items():
+        _check(source, isinstance(v, bool), f"runtime.graph.{k} is true or false", f"{v!r}")
+    ik = _section(source, d.get("integer_kernels"), "runtime.integer_kernels",
+                  tuple(f.name for f in fields(IntegerKernels)))
+    ops = ik.get("ops", KINDS)
+    _check(source, isinstance(ops, (list, tuple)) and set(ops) <= set(KINDS),
+           f"runtime.integer_kernels.ops is a list of op kinds {KINDS}", f"{ops!r}")
+    wb = ik.get("weight_bits", ())
+    _check(source, isinstance(wb, (list, tuple)) and all(isinstance(b, int) and 1 <= b < 32 for b in wb),
+           "runtime.integer_kernels.weight_bits is a list of widths in [1, 32)", f"{wb!r}")
+    out = ik.get("output", "any")
+    _check(source, out in ("any", "quantized"), "runtime.integer_kernels.output in ('any', 'quantized')",
+           f"{out!r}")
+    through = ik.get("through", ())
+    _check(source, isinstance(through, (list, tuple)) and all(isinstance(t, str) for t in through),
+           "runtime.integer_kernels.through is a list of op kinds or module types", f"{through!r}")
+    flags = {k: ik.get(k, False) for k in ("whole_graph", "dequantize_at_load")}
+    for k, v in flags.items():
+        _check(source, isinstance(v, bool), f"runtime.integer_kernels.{k} is true or false", f"{v!r}")
+    return RuntimeRules(name=name, graph=GraphRules(**g),
+                        integer_kernels=IntegerKernels(tuple(ops), tuple(wb), out, tuple(through), **flags))
 
 
 def _validate(t: Target) -> None:
@@ -318,7 +473,8 @@ def _validate(t: Target) -> None:
         _check(src, t.weights_level in [m.name for m in t.memory], "weights_level names a memory level",
                f"weights_level={t.weights_level!r}")
     for k, v in t.efficiency.items():
-        _check(src, k in EFFICIENCY_CLASSES, f"efficiency keys in {EFFICIENCY_CLASSES}", f"{k!r}")
+        _check(src, k in EFFICIENCY_CLASSES + OPTIONAL_CLASSES,
+               f"efficiency keys in {EFFICIENCY_CLASSES + OPTIONAL_CLASSES}", f"{k!r}")
         _check(src, v > 0 and math.isfinite(v), f"efficiency.{k} > 0", f"{v}")
     for k, v in t.energy_scale.items():
         _check(src, k in ("compute", "memory"), "energy_scale keys in ('compute', 'memory')", f"{k!r}")
@@ -408,7 +564,7 @@ def save_target(target: Target, path: str | Path) -> Path:
     chunks = []
     for k, v in target.to_dict().items():
         # sources/calibration/memory one entry per line; numeric tables compact
-        block = k in ("sources", "calibration", "memory") or not isinstance(v, (dict, list))
+        block = k in ("sources", "calibration", "memory", "runtime") or not isinstance(v, (dict, list))
         chunks.append(yaml.safe_dump({k: v}, sort_keys=False, default_flow_style=False if block else None,
                                      width=1000 if block else 110))
     path.write_text(f"# squeezer hardware target {target.name!r} (written by save_target)\n" + "".join(chunks))

@@ -75,6 +75,9 @@ class LayerSpec:
             other consumer), else ``None``.
         padding: ``(ph, pw)`` of conv/pooling.
         module_type: class name of the module or the function name.
+        scalar: the number a one-tensor add, subtract, multiply or divide applies (``x * 0.0``,
+            ``0 + x``; ``None`` otherwise): what lets :mod:`hw_models.graph` see a multiply by
+            zero or an identity.
     """
 
     name: str
@@ -95,6 +98,7 @@ class LayerSpec:
     bn_folded_into: str | None = None
     padding: tuple[int, int] = (0, 0)
     module_type: str = ""
+    scalar: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -107,6 +111,17 @@ class LayerSpec:
     @property
     def is_compressible(self) -> bool:
         return self.kind in COMPRESSIBLE
+
+    @property
+    def makes_zero(self) -> bool:
+        """A multiply by zero (``x * 0``, ``zeros_like(x)``): a zero tensor whatever ``x`` holds."""
+        return self.module_type == "zeros_like" or (self.module_type in _MUL_FNS - _DIV_FNS and self.scalar == 0)
+
+    @property
+    def is_identity(self) -> bool:
+        """``x + 0``, ``x - 0``, ``x * 1``, ``x / 1``: the input itself."""
+        return (self.module_type in _ADD_FNS and self.scalar == 0) or (self.module_type in _MUL_FNS
+                                                                         and self.scalar == 1)
 
     @property
     def out_elems(self) -> int:
@@ -226,6 +241,9 @@ def _alias_module(m: Any) -> bool:
 
 _ADD_FNS = {"add", "add_", "iadd", "sub", "sub_", "isub"}
 _MUL_FNS = {"mul", "mul_", "imul", "truediv", "div", "div_", "itruediv"}
+_DIV_FNS = {"truediv", "div", "div_", "itruediv"}
+#: Functions whose result does not depend on the values of their input.
+_ZERO_FNS = {"zeros_like"}
 _CAT_FNS = {"cat", "concat", "concatenate", "stack"}
 _VIEW_FNS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
              "view_as", "reshape_as", "expand", "expand_as", "t"}
@@ -237,7 +255,7 @@ _GAP_FNS = {"adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool1d",
 _ALIAS_FNS = {"dropout", "identity", "clone", "detach", "float", "to"}
 #: Functions the table prices from shapes (every other function: multiply-accumulates as counted).
 _KNOWN_FNS = (_ADD_FNS | _MUL_FNS | _CAT_FNS | _VIEW_FNS | _ACT_FNS | _POOL_FNS | _GAP_FNS | _ALIAS_FNS
-              | {"getitem"})
+              | _ZERO_FNS | {"getitem"})
 #: Modules the table prices from shapes.
 _PRICED_MODULES = (nn.modules.conv._ConvNd, nn.Linear, *(types for types, _ in _MODULE_KINDS))
 
@@ -577,10 +595,12 @@ class _ParamLedger:
 
 def _function_row(fn: str, n: fx.Node, n_inputs: int, out: torch.Tensor) -> dict[str, Any]:
     """Kind (and pooling window) of a functional op."""
-    if fn in _ADD_FNS:
-        return {"kind": "add" if n_inputs >= 2 else "act", "module_type": fn}
-    if fn in _MUL_FNS:
-        return {"kind": "mul" if n_inputs >= 2 else "act", "module_type": fn}
+    if fn in _ADD_FNS | _MUL_FNS:
+        if n_inputs >= 2:
+            return {"kind": "add" if fn in _ADD_FNS else "mul", "module_type": fn}
+        return {"kind": "act", "module_type": fn, "scalar": _scalar_operand(fn, n)}
+    if fn in _ZERO_FNS:
+        return {"kind": "act", "module_type": fn}
     if fn in _CAT_FNS:
         return {"kind": "concat", "module_type": fn}
     if fn in _VIEW_FNS:
@@ -596,6 +616,15 @@ def _function_row(fn: str, n: fx.Node, n_inputs: int, out: torch.Tensor) -> dict
         return {"kind": "act", "module_type": fn}
     # a functional linear, matmul or attention: its weights are not compressible by a policy
     return {"kind": "other", "module_type": fn}
+
+
+def _scalar_operand(fn: str, n: fx.Node) -> float | None:
+    """The number of ``x op c`` (or ``c + x``, ``c * x``; ``c - x`` and ``c / x`` are no identity)."""
+    for k, a in enumerate(n.args):
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            first = k == 0 and len(n.args) > 1
+            return None if first and fn in ({"sub", "sub_", "isub"} | _DIV_FNS) else float(a)
+    return None
 
 
 def _sdpa_macs(fn: str, n: fx.Node, shapes: Mapping[str, Any]) -> int:
@@ -765,5 +794,5 @@ def _attach_segments(rows: list[_Row], groups: Any, input_shape: tuple[int, ...]
             in_hw=r["in_hw"], out_hw=r["out_hw"], macs=int(r.get("macs", 0)), params=int(r.get("params", 0)),
             bias=bool(r.get("bias", False)), inputs=tuple(ins), out_segments=out_seg, in_segments=in_seg,
             bn_folded_into=r.get("bn_folded_into"), padding=r.get("padding", (0, 0)),
-            module_type=r.get("module_type", "")))
+            module_type=r.get("module_type", ""), scalar=r.get("scalar")))
     return out_rows

@@ -9,7 +9,7 @@ trial N instead; its model is fine-tuned from the base first (``finetune`` epoch
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ from ..evaluators.finetune import compress, finetune
 from ..evaluators.formats import EXPORT_FORMATS, export_model
 from ..evaluators.splits import DataSplits
 from ..evaluators.train import evaluate
+from ..hw_models.bench import bench_artifact
 from .config import SearchConfig
 from .errors import UserError
 from .records import read_trial_file
-from .runfolder import BASE_METRICS, BASE_MODEL, BEST, load_config, trial_path
+from .runfolder import BASE_METRICS, BASE_MODEL, BEST, MEASURED_SUFFIX, load_config, trial_path, write_json
 from .schema import read_run_json, stamped, upgrade
 from .workload import load_data
 
@@ -45,12 +46,24 @@ class Exported:
     label: str
     reported: dict[str, Any]
     artifacts: list[ExportResult]
+    measured: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """``squeezer.export-result/2``: ``reported`` in the run's vocabulary, each artifact's
-        ``test_accuracy`` (top-1, in its own runtime) next to ``torch_test_accuracy``."""
+        ``test_accuracy`` (top-1, in its own runtime) next to ``torch_test_accuracy``; ``measured``:
+        the latency of each runnable artifact measured here next to its runtime's cost model."""
         return stamped("export", {"source": str(self.source), "label": self.label, "reported": self.reported,
-                                  "artifacts": [r.to_dict() for r in self.artifacts]})
+                                  "artifacts": [r.to_dict() for r in self.artifacts], "measured": self.measured})
+
+
+def measure_here(path: Path, *, repeats: int = 50, warmup: int = 10) -> dict[str, Any]:
+    """The artifact's batch-1 latency on this machine (one thread, median) and what the cost model
+    of its runtime here predicts; written next to it (``<artifact>.latency.json``)."""
+    b = bench_artifact(path, batch=1, repeats=repeats, warmup=warmup, threads=1, target="auto")
+    row = {"path": str(path), "format": b.kind, "target": b.target, "measured_latency_ms": b.measured_latency_ms,
+           "predicted_latency_ms": b.predicted_latency_ms, "repeats": repeats, "threads": 1}
+    write_json(path.with_name(path.name + MEASURED_SUFFIX), stamped("measured", row))
+    return row
 
 
 def _check_args(fmt: str | None, trial: int | None, test_size: int | None) -> None:
@@ -152,4 +165,5 @@ def export(run: str | Path, fmt: str | None = None, out: str | Path | None = Non
         raise
     except ExportError as e:
         raise UserError(str(e)) from None
-    return Exported(ckpt, label, reported, results)
+    measured = [measure_here(r.path) for r in results if r.format in ("onnx", "pte")]
+    return Exported(ckpt, label, reported, results, measured)

@@ -214,7 +214,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    summary = tools.calibrate(args.target, args.measurements, args.out)
+    summary = tools.calibrate(args.target, args.measurements, args.out, kit=args.kit, runtime=args.runtime)
     print(json.dumps(summary, indent=2, default=str) if args.json else
           "\n".join(f"{k}: {v}" for k, v in summary.items()))
     return 0
@@ -264,10 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_targets)
 
-    s = sub.add_parser("calibrate", help="fit a target's cost model to your measurements")
-    s.add_argument("--target", required=True, help="target to start from ('host' measures this machine)")
-    s.add_argument("--measurements", help="CSV of measured rows (model, latency_ms[, energy_mj])")
-    s.add_argument("--out", required=True, help="calibrated target file to write (.yaml)")
+    s = sub.add_parser("calibrate", help="fit a target's cost model to measurements (yours, or taken here)")
+    s.add_argument("--target", help="target to start from ('host', 'host-ort' measure this machine)")
+    s.add_argument("--measurements", help="CSV of measured rows (model, latency_ms[, energy_mj]), e.g. a kit's")
+    s.add_argument("--out", help="calibrated target file to write (.yaml)")
+    s.add_argument("--kit", help="write a calibration kit here (graphs + run_kit.py) for another device")
+    s.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime"],
+                   help="the runtime a --kit is written for (default onnxruntime)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_calibrate)
 

@@ -36,7 +36,7 @@ from .config import SearchConfig
 from .errors import UserError
 from .limits import constraint_values, is_feasible, limits_of, resolve_target, target_sram
 from .records import corrupt_trial_files
-from .runfolder import load_config, read_json, storage_url
+from .runfolder import MEASURED_SUFFIX, load_config, read_json, storage_url
 from .schema import read_run_json, stamped
 from .selection import pareto_front
 from .study import STUDY_NAME, trial_counts, trial_reason, trial_workers, user_attr
@@ -126,9 +126,36 @@ def report(run_dir: str | Path) -> dict[str, Any]:
         "run": str(run_dir), "config": cfg.to_dict(), "metric": (best or base or {}).get("metric", "accuracy"),
         "limits": limits, "base": base, "best": best, "pareto": front,
         "trials": [trial_row(t, list(limits)) for t in trials], "trial_counts": trial_counts(trials),
-        "workers": trial_workers(trials), "summary": read_run_json(run_dir / "summary.json", "summary")})
+        "workers": trial_workers(trials), "summary": read_run_json(run_dir / "summary.json", "summary"),
+        "measured": measured_latencies(run_dir)})
     rep["hypervolume"] = report_hypervolume(rep)
     return rep
+
+
+def measured_latencies(run_dir: Path) -> list[dict[str, Any]]:
+    """Latencies measured on this machine by ``squeezer export`` (every other latency of a report
+    is the cost model's prediction on the run's target)."""
+    out = []
+    for p in sorted((run_dir / "export").rglob("*" + MEASURED_SUFFIX)) if (run_dir / "export").is_dir() else []:
+        try:
+            out.append(read_json(p))
+        except (OSError, ValueError):
+            log.warning("%s is damaged; its measurement is not reported", p)
+    return out
+
+
+def measured_lines(rep: dict[str, Any]) -> list[str]:
+    """Which latencies are predicted and which measured."""
+    target = (rep.get("best") or rep.get("base") or {}).get("target") or rep["config"].get("target")
+    lines = [f"latency: predicted by the cost model on {target} (base, chosen, Pareto front, trials)"]
+    for m in rep.get("measured") or []:
+        pred = m.get("predicted_latency_ms")
+        lines.append(f"  measured here: {m['path']} ({m['format']}, batch 1, {m.get('threads', 1)} thread) "
+                     f"{m['measured_latency_ms']:.3f} ms; {m.get('target')} predicts "
+                     + (f"{pred:.3f} ms" if pred is not None else "nothing (no model recorded)"))
+    if not rep.get("measured"):
+        lines.append("  nothing measured yet: `squeezer export RUN --format onnx` measures the exported model here")
+    return lines
 
 
 def _metric_cell(t: dict[str, Any], metric: str) -> str:
@@ -215,7 +242,7 @@ def format_report(rep: dict[str, Any], *, max_trials: int = 30) -> str:
     cfg, metric = rep["config"], rep["metric"]
     base, best = rep.get("base"), rep.get("best")
     lines = [f"run {rep['run']}  (model {cfg['model']}, dataset {cfg['dataset']}, target {cfg['target']}, "
-             f"budget {cfg['budget']})", "", summary_table(base, best),
+             f"budget {cfg['budget']})", "", summary_table(base, best), *measured_lines(rep),
              textwrap.fill(chosen_line(best, cfg), width=110, initial_indent="  ", subsequent_indent="  "), ""]
     if rep["pareto"]:
         lines.append(f"Pareto front (feasible trained trials: search-time val {metric} vs latency on the target):")
@@ -245,11 +272,11 @@ def summary_table(base: dict | None, best: dict | None) -> str:
     rows = [("size", "size_bytes", lambda v: format_bytes(v)),
             (f"test {metric}", "test_metric", lambda v: metric_text(v, metric)),
             (f"val {metric}", "val_metric", lambda v: metric_text(v, metric)),
-            ("latency", "latency_ms", lambda v: f"{v:.3f} ms"),
+            ("latency (predicted)", "latency_ms", lambda v: f"{v:.3f} ms"),
             ("energy", "energy_mj", lambda v: f"{v:.4f} mJ"),
             ("peak memory", "peak_memory_bytes", lambda v: format_bytes(v)),
             ("MACs", "macs", lambda v: f"{v / 1e6:.2f} M")]
-    width = max(14, len(metric) + 5)
+    width = max(19, len(metric) + 5)
     out = [f"  {'':<{width}} {'base':>12} {'chosen':>12} {'base/chosen':>11}"]
     for label, key, fmt in rows:
         r = ""

@@ -69,6 +69,11 @@ def _sha1(obj: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+#: Suffix of the file next to an exported artifact holding its latency measured on this machine
+#: (written by ``squeezer export``, read by ``squeezer report``).
+MEASURED_SUFFIX = ".latency.json"
+
+
 def write_json(path: Path, obj: Any, *, checksum: bool = False) -> None:
     """Write ``obj`` as JSON, atomically: a kill or a full disk leaves the old file or the new
     one, never half of one. ``checksum``: add a ``sha1`` of the content (:func:`read_checked_json`)."""

@@ -75,10 +75,22 @@ def methods() -> dict[str, dict[str, Any]]:
     return out
 
 
-def calibrate(target: str, measurements: str | Path | None, out: str | Path) -> dict[str, Any]:
-    """Fit ``target`` to a CSV of measurements (or measure this machine for ``host``); write ``out``."""
+def calibrate(target: str | None, measurements: str | Path | None, out: str | Path | None, *,
+              kit: str | Path | None = None, runtime: str = "onnxruntime") -> dict[str, Any]:
+    """Fit ``target`` to a CSV of measurements (or measure this machine for ``host`` / ``host-ort``);
+    write ``out``. With ``kit``: write a calibration kit for another device instead."""
+    if kit is None and (target is None or out is None):
+        raise UserError("calibrate needs --target and --out (or --kit DIR to write a calibration kit)")
+    if kit is not None and (measurements is not None or out is not None):
+        raise UserError("--kit writes a kit; fit its measurements afterwards with --target, --measurements, --out")
+    if target is not None:
+        resolve_target(target)
+    if measurements is not None and not Path(measurements).is_file():
+        raise UserError(f"measurements file not found: {measurements}")
     try:
-        return hw_models.cli_calibrate(target, measurements, out)
+        if kit is not None:
+            return hw_models.cli_calibrate(None, None, None, kit=kit, runtime=runtime)
+        return hw_models.cli_calibrate(target, measurements, out, runtime="torch")
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise UserError(str(e).strip("'\"")) from None
 

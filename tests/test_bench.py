@@ -1,4 +1,5 @@
-"""squeezer bench: real latency of exported artifacts, compared with the host cost model."""
+"""squeezer bench: real latency of exported artifacts, compared with the cost model of the runtime
+that ran them here (host-ort for ONNX Runtime, host for PyTorch)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def artifacts(tmp_path_factory):
 def test_bench_measures_each_runtime_and_predicts_host(artifacts, fmt, kind):
     r = bench_artifact(artifacts[fmt], batch=8, repeats=5, warmup=2)
     assert r.kind == kind and r.input_shape == (1, 28, 28)
+    assert r.target == ("host-ort" if kind == "onnx" else "host")
     assert 0 < r.measured_latency_ms < 1000 and r.batch == 8
     # (no ordering between batch-1 and batch-8 medians: on a shared machine noise can exceed it)
     assert r.measured_batch_latency_ms > 0 and r.measured_per_image_ms == pytest.approx(r.measured_batch_latency_ms / 8)
@@ -49,6 +51,6 @@ def test_cli_bench_json(artifacts, capsys):
     assert main(["bench", str(artifacts["onnx"]), "--batch", "4", "--repeats", "3", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["schema"] == "squeezer.bench/2" and d["kind"] == "onnx" and d["batch"] == 4
-    assert d["measured_latency_ms"] > 0 and d["target"] == "host"
+    assert d["measured_latency_ms"] > 0 and d["target"] == "host-ort"
     assert main(["bench", "/nonexistent.onnx"]) == 2
     assert "artifact not found" in capsys.readouterr().err

@@ -204,9 +204,20 @@ def test_cli_export_default_writes_policy_and_loadable_model(run_dir, tmp_path, 
 
 def test_cli_export_onnx_json_reports_verification(run_dir, capsys):
     assert main(["export", str(run_dir), "--format", "onnx", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)["artifacts"][0]
+    out = json.loads(capsys.readouterr().out)
+    res = out["artifacts"][0]
     assert res["format"] == "onnx" and abs(res["runtime_test_accuracy"] - res["reported_test_accuracy"]) <= 0.005
     assert (run_dir / "export" / "model.onnx").is_file()
+    # measured here, next to what the cost model of ONNX Runtime here predicts; the report says which is which
+    m = out["measured"][0]
+    assert m["target"] == "host-ort" and m["measured_latency_ms"] > 0 and m["predicted_latency_ms"] > 0
+    assert (run_dir / "export" / "model.onnx.latency.json").is_file()
+    from squeezer.search.report import format_report, report
+
+    rep = report(run_dir)
+    assert rep["measured"][0]["measured_latency_ms"] == m["measured_latency_ms"]
+    text = format_report(rep)
+    assert "latency (predicted)" in text and "measured here: " in text and "host-ort predicts" in text
 
 
 @pytest.mark.parametrize("argv,msg", [

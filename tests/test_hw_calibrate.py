@@ -10,19 +10,25 @@ import pytest
 
 from squeezer import hw_models
 from squeezer.hw_models.calibrate import CalibrationRow, calibrate, cli_calibrate, evaluate, measure_host, metrics
-from squeezer.hw_models.nb201 import OPS, is_connected, live_edges, nb201_table, parse_arch
+from squeezer.hw_models.graph import runtime_graph
+from squeezer.hw_models.nb201 import OPS, is_connected, nb201_table, parse_arch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hw-measurements"
 
 
 def test_nb201_builder_matches_published_macs():
     arch = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
-    t = nb201_table(arch, 10, dead="keep")
+    t = nb201_table(arch, 10)
     assert abs(t.macs / 1e6 - 113.95137) < 1e-3  # nb201_archs.csv, arch 1
     assert parse_arch(arch) == ("nor_conv_3x3", "nor_conv_3x3", "avg_pool_3x3", "skip_connect", "nor_conv_3x3",
                                 "skip_connect")
-    dead = ("nor_conv_3x3", "none", "none", "skip_connect", "none", "none")  # node 1 feeds nothing
-    assert live_edges(dead, "drop") == (False, False, False, True, False, False)
+    # Built plainly: node 1's conv is traced although only a none edge (x * 0) reads node 1 ...
+    dead = ("nor_conv_3x3", "none", "none", "skip_connect", "none", "none")
+    plain = nb201_table(dead)
+    assert sum(l.kind == "conv2d" for l in plain) == 22 and sum(l.makes_zero for l in plain) == 4 * 15
+    # ... and LiteRT's graph rules remove it: the stem and the reductions' six convs are left.
+    lite = runtime_graph(plain, hw_models.get_target("arm-a72").runtime.graph)
+    assert [l.kind for l in lite].count("conv2d") == 7 and not any(l.makes_zero for l in lite)
     assert not is_connected(("none",) * 6)
 
 

@@ -12,14 +12,16 @@ from ..tools import bench
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="measure an exported artifact's latency here (median after warm-up) "
-                                            "and compare with the host cost model")
+                                            "and compare with the cost model of its runtime here")
     p.add_argument("artifact", help=".onnx (ONNX Runtime), .pte (ExecuTorch) or .pt (TorchScript or squeezer checkpoint)")
     p.add_argument("--batch", type=int, default=32, help="second batch size timed (default 32; batch 1 is always timed)")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per batch size (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the runtime (default 1)")
     p.add_argument("--input-shape", help="C,H,W when the artifact does not record it")
-    p.add_argument("--target", default="host", help="cost model to compare with (default host; 'none' to skip)")
+    p.add_argument("--target", default="auto", help="cost model to compare with (default: the runtime's own here, "
+                                                    "host-ort for .onnx, host-xnnpack for .pte, host for .pt; "
+                                                    "'none' to skip)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=handler)
 
@@ -44,8 +46,8 @@ def handler(args: argparse.Namespace) -> int:
     elif r.kind == "pte":
         print("  (ExecuTorch programs have a fixed batch of 1)")
     if r.predicted_latency_ms is not None:
-        print(f"  {r.target} cost model: {r.predicted_latency_ms:.3f} ms (measured / predicted = "
-              f"{r.measured_latency_ms / r.predicted_latency_ms:.2f})")
+        print(f"  batch 1 predicted by the {r.target} cost model: {r.predicted_latency_ms:.3f} ms (measured / "
+              f"predicted = {r.measured_latency_ms / r.predicted_latency_ms:.2f})")
     elif r.prediction_note:
         print(f"  {r.prediction_note}")
     if r.runtime_ops is not None:

@@ -3,7 +3,9 @@
 Without ``--format`` it writes the chosen policy (``policy.json``) and the compressed model
 (``model.pt``, a ``squeezer.model/1`` checkpoint loadable with ``torch.load(..., weights_only=True)``)
 into ``--out`` (a folder, default ``RUN/export/``). Every artifact is run by its own runtime on
-the test set and its accuracy and size are printed next to what the search reported.
+the test set and its accuracy and size are printed next to what the search reported; an ONNX or
+ExecuTorch artifact is also timed here (batch 1, one thread) next to what the cost model of its
+runtime here (``host-ort``, ``host-xnnpack``) predicts.
 """
 
 from __future__ import annotations
@@ -73,4 +75,9 @@ def handler(args: argparse.Namespace) -> int:
         print(json.dumps(done.to_dict(), indent=2))
     else:
         print(format_table(done.artifacts, done.reported, done.label))
+        for m in done.measured:
+            pred = m["predicted_latency_ms"]
+            print(f"latency here ({m['format']}, batch 1, one thread): measured {m['measured_latency_ms']:.3f} ms; "
+                  + (f"{m['target']} predicts {pred:.3f} ms (measured / predicted = "
+                     f"{m['measured_latency_ms'] / pred:.2f})" if pred else f"{m['target']}: no prediction"))
     return 0

@@ -383,7 +383,6 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         for budget in args.budgets.split(","):
             for name in methods:
-                t0 = time.time()
                 if (model, budget, name) in reused:
                     row = reused[(model, budget, name)]
                 elif name == "ours":

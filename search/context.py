@@ -140,8 +140,8 @@ def prepare(cfg: SearchConfig, run_dir: Path, workload: Workload, *, progress: b
         cfg = cfg.with_(distill=False)
     table = hw_models.trace(arch, workload.data.input_shape)
     space = build_space(cfg, arch, workload.data.input_shape, target)
-    log_unpruned(space)
     smallest = check_budget_reachable(cfg, table, space, target)
+    log_unpruned(space)  # after the last check: bad input stays one line
     with file_lock(run_dir / ".base.lock"):  # concurrent processes of one run train it once
         base, meta = build_base(cfg, workload, run_dir / BASE_MODEL, run_dir.parent / ".cache", progress=progress)
     base_cost = hw_models.estimate_table(table, None, target)

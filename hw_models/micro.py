@@ -52,7 +52,10 @@ DEFAULT_SPECS = (("chain3", 16, 28, 3), ("chain3", 48, 14, 3), ("chain3", 96, 7,
                  ("pool", 32, 28, 2), ("pool", 64, 14, 2),
                  # deeper graphs: the per-node cost apart from the per-inference one (a network has tens of nodes)
                  ("res", 16, 28, 6), ("res", 32, 14, 6), ("chain3", 32, 14, 8), ("mbconv", 32, 14, 5),
-                 ("chain1", 64, 14, 10))
+                 ("chain1", 64, 14, 10),
+                 # wide 1x1 chains on small maps: weights (1.6-12.6 MB fp32) stream from L3/DRAM at every
+                 # inference, as in a network's last stages; small graphs keep theirs in L2
+                 ("chain1", 256, 4, 6), ("chain1", 640, 2, 4), ("chain1", 1024, 4, 3))
 _SPEC = re.compile(r"^micro:(?P<family>[a-z0-9]+)-c(?P<c>\d+)-r(?P<r>\d+)-n(?P<n>\d+)$")
 
 

@@ -141,9 +141,9 @@ def prepare(cfg: SearchConfig, run_dir: Path, workload: Workload, *, progress: b
     table = hw_models.trace(arch, workload.data.input_shape)
     space = build_space(cfg, arch, workload.data.input_shape, target)
     smallest = check_budget_reachable(cfg, table, space, target)
-    log_unpruned(space)  # after the last check: bad input stays one line
     with file_lock(run_dir / ".base.lock"):  # concurrent processes of one run train it once
         base, meta = build_base(cfg, workload, run_dir / BASE_MODEL, run_dir.parent / ".cache", progress=progress)
+    log_unpruned(space)  # after the base checkpoint's checks: bad input stays one line
     base_cost = hw_models.estimate_table(table, None, target)
     metrics = base_metrics_of(base_cost, cfg, workload, base, meta, run_dir / BASE_METRICS)
     trial_train = workload.data.train.subset(cfg.trial_train_size, seed=cfg.seed)

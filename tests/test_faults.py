@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import torch
 
 import squeezer
@@ -252,8 +253,8 @@ def test_a_signal_stops_the_run_within_seconds_and_resume_finishes_it(tmp_path, 
                 return False
             try:
                 return any(t.state.name == "RUNNING" and t.user_attrs.get("training") for t in study_of(run).trials)
-            except KeyError:  # the study is not created yet
-                return False
+            except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the study is not created yet, or its
+                return False                                     # schema is being written this instant
         return any(STAGES[stage] in line for line in err)
 
     deadline = time.time() + 500

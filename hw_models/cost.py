@@ -298,12 +298,12 @@ def _compute_class(kind: str, kernel: tuple[int, int], groups: int) -> str:
     return "pointwise" if kernel == (1, 1) and groups == 1 else "conv"
 
 
-def _conv_behind(by_name: Mapping[str, Any], name: str, fuse_bn: bool) -> bool:
-    """``name`` is a conv/linear's result, or a BN folded into one (conv -> BN -> add fuses as conv -> add)."""
-    layer = by_name[name]
-    if layer.kind == "bn" and layer.bn_folded_into and fuse_bn:
-        layer = by_name.get(layer.bn_folded_into, layer)
-    return layer.kind in COMPRESSIBLE
+def _producer(by_name: Mapping[str, Any], name: str, fuse_bn: bool) -> Any:
+    """The layer whose result ``name`` is as the runtime sees it: a BN folded into its conv is that conv."""
+    layer = by_name.get(name)
+    if layer is not None and layer.kind == "bn" and layer.bn_folded_into and fuse_bn:
+        return by_name.get(layer.bn_folded_into, layer)
+    return layer
 
 
 def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op], dict[str, str]]:
@@ -367,16 +367,15 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
             if l.bn_folded_into is None:
                 op.stored = 8 * out_c
         elif l.kind == "act":
-            src = by_name.get(l.inputs[0]) if l.inputs else None
+            src = _producer(by_name, l.inputs[0], fuse_bn) if l.inputs else None
             single = bool(l.inputs) and consumers.get(l.inputs[0], 0) == 1
-            if src is not None and src.kind == "bn" and src.bn_folded_into and fuse_bn:
-                src = by_name.get(src.bn_folded_into)
             if fuse_act and single and src is not None and src.kind in COMPRESSIBLE + ("add", "bn"):
                 op.zero_cost = op.alias = True
             else:
                 op.cls, op.elem_ops, op.alias = "elementwise", float(op.out_elems), single
         elif l.kind == "add" and fuse_add and any(
-                _conv_behind(by_name, i, fuse_bn) and consumers.get(i, 0) == 1 for i in l.inputs if i in by_name):
+                _producer(by_name, i, fuse_bn).kind in COMPRESSIBLE and consumers.get(i, 0) == 1
+                for i in l.inputs if i in by_name):
             op.zero_cost = op.alias = True  # the conv accumulates into the sum (ONNX Runtime's NCHWc Conv + Add)
         elif l.kind in ("add", "mul"):
             op.cls, op.elem_ops = "elementwise", float(op.out_elems * max(1, len(l.inputs) - 1))

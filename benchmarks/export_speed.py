@@ -35,6 +35,7 @@ from squeezer.evaluators.datasets import load_dataset  # noqa: E402
 from squeezer.evaluators.export import deploy_model, export_onnx, runtime_op_types  # noqa: E402
 from squeezer.evaluators.formats import export_model  # noqa: E402
 from squeezer.hw_models.kit_runner import time_interleaved  # noqa: E402
+from squeezer.search.schema import read_run_json  # noqa: E402
 
 BUDGETS = {"resnet20": "300kB", "mobilenet_v2": "2MB"}
 
@@ -186,7 +187,7 @@ def time_existing(run: Path, args) -> int:
 
 def predicted_speedup(run: Path) -> str:
     """What the run's cost model predicted: base over chosen latency on the run's target, and test metrics."""
-    base, best = (json.loads((run / d / "metrics.json").read_text()) for d in ("base", "best"))
+    base, best = (read_run_json(run / d / "metrics.json", "metrics") for d in ("base", "best"))
     return (f"Predicted on {best['target']}: {base['latency_ms']:.3f} -> {best['latency_ms']:.3f} ms "
             f"({base['latency_ms'] / best['latency_ms']:.2f}x); test {best['metric']} {100 * base['test_metric']:.2f}% "
             f"-> {100 * best['test_metric']:.2f}%; size {base['size_bytes']:,} -> {best['size_bytes']:,} B")

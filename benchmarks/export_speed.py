@@ -34,7 +34,7 @@ from squeezer.evaluators.checkpoint import load_checkpoint  # noqa: E402
 from squeezer.evaluators.datasets import load_dataset  # noqa: E402
 from squeezer.evaluators.export import deploy_model, export_onnx, runtime_op_types  # noqa: E402
 from squeezer.evaluators.formats import export_model  # noqa: E402
-from squeezer.hw_models.kit_runner import time_interleaved  # noqa: E402
+from squeezer.hw_models.kit_runner import onnx_session, time_interleaved  # noqa: E402
 from squeezer.search.schema import read_run_json  # noqa: E402
 
 BUDGETS = {"resnet20": "300kB", "mobilenet_v2": "2MB"}
@@ -72,17 +72,6 @@ def squeezer(*argv: str) -> dict:
     return json.loads(r.stdout)
 
 
-def session(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})
-
-
 def timed_rounds(runs: dict[str, object], x: np.ndarray, *, rounds: int, repeats: int) -> dict[str, float]:
     """Median over rounds of each artifact's per-round median (ms); artifacts interleaved per round
     (:func:`hw_models.kit_runner.time_interleaved`, the calibration kit's timing)."""
@@ -106,7 +95,7 @@ def describe(policy: dict | None) -> str:
 def measure(arts: dict[str, Path], shape, args) -> dict[str, dict[str, float]]:
     """Each artifact timed interleaved (batch 1 and 32), speed-ups against the first one, and what
     ONNX Runtime runs per inference (int8 kernels, runtime DQ / Q)."""
-    sessions = {k: session(p) for k, p in arts.items()}
+    sessions = {k: onnx_session(p) for k, p in arts.items()}
     rng = np.random.default_rng(0)
     lat1 = timed_rounds(sessions, rng.random((1, *shape), dtype=np.float32), rounds=args.rounds, repeats=args.repeats)
     lat32 = timed_rounds(sessions, rng.random((32, *shape), dtype=np.float32), rounds=args.rounds,

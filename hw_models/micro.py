@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import itertools
 import re
 import shutil
 from dataclasses import dataclass
@@ -184,11 +183,12 @@ def micro_set(specs: Sequence[tuple[str, int, int, int]] = DEFAULT_SPECS,
     if unknown:
         raise ValueError(f"`policies in {list(POLICIES)}` must hold, but got {unknown}")
     out = []
-    for (family, c, r, n), p in itertools.product(specs, names):
-        spec = spec_name(family, c, r, n)
-        layers = trace(build_micro(spec), (MICRO_INPUT[0], r, r), groups=False).compressible()
-        make = POLICIES[p]
-        out.append(MicroGraph(spec, p, None if make is None else make(layers), (MICRO_INPUT[0], r, r)))
+    for family, c, r, n in specs:
+        spec, shape = spec_name(family, c, r, n), (MICRO_INPUT[0], r, r)
+        layers = trace(build_micro(spec), shape, groups=False).compressible()  # once per spec
+        for p in names:
+            make = POLICIES[p]
+            out.append(MicroGraph(spec, p, None if make is None else make(layers), shape))
     return out
 
 

@@ -115,9 +115,9 @@ def load_data(cfg: SearchConfig) -> DataSplits:
 
 def check_names(cfg: SearchConfig) -> None:
     """The model and dataset ``cfg`` names exist (a one-line error with a hint, before any work)."""
-    tv = cfg.model.startswith(TORCHVISION_PREFIX)
-    if not cfg.model.startswith(OBJECT_PREFIX) and cfg.model not in ZOO and (tv or ":" not in cfg.model) \
-            and cfg.model.removeprefix(TORCHVISION_PREFIX) not in known_models():
+    factory = ":" in cfg.model and not cfg.model.startswith(TORCHVISION_PREFIX)  # pkg.mod:factory, checked later
+    if not cfg.model.startswith(OBJECT_PREFIX) and not factory and cfg.model not in ZOO \
+            and cfg.model.removeprefix(TORCHVISION_PREFIX) not in known_models():  # (lists torchvision's: after ZOO)
         try:
             build_model(cfg.model, in_channels=1, num_classes=10)
         except ValueError as e:

@@ -57,19 +57,15 @@ def guided_params(space, sens: dict[str, Any], fits, *, narrowed: dict[str, list
         for d, lad in ladder.items():
             if d.startswith("abits:") and not act_steps:
                 continue  # activation bits do not change the stored size
-            i = lad.index(cur[d]) if cur[d] in lad else 0
-            if i + 1 >= len(lad):
-                continue
-            nxt = lad[i + 1]
-            loss = choice_loss(probes, d, nxt) + eps
-            trial_p = {**cur, d: nxt}
-            _, a = check(trial_p)
-            saved = amount - a
-            if saved <= 0:
-                continue
-            score = loss / saved if per_byte else loss
-            if best is None or score < best[0]:
-                best = (score, d, nxt)
+            for nxt in _steps(lad, cur[d], both_ways=d.startswith("abits:")):
+                loss = choice_loss(probes, d, nxt) + eps
+                _, a = check({**cur, d: nxt})
+                saved = amount - a
+                if saved <= 0:
+                    continue
+                score = loss / saved if per_byte else loss
+                if best is None or score < best[0]:
+                    best = (score, d, nxt)
         if best is None:
             return None
         _, d, nxt = best
@@ -156,22 +152,42 @@ def undo_compression(space, probes: dict[str, dict[str, float]], ladder: dict[st
     return cur
 
 
+def _steps(ladder: list, cur: Any, *, both_ways: bool) -> list:
+    """The choices one step from ``cur`` on a mildest-first ladder: the next more aggressive
+    one, and with ``both_ways`` also the next milder one (activation bits: float activations
+    can be the faster ones, where (de)quantizing costs more than an integer kernel saves)."""
+    i = ladder.index(cur) if cur in ladder else 0
+    return ladder[i + 1:i + 2] + (ladder[i - 1:i] if both_ways and i > 0 else [])
+
+
 def uniform_seeds(ctx: Context) -> list[dict[str, Any]]:
     """Params of the uniform policies that meet the limits: for the two widest integer weight
-    widths, the mildest pruning ratio of the grid that fits (8-bit activations where the target
-    has them), priced as the trial will run them (projected into the narrowed space)."""
+    widths, the mildest pruning ratio of the grid that fits, with the activation width the
+    target runs fastest (8-bit on a tie, and where the target has it), priced as the trial will
+    run them (projected into the narrowed space)."""
     sp, sram, out = ctx.space, target_sram(ctx.target), []
-    abits = 8 if 8 in sp.act_bits else sp.act_bits[-1]
     for bits in sorted((b for b in sp.weight_bits if b is not None), reverse=True):
         for p in sp.prune_choices:
-            params = sp.canonical_params(project_params(
-                sp.params_for(sp.uniform_policy(prune_ratio=p, weight_bits=bits, act_bits=abits)), ctx.narrowed))
-            if is_feasible(constraints_of(ctx.estimate(sp.policy_from_params(params)), ctx.cfg, sram)):
-                out.append(params)
+            fits = [params for params in (sp.canonical_params(project_params(sp.params_for(
+                sp.uniform_policy(prune_ratio=p, weight_bits=bits, act_bits=a)), ctx.narrowed)) for a in _act_widths(sp))
+                if is_feasible(constraints_of(ctx.estimate(sp.policy_from_params(params)), ctx.cfg, sram))]
+            if fits:
+                out.append(_fastest(ctx, fits))
                 break
         if len(out) >= 2:
             break
     return out
+
+
+def _act_widths(sp) -> list[int | None]:
+    """The space's uniform activation widths, the preferred (8-bit, else the narrowest) first."""
+    first = 8 if 8 in sp.act_bits else sp.act_bits[-1]
+    return [first] + [a for a in sp.act_bits if a != first]
+
+
+def _fastest(ctx: Context, variants: list[dict[str, Any]]) -> dict[str, Any]:
+    """The params the target runs fastest (the first on a tie)."""
+    return min(variants, key=lambda p: float(ctx.estimate(ctx.space.policy_from_params(p)).latency_ms))
 
 
 class _Seeds:

@@ -67,6 +67,14 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tolerance", type=float, dest="tolerance_pp",
                    help="choose the fastest feasible trial within this many validation accuracy points of the "
                         "most accurate one (0.5; 0 = the most accurate)")
+    g.add_argument("--finalists", type=int,
+                   help="fine-tune the chosen trial and up to N-1 faster ones of the front for --finalist-epochs, "
+                        "then choose by those scores (3; 1 = the trials' short scores decide)")
+    g.add_argument("--finalist-epochs", type=float, dest="finalist_epochs",
+                   help="epochs of each finalist's fine-tune (0.25)")
+    g.add_argument("--finalist-margin", type=float, dest="finalist_margin_pp",
+                   help="faster trials of the front become finalists if their short score is within this many "
+                        "points of the best (3)")
     g.add_argument("--no-sensitivity", action="store_true",
                    help="skip the per-layer sensitivity probes that narrow the space and seed the search")
     g.add_argument("--sensitivity-threshold", type=float, dest="sensitivity_threshold_pp",
@@ -106,7 +114,8 @@ def _config_from_args(args: argparse.Namespace):
                                          "storage", "sampler", "base_epochs", "trial_steps", "final_epochs",
                                          "criterion", "quantizer", "prune_choices", "threads", "rungs", "sensitivity_threshold_pp",
                                          "sensitivity_bn_images",
-                                         "tolerance_pp", "latency_seeds", "backend", "workers", "address")
+                                         "tolerance_pp", "finalists", "finalist_epochs", "finalist_margin_pp",
+                                         "latency_seeds", "backend", "workers", "address")
            if getattr(args, k, None) is not None}
     if getattr(args, "trials", None) is not None:
         try:

@@ -22,7 +22,8 @@ from .budget import parse_positive, parse_size
 
 #: CLI spellings of config fields (``--tolerance`` is ``tolerance_pp``, ...), accepted by
 #: :meth:`SearchConfig.from_dict` and the Python API.
-ALIASES = {"tolerance": "tolerance_pp", "sensitivity_threshold": "sensitivity_threshold_pp"}
+ALIASES = {"tolerance": "tolerance_pp", "sensitivity_threshold": "sensitivity_threshold_pp",
+           "finalist_margin": "finalist_margin_pp"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,12 @@ class SearchConfig:
     # The chosen trial: the fastest feasible one whose validation accuracy is within this many
     # points of the best feasible one (0 = the most accurate).
     tolerance_pp: float = 0.5
+    # Finalists (search/finalists.py): the chosen trial and up to finalists - 1 faster ones of the
+    # front within finalist_margin_pp of the best short score are fine-tuned for finalist_epochs
+    # and the rule above is applied to those scores (finalists <= 1: the short scores decide).
+    finalists: int = 3
+    finalist_epochs: float = 0.25
+    finalist_margin_pp: float = 3.0
     # Sensitivity first: per-layer probes narrow the space (drop choices losing > threshold).
     sensitivity: bool = True
     sensitivity_threshold_pp: float = 10.0
@@ -101,9 +108,11 @@ class SearchConfig:
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, parse_positive(v, name.replace("_", "-")))
-        for name in ("base_epochs", "final_epochs"):
+        for name in ("base_epochs", "final_epochs", "finalist_epochs", "finalist_margin_pp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}")
+        if not isinstance(self.finalists, int) or isinstance(self.finalists, bool) or self.finalists < 1:
+            raise ValueError(f"`finalists >= 1` must hold, but got finalists={self.finalists!r}")
         if self.trial_steps < 1:
             raise ValueError(f"`trial_steps >= 1` must hold, but got trial_steps={self.trial_steps}")
         if self.rungs is not None:

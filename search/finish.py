@@ -18,10 +18,10 @@ from ..compressors.packing import packed_size
 from ..evaluators.checkpoint import save_checkpoint
 from ..evaluators.finetune import compress_and_finetune
 from .context import Context
+from .finalists import choose_final
 from .limits import constraints_of, cost_dict, target_sram
 from .runfolder import BEST, file_lock, write_json
 from .schema import read_run_json, stamped
-from .selection import choose_best
 from .study import mark_chosen
 from .workload import seed_everything
 
@@ -42,7 +42,8 @@ def finish(ctx: Context, study: optuna.Study, *, progress: bool = True) -> dict[
 
 def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, Any]:
     cfg, best_dir = ctx.cfg, ctx.run_dir / BEST
-    trial, status = choose_best(study, cfg.tolerance_pp)
+    trial, status, finalists = choose_final(study, cfg, ctx.run_dir,
+                                            lambda t: _finalist_metric(ctx, t, progress=progress))
     policy = ctx.space.sample(FixedTrial(trial.params))
     cost = ctx.estimate(policy)
     if status != "feasible":
@@ -50,13 +51,8 @@ def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, A
         log.warning("no trained candidate met every constraint; using trial %d, %.1f%% over its tightest limit",
                     trial.number, 100 * max(cons))
     log.info("final fine-tune of trial %d (%g epochs, QAT + distillation)", trial.number, cfg.final_epochs)
-    seed_everything(cfg.seed)
     t0 = time.time()
-    model, policy = compress_and_finetune(
-        ctx.base, policy, ctx.data.train, input_shape=ctx.input_shape, distill=cfg.distill,
-        calib_batches=CALIB_BATCHES, calib_seed=0, batch_size=cfg.batch_size, epochs=cfg.final_epochs,
-        lr=cfg.final_lr, seed=cfg.seed, augment=ctx.input_shape[1] >= 16, progress=progress,
-        desc="final fine-tune", loss_fn=ctx.workload.loss)
+    model, policy = _fine_tune(ctx, policy, cfg.final_epochs, progress=progress, desc="final fine-tune")
     ft_seconds = time.time() - t0
     val_acc = ctx.score(model, ctx.data.val)
     test_acc = ctx.score(model, ctx.data.test) if ctx.data.test is not None else None
@@ -65,7 +61,9 @@ def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, A
         "trial_val_metric": trial.values[0] if trial.user_attrs.get("evaluated") else None,
         **cost_dict(cost), "trial": trial.number, "feasible": status == "feasible", "target": cfg.target,
         "budget_bytes": cfg.budget_bytes, "packed_bytes": packed_size(model, coding=policy.coding),
-        "finetune_seconds": round(ft_seconds, 1)})
+        "finetune_seconds": round(ft_seconds, 1),
+        "finalists": [{"number": r["number"], "val_metric": r["val_metric"]} for r in finalists.get("trials", [])
+                      if r["number"] in finalists["candidates"]] if finalists else None})
     policy.save(best_dir / "policy.json", meta={"model": cfg.model, "dataset": cfg.dataset, "target": cfg.target,
                                                 "trial": trial.number, "metric": metrics["metric"],
                                                 "test_metric": test_acc})
@@ -77,14 +75,38 @@ def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, A
     return metrics
 
 
+def _fine_tune(ctx: Context, policy: Any, epochs: float, *, progress: bool, desc: str) -> tuple[Any, Any]:
+    """The base model compressed by ``policy`` and fine-tuned (QAT + distillation) on the
+    training split: the final model, and each finalist."""
+    cfg = ctx.cfg
+    seed_everything(cfg.seed)
+    return compress_and_finetune(
+        ctx.base, policy, ctx.data.train, input_shape=ctx.input_shape, distill=cfg.distill,
+        calib_batches=CALIB_BATCHES, calib_seed=0, batch_size=cfg.batch_size, epochs=epochs,
+        lr=cfg.final_lr, seed=cfg.seed, augment=ctx.input_shape[1] >= 16, progress=progress,
+        desc=desc, loss_fn=ctx.workload.loss)
+
+
+def _finalist_metric(ctx: Context, trial: Any, *, progress: bool) -> float:
+    """A finalist's validation metric after ``finalist_epochs`` of fine-tune."""
+    policy = ctx.space.sample(FixedTrial(trial.params))
+    model, _ = _fine_tune(ctx, policy, ctx.cfg.finalist_epochs, progress=progress,
+                          desc=f"finalist trial {trial.number}")
+    return ctx.score(model, ctx.data.val)
+
+
 def chosen_notes(m: dict[str, Any], cfg: Any) -> tuple[str, str]:
     """The optuna-dashboard notes of the study and of the chosen trial (Markdown)."""
     def num(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}"
 
     name, fits = m["metric"], "meets every limit" if m["feasible"] else "no trial met every limit: the least infeasible one"
-    chosen = (f"**squeezer chose trial {m['trial']}** ({fits}): the fastest trial within {cfg.tolerance_pp:g} points "
-              f"of the best validation {name}.\n\n"
+    rule = f"the fastest trial within {cfg.tolerance_pp:g} points of the best validation {name}"
+    if m.get("finalists"):
+        rule = (f"the fastest of the finalists (trials {', '.join(str(f['number']) for f in m['finalists'])}, "
+                f"each fine-tuned for "
+                f"{cfg.finalist_epochs:g} epochs) within {cfg.tolerance_pp:g} points of the best of them")
+    chosen = (f"**squeezer chose trial {m['trial']}** ({fits}): {rule}.\n\n"
               f"- search-time (its objective values): validation {name} {num(m['trial_val_metric'])} after "
               f"{cfg.trial_steps} fine-tune steps; {m['latency_ms']:.4g} ms on {cfg.target}\n"
               f"- after the final fine-tune ({cfg.final_epochs:g} epochs): validation {name} "

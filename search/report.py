@@ -228,7 +228,17 @@ def chosen_line(best: dict[str, Any] | None, cfg: dict[str, Any]) -> str:
     return (f"chosen: trial {best.get('trial')} after the final fine-tune ({cfg.get('final_epochs')} epochs); "
             f"its search-time val {metric} (after {cfg.get('trial_steps')} steps, the star in pareto.png) "
             f"was {metric_text(search_time, metric) if search_time is not None else 'not recorded'}"
+            + finalists_text(best.get("finalists"), cfg, metric)
             + ("" if best.get("feasible", True) else "; it meets no limit set (the least infeasible trial)"))
+
+
+def finalists_text(finalists: list[dict[str, Any]] | None, cfg: dict[str, Any], metric: str) -> str:
+    """How the finalists scored after their longer fine-tune (empty without finalists)."""
+    if not finalists:
+        return ""
+    scores = ", ".join(f"trial {f['number']} {metric_text(f['val_metric'], metric)}" for f in finalists)
+    return (f"; chosen among finalists fine-tuned for {cfg.get('finalist_epochs')} epochs each "
+            f"(val {metric}: {scores})")
 
 
 def hypervolume_text(rep: dict[str, Any]) -> str:

@@ -27,7 +27,8 @@ from .runfolder import read_json
 #: ``BENCH_SCHEMA`` there) and listed here so that one table names them all.
 SCHEMAS = {"metrics": "squeezer.metrics/2", "trial": "squeezer.trial/2", "summary": "squeezer.summary/2",
            "report": "squeezer.report/2", "apply": "squeezer.apply/2", "export": "squeezer.export-result/2",
-           "cost": "squeezer.cost/2", "bench": "squeezer.bench/2", "measured": "squeezer.measured/1"}
+           "cost": "squeezer.cost/2", "bench": "squeezer.bench/2", "measured": "squeezer.measured/1",
+           "finalists": "squeezer.finalists/1"}
 
 #: Version-1 keys (files, trial user attributes) -> version 2.
 RENAMED = {"val_accuracy": "val_metric", "test_accuracy": "test_metric", "rung_accuracy": "rung_metric",

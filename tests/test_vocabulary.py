@@ -72,6 +72,8 @@ def outputs(digits_run, tmp_path_factory):
                                        str(policy), "--json")),
            "export": json.loads(squeezer("export", str(run), "--format", "state_dict", "--json", "--out",
                                          str(work / "m.pt")))}
+    if (run / "finalists.json").is_file():
+        out["finalists"] = json.loads((run / "finalists.json").read_text())
     out["bench"] = json.loads(squeezer("bench", str(work / "m.pt"), "--repeats", "2", "--batch", "2", "--json"))
     # The run's own base weights and data split (seed 2), so that apply's base is the run's base.
     out["apply"] = json.loads(squeezer("apply", str(policy), "--model", "resnet20", "--dataset", "digits",

@@ -1,0 +1,96 @@
+"""Finalists: the fast end of the Pareto front, fine-tuned longer before one is chosen.
+
+A trial's score comes from a short fine-tune (``trial_steps``), and a short fine-tune
+under-rates the most compressed policies: they lose the most at first and recover the most in
+the final fine-tune. So the final stage does not trust the short scores at the fast end: it
+takes the trial the selection rule chooses (:func:`search.selection.choose_best`) and up to
+``finalists - 1`` faster trials of the Pareto front whose short score is within
+``finalist_margin_pp`` points of the best, fine-tunes each for ``finalist_epochs`` on the
+training split, scores it on the validation split, and applies the same rule to those scores:
+the fastest finalist within ``tolerance_pp`` points of the best finalist. The test split is
+never looked at. Each result is written to ``finalists.json`` as it is measured, so a stopped
+run resumes without repeating one.
+
+Example:
+    >>> import optuna
+    >>> s = optuna.create_study(directions=["maximize", "minimize"])
+    >>> for acc, lat in ((0.90, 5.0), (0.897, 3.0), (0.88, 2.0), (0.80, 1.0)):
+    ...     t = s.ask(); t.set_user_attr("evaluated", True); t.set_user_attr("constraints", {"size": -0.1}); _ = s.tell(t, [acc, lat])
+    >>> [t.number for t in finalist_trials(s, finalists=3, tolerance_pp=0.5, margin_pp=3.0)]
+    [1, 2]
+    >>> pick({1: 0.905, 2: 0.902}, {1: 3.0, 2: 2.0}, tolerance_pp=0.5)
+    2
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from .runfolder import write_json
+from .schema import read_run_json, stamped
+from .selection import choose_best, pareto_front
+
+log = logging.getLogger("squeezer")
+
+#: The run folder's record of the finalists' longer fine-tunes.
+FINALISTS = "finalists.json"
+
+#: ``measure(trial) -> validation metric`` after the finalists' fine-tune.
+Measure = Callable[[FrozenTrial], float]
+
+
+def finalist_trials(study: optuna.Study, *, finalists: int, tolerance_pp: float,
+                    margin_pp: float) -> list[FrozenTrial]:
+    """The trial the rule chooses, then the faster trials of the front within ``margin_pp`` of
+    the best short score, fastest first, ``finalists`` in all (just the first when the rule
+    has no feasible trial or ``finalists <= 1``)."""
+    chosen, status = choose_best(study, tolerance_pp)
+    if status != "feasible" or finalists <= 1:
+        return [chosen]
+    front = pareto_front(study.get_trials(deepcopy=False))
+    best = max(t.values[0] for t in front)
+    faster = [t for t in front if t.values[1] < chosen.values[1] and t.values[0] >= best - margin_pp / 100 - 1e-9]
+    return [chosen] + faster[:finalists - 1]
+
+
+def pick(scores: dict[int, float], latency: dict[int, float], *, tolerance_pp: float) -> int:
+    """The fastest trial number whose score is within ``tolerance_pp`` points of the best
+    (ties: the more accurate)."""
+    best = max(round(v, 4) for v in scores.values())
+    near = [n for n, v in scores.items() if round(v, 4) >= best - tolerance_pp / 100 - 1e-9]
+    return min(near, key=lambda n: (latency[n], -scores[n]))
+
+
+def choose_final(study: optuna.Study, cfg: Any, run_dir: Any, measure: Measure) -> tuple[FrozenTrial, str, dict]:
+    """``(trial, "feasible" | "infeasible", record)``: the trial the final fine-tune trains, and
+    the finalists' record (``{}`` when there is only one candidate)."""
+    candidates = finalist_trials(study, finalists=cfg.finalists, tolerance_pp=cfg.tolerance_pp,
+                                 margin_pp=cfg.finalist_margin_pp)
+    if len(candidates) == 1:
+        return (*choose_best(study, cfg.tolerance_pp), {})
+    path = run_dir / FINALISTS
+    record = read_run_json(path, "finalists")
+    if record is None or record.get("epochs") != cfg.finalist_epochs:  # scores of other fine-tunes do not count
+        record = stamped("finalists", {"epochs": cfg.finalist_epochs, "trials": []})
+    record["candidates"], record["rule_choice"] = [t.number for t in candidates], candidates[0].number
+    log.info("finalists: trials %s (the rule's choice and the faster ones within %g points), %g epochs each",
+             ", ".join(str(t.number) for t in candidates), cfg.finalist_margin_pp, cfg.finalist_epochs)
+    done = {r["number"]: r for r in record["trials"]}
+    for t in candidates:
+        if t.number not in done:
+            done[t.number] = {"number": t.number, "val_metric": measure(t), "trial_val_metric": t.values[0],
+                              "latency_ms": t.values[1]}
+            record["trials"] = list(done.values())
+            write_json(path, record)
+        log.info("finalist trial %d: validation %.4f after %g epochs (%.4f after %d steps), %.4g ms",
+                 t.number, done[t.number]["val_metric"], cfg.finalist_epochs, t.values[0], cfg.trial_steps,
+                 t.values[1])
+    number = pick({t.number: done[t.number]["val_metric"] for t in candidates},
+                  {t.number: t.values[1] for t in candidates}, tolerance_pp=cfg.tolerance_pp)
+    record["chosen"] = number
+    write_json(path, record)
+    return next(t for t in candidates if t.number == number), "feasible", record

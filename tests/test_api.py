@@ -61,6 +61,7 @@ def test_readme_python_api_script(tmp_path):
     assert 0.5 < sens["base_accuracy"] <= 1.0
 
 
+@pytest.mark.slow  # ~2-3 min: a Ray cluster plus a search; the Ray backend's default-suite check is test_ray_backend.py
 def test_the_same_through_the_ray_backend(tmp_path):
     code = readme_script().replace('run="runs/python-api")', 'run="runs/python-api", backend="ray", workers=1)')
     code = code.replace("trials=4", "trials=2").replace('result.export("onnx", "runs/python-api/model.onnx")', "")

@@ -91,6 +91,7 @@ def _end(procs: dict[int, tuple[str | None, str]]) -> None:
         os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.slow  # ~2-3 min; the kill/resume path is also checked with the Optuna backend in the default suite
 def test_ray_driver_killed_mid_sweep_then_resume(tmp_path):
     pytest.importorskip("ray")
     run = tmp_path / "runs" / "ray"

@@ -66,7 +66,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
                                    "stop early, e.g. 20,40 (default: no early stopping)")
     g.add_argument("--tolerance", type=float, dest="tolerance_pp",
                    help="choose the fastest feasible trial within this many validation accuracy points of the "
-                        "most accurate one (0.5; 0 = the most accurate)")
+                        "base model (of the most accurate trial, if lower) (0.5)")
     g.add_argument("--finalists", type=int,
                    help="fine-tune the chosen trial and up to N-1 faster ones of the front for --finalist-epochs, "
                         "then choose by those scores (3; 1 = the trials' short scores decide)")
@@ -74,7 +74,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
                    help="epochs of each finalist's fine-tune (0.25)")
     g.add_argument("--finalist-margin", type=float, dest="finalist_margin_pp",
                    help="faster trials of the front become finalists if their short score is within this many "
-                        "points of the best (3)")
+                        "points of the best (5)")
     g.add_argument("--no-sensitivity", action="store_true",
                    help="skip the per-layer sensitivity probes that narrow the space and seed the search")
     g.add_argument("--sensitivity-threshold", type=float, dest="sensitivity_threshold_pp",
@@ -84,7 +84,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
                         "measured (512; 0 = the base model's statistics)")
     g.add_argument("--latency-seeds", dest="latency_seeds",
                    help="also seed policies cut to these fractions of the guided seed's latency, least accuracy "
-                        "loss per ms first (0.75,0.6; none = off)")
+                        "loss per ms first (0.75,0.6,0.45; none = off)")
     g.add_argument("--backend", help="optuna (default: trials in this process) or ray (a Ray cluster)")
     g.add_argument("--workers", type=int, help="parallel trial workers for --backend ray (1)")
     g.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local one)")

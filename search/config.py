@@ -79,14 +79,14 @@ class SearchConfig:
     rung_val_size: int = 1000
     rung_latency_class: bool = True   # False: plain successive halving over all trials at a rung
     # The chosen trial: the fastest feasible one whose validation accuracy is within this many
-    # points of the best feasible one (0 = the most accurate).
+    # points of the base model's (of the best feasible trial's, if lower; 0 = no loss allowed).
     tolerance_pp: float = 0.5
     # Finalists (search/finalists.py): the chosen trial and up to finalists - 1 faster ones of the
     # front within finalist_margin_pp of the best short score are fine-tuned for finalist_epochs
     # and the rule above is applied to those scores (finalists <= 1: the short scores decide).
     finalists: int = 3
     finalist_epochs: float = 0.25
-    finalist_margin_pp: float = 3.0
+    finalist_margin_pp: float = 5.0
     # Sensitivity first: per-layer probes narrow the space (drop choices losing > threshold).
     sensitivity: bool = True
     sensitivity_threshold_pp: float = 10.0
@@ -95,7 +95,7 @@ class SearchConfig:
     sensitivity_bn_images: int = 512
     # Latency seeds: from the sensitivity-guided seed, cut latency (least loss per ms) to these
     # fractions of its latency, one seed each ("none": no latency seeds).
-    latency_seeds: str | None = "0.75,0.6"
+    latency_seeds: str | None = "0.75,0.6,0.45"
     # Distributed: --backend ray with this many workers (one trial each) on --address.
     workers: int = 1
     address: str | None = None

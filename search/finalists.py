@@ -6,10 +6,10 @@ the final fine-tune. So the final stage does not trust the short scores at the f
 takes the trial the selection rule chooses (:func:`search.selection.choose_best`) and up to
 ``finalists - 1`` faster trials of the Pareto front whose short score is within
 ``finalist_margin_pp`` points of the best, fine-tunes each for ``finalist_epochs`` on the
-training split, scores it on the validation split, and applies the same rule to those scores:
-the fastest finalist within ``tolerance_pp`` points of the best finalist. The test split is
-never looked at. Each result is written to ``finalists.json`` as it is measured, so a stopped
-run resumes without repeating one.
+training split, scores it on the validation split, and applies the same rule to those scores
+(:func:`search.selection.fastest_acceptable`). The test split is never looked at. Each result
+is written to ``finalists.json`` as it is measured, so a stopped run resumes without
+repeating one.
 
 Example:
     >>> import optuna
@@ -18,8 +18,6 @@ Example:
     ...     t = s.ask(); t.set_user_attr("evaluated", True); t.set_user_attr("constraints", {"size": -0.1}); _ = s.tell(t, [acc, lat])
     >>> [t.number for t in finalist_trials(s, finalists=3, tolerance_pp=0.5, margin_pp=3.0)]
     [1, 2]
-    >>> pick({1: 0.905, 2: 0.902}, {1: 3.0, 2: 2.0}, tolerance_pp=0.5)
-    2
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from optuna.trial import FrozenTrial
 
 from .runfolder import write_json
 from .schema import read_run_json, stamped
-from .selection import choose_best, pareto_front
+from .selection import choose_best, fastest_acceptable, pareto_front
 
 log = logging.getLogger("squeezer")
 
@@ -43,12 +41,12 @@ FINALISTS = "finalists.json"
 Measure = Callable[[FrozenTrial], float]
 
 
-def finalist_trials(study: optuna.Study, *, finalists: int, tolerance_pp: float,
-                    margin_pp: float) -> list[FrozenTrial]:
+def finalist_trials(study: optuna.Study, *, finalists: int, tolerance_pp: float, margin_pp: float,
+                    base_metric: float | None = None) -> list[FrozenTrial]:
     """The trial the rule chooses, then the faster trials of the front within ``margin_pp`` of
     the best short score, fastest first, ``finalists`` in all (just the first when the rule
     has no feasible trial or ``finalists <= 1``)."""
-    chosen, status = choose_best(study, tolerance_pp)
+    chosen, status = choose_best(study, tolerance_pp, base_metric)
     if status != "feasible" or finalists <= 1:
         return [chosen]
     front = pareto_front(study.get_trials(deepcopy=False))
@@ -57,21 +55,15 @@ def finalist_trials(study: optuna.Study, *, finalists: int, tolerance_pp: float,
     return [chosen] + faster[:finalists - 1]
 
 
-def pick(scores: dict[int, float], latency: dict[int, float], *, tolerance_pp: float) -> int:
-    """The fastest trial number whose score is within ``tolerance_pp`` points of the best
-    (ties: the more accurate)."""
-    best = max(round(v, 4) for v in scores.values())
-    near = [n for n, v in scores.items() if round(v, 4) >= best - tolerance_pp / 100 - 1e-9]
-    return min(near, key=lambda n: (latency[n], -scores[n]))
-
-
-def choose_final(study: optuna.Study, cfg: Any, run_dir: Any, measure: Measure) -> tuple[FrozenTrial, str, dict]:
+def choose_final(study: optuna.Study, cfg: Any, run_dir: Any, measure: Measure,
+                 base_metric: float | None = None) -> tuple[FrozenTrial, str, dict]:
     """``(trial, "feasible" | "infeasible", record)``: the trial the final fine-tune trains, and
-    the finalists' record (``{}`` when there is only one candidate)."""
+    the finalists' record (``{}`` when there is only one candidate). ``base_metric``: the base
+    model's validation metric (the rule's reference, see :mod:`search.selection`)."""
     candidates = finalist_trials(study, finalists=cfg.finalists, tolerance_pp=cfg.tolerance_pp,
-                                 margin_pp=cfg.finalist_margin_pp)
+                                 margin_pp=cfg.finalist_margin_pp, base_metric=base_metric)
     if len(candidates) == 1:
-        return (*choose_best(study, cfg.tolerance_pp), {})
+        return (*choose_best(study, cfg.tolerance_pp, base_metric), {})
     path = run_dir / FINALISTS
     record = read_run_json(path, "finalists")
     if record is None or record.get("epochs") != cfg.finalist_epochs:  # scores of other fine-tunes do not count
@@ -89,8 +81,8 @@ def choose_final(study: optuna.Study, cfg: Any, run_dir: Any, measure: Measure) 
         log.info("finalist trial %d: validation %.4f after %g epochs (%.4f after %d steps), %.4g ms",
                  t.number, done[t.number]["val_metric"], cfg.finalist_epochs, t.values[0], cfg.trial_steps,
                  t.values[1])
-    number = pick({t.number: done[t.number]["val_metric"] for t in candidates},
-                  {t.number: t.values[1] for t in candidates}, tolerance_pp=cfg.tolerance_pp)
+    number = fastest_acceptable([(t.number, done[t.number]["val_metric"], t.values[1]) for t in candidates],
+                                tolerance_pp=cfg.tolerance_pp, base_metric=base_metric)
     record["chosen"] = number
     write_json(path, record)
     return next(t for t in candidates if t.number == number), "feasible", record

@@ -43,7 +43,8 @@ def finish(ctx: Context, study: optuna.Study, *, progress: bool = True) -> dict[
 def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, Any]:
     cfg, best_dir = ctx.cfg, ctx.run_dir / BEST
     trial, status, finalists = choose_final(study, cfg, ctx.run_dir,
-                                            lambda t: _finalist_metric(ctx, t, progress=progress))
+                                            lambda t: _finalist_metric(ctx, t, progress=progress),
+                                            base_metric=ctx.base_metrics.get("val_metric"))
     policy = ctx.space.sample(FixedTrial(trial.params))
     cost = ctx.estimate(policy)
     if status != "feasible":
@@ -101,11 +102,11 @@ def chosen_notes(m: dict[str, Any], cfg: Any) -> tuple[str, str]:
         return "-" if v is None else f"{v:.4f}"
 
     name, fits = m["metric"], "meets every limit" if m["feasible"] else "no trial met every limit: the least infeasible one"
-    rule = f"the fastest trial within {cfg.tolerance_pp:g} points of the best validation {name}"
+    within = f"within {cfg.tolerance_pp:g} points of the base model's validation {name} (or of the best, if lower)"
+    rule = f"the fastest trial {within}"
     if m.get("finalists"):
         rule = (f"the fastest of the finalists (trials {', '.join(str(f['number']) for f in m['finalists'])}, "
-                f"each fine-tuned for "
-                f"{cfg.finalist_epochs:g} epochs) within {cfg.tolerance_pp:g} points of the best of them")
+                f"each fine-tuned for {cfg.finalist_epochs:g} epochs) {within}")
     chosen = (f"**squeezer chose trial {m['trial']}** ({fits}): {rule}.\n\n"
               f"- search-time (its objective values): validation {name} {num(m['trial_val_metric'])} after "
               f"{cfg.trial_steps} fine-tune steps; {m['latency_ms']:.4g} ms on {cfg.target}\n"

@@ -58,6 +58,10 @@ def test_the_chosen_trial_is_the_fastest_within_the_tolerance():
     assert choose_best(study, 0.0)[0].values == [0.910, 10.0]       # the most accurate feasible
     assert choose_best(study, 0.5)[0].values == [0.906, 6.0]        # 0.4 pp less, 40% faster
     assert choose_best(study, 2.0)[0].values == [0.899, 3.0]        # never the infeasible 1 ms one
+    # The reference is the base model's metric where the trials beat it, else the best trial's.
+    assert choose_best(study, 0.5, base_metric=0.903)[0].values == [0.899, 3.0]   # 0.4 pp below the base
+    assert choose_best(study, 0.5, base_metric=0.93)[0].values == [0.906, 6.0]    # base above: as without it
+    assert choose_best(study, 0.0, base_metric=0.899)[0].values == [0.899, 3.0]   # 0: no loss against the base
     with pytest.raises(ValueError, match="tolerance"):
         SearchConfig(tolerance_pp=-1)
 

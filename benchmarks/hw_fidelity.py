@@ -187,10 +187,37 @@ def cross_validate(key: str, rows, macs: np.ndarray, folds: int) -> dict:
             be[test] = a * macs[test] + b
             a, b = line_fit(live[mask], ye[mask])
             bel[test] = a * live[test] + b
-    out = {"latency": {"model": metrics(pl, y), "macs_line": metrics(bl, y), "live_macs_line": metrics(bll, y)}}
+    out = {"latency": {"model": metrics(pl, y), "macs_line": metrics(bl, y), "live_macs_line": metrics(bll, y)},
+           "twins": twins(rows, y, pl, base.runtime.graph)}
     if not np.isnan(ye).all():
         out["energy"] = {"model": metrics(pe, ye), "macs_line": metrics(be, ye), "live_macs_line": metrics(bel, ye)}
     return out
+
+
+def _executed(table, rules) -> tuple:
+    """What a runtime with ``rules`` executes of ``table``, as a hashable multiset of ops."""
+    return tuple(sorted((l.kind, l.in_channels, l.out_channels, l.kernel, l.stride, l.in_hw, len(l.inputs))
+                        for l in runtime_graph(table, rules)))
+
+
+def twins(rows, y: np.ndarray, pred: np.ndarray, rules) -> dict:
+    """The measurement noise floor: rows whose network executes the same graph as other rows'
+    ("twins") should measure the same. ``twin_within20``: share of those rows within +-20% of
+    the median of their twins' measurements (what knowing the twins' latency predicts);
+    ``model_within20``: the cross-validated model on the same rows; ``slow_share``: rows over
+    1.3x the fastest measurement of their graph."""
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(_executed(r.table, rules), []).append(i)
+    multi = [g for g in groups.values() if len(g) > 1]
+    idx = [i for g in multi for i in g]
+    if not idx:
+        return {"rows": 0}
+    twin = [abs(y[i] / np.median([y[j] for j in g if j != i]) - 1) <= 0.2 for g in multi for i in g]
+    slow = [y[i] > 1.3 * min(y[j] for j in g) for g in multi for i in g]
+    return {"rows": len(idx), "graphs": len(multi), "twin_within20": round(float(np.mean(twin)), 4),
+            "model_within20": round(float(np.mean(np.abs(pred[idx] / y[idx] - 1) <= 0.2)), 4),
+            "slow_share": round(float(np.mean(slow)), 4)}
 
 
 # --- host check ------------------------------------------------------------------------------
@@ -337,13 +364,18 @@ def main(argv: list[str] | None = None) -> int:
         res["dropped_disconnected"] = dropped
         results[key] = res
         for metric, d in res.items():
-            if not isinstance(d, dict):
+            if not isinstance(d, dict) or "model" not in d:
                 continue
             m, b, bv = d["model"], d["macs_line"], d["live_macs_line"]
             print(f"{key:16s} {metric:8s} {m['n']:5d} | {m['spearman']:8.3f} {100 * m['mdape']:6.1f}% "
                   f"{100 * m['within20']:5.1f}% | {b['spearman']:8.3f} {100 * b['mdape']:6.1f}% "
                   f"{100 * b['within20']:6.1f}% | {bv['spearman']:8.3f} {100 * bv['mdape']:6.1f}% "
                   f"{100 * bv['within20']:6.1f}%", flush=True)
+        tw = res["twins"]
+        if tw["rows"]:
+            print(f"{'':16s} twins: {tw['rows']} rows share an executed graph with others ({tw['graphs']} graphs): "
+                  f"{100 * tw['twin_within20']:.1f}% within +-20% of their twins' median, the model "
+                  f"{100 * tw['model_within20']:.1f}%; {100 * tw['slow_share']:.1f}% over 1.3x their graph's fastest")
         if args.write_profiles and key in PROFILES:
             name = PROFILES[key]
             fitted = calibrate(get_target(name), rows, name=name,

@@ -68,10 +68,10 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
                    help="choose the fastest feasible trial within this many validation accuracy points of the "
                         "base model (of the most accurate trial, if lower) (0.5)")
     g.add_argument("--finalists", type=int,
-                   help="fine-tune the chosen trial and up to N-1 faster ones of the front for --finalist-epochs, "
-                        "then choose by those scores (3; 1 = the trials' short scores decide)")
+                   help="give the chosen trial and up to N-1 faster ones of the front the final fine-tune, then "
+                        "choose by their validation scores (3; 1 = the trials' short scores decide)")
     g.add_argument("--finalist-epochs", type=float, dest="finalist_epochs",
-                   help="epochs of each finalist's fine-tune (0.25)")
+                   help="epochs of each finalist's fine-tune (default: the final fine-tune's; its model is kept)")
     g.add_argument("--finalist-margin", type=float, dest="finalist_margin_pp",
                    help="faster trials of the front become finalists if their short score is within this many "
                         "points of the best (5)")

@@ -83,9 +83,10 @@ class SearchConfig:
     tolerance_pp: float = 0.5
     # Finalists (search/finalists.py): the chosen trial and up to finalists - 1 faster ones of the
     # front within finalist_margin_pp of the best short score are fine-tuned for finalist_epochs
-    # and the rule above is applied to those scores (finalists <= 1: the short scores decide).
+    # (None: final_epochs, and the chosen finalist's model is the final model) and the rule above
+    # is applied to those scores (finalists = 1: the short scores decide).
     finalists: int = 3
-    finalist_epochs: float = 0.25
+    finalist_epochs: float | None = None
     finalist_margin_pp: float = 5.0
     # Sensitivity first: per-layer probes narrow the space (drop choices losing > threshold).
     sensitivity: bool = True
@@ -109,7 +110,7 @@ class SearchConfig:
             if v is not None:
                 object.__setattr__(self, name, parse_positive(v, name.replace("_", "-")))
         for name in ("base_epochs", "final_epochs", "finalist_epochs", "finalist_margin_pp"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}")
         if not isinstance(self.finalists, int) or isinstance(self.finalists, bool) or self.finalists < 1:
             raise ValueError(f"`finalists >= 1` must hold, but got finalists={self.finalists!r}")
@@ -158,6 +159,11 @@ class SearchConfig:
         if self.normalize != "auto":
             return self.normalize
         return "imagenet" if self.weights else "dataset"
+
+    @property
+    def finalist_fine_tune_epochs(self) -> float:
+        """Epochs of each finalist's fine-tune (the final fine-tune's unless set)."""
+        return self.final_epochs if self.finalist_epochs is None else self.finalist_epochs
 
     @property
     def rung_steps(self) -> tuple[int, ...]:

@@ -5,8 +5,9 @@ under-rates the most compressed policies: they lose the most at first and recove
 the final fine-tune. So the final stage does not trust the short scores at the fast end: it
 takes the trial the selection rule chooses (:func:`search.selection.choose_best`) and up to
 ``finalists - 1`` faster trials of the Pareto front whose short score is within
-``finalist_margin_pp`` points of the best, fine-tunes each for ``finalist_epochs`` on the
-training split, scores it on the validation split, and applies the same rule to those scores
+``finalist_margin_pp`` points of the best, fine-tunes each on the training split (for
+``finalist_epochs``; by default the final fine-tune itself, whose model the chosen finalist
+keeps), scores it on the validation split, and applies the same rule to those scores
 (:func:`search.selection.fastest_acceptable`). The test split is never looked at. Each result
 is written to ``finalists.json`` as it is measured, so a stopped run resumes without
 repeating one.
@@ -66,11 +67,12 @@ def choose_final(study: optuna.Study, cfg: Any, run_dir: Any, measure: Measure,
         return (*choose_best(study, cfg.tolerance_pp, base_metric), {})
     path = run_dir / FINALISTS
     record = read_run_json(path, "finalists")
-    if record is None or record.get("epochs") != cfg.finalist_epochs:  # scores of other fine-tunes do not count
-        record = stamped("finalists", {"epochs": cfg.finalist_epochs, "trials": []})
+    epochs = cfg.finalist_fine_tune_epochs
+    if record is None or record.get("epochs") != epochs:  # scores of other fine-tunes do not count
+        record = stamped("finalists", {"epochs": epochs, "trials": []})
     record["candidates"], record["rule_choice"] = [t.number for t in candidates], candidates[0].number
     log.info("finalists: trials %s (the rule's choice and the faster ones within %g points), %g epochs each",
-             ", ".join(str(t.number) for t in candidates), cfg.finalist_margin_pp, cfg.finalist_epochs)
+             ", ".join(str(t.number) for t in candidates), cfg.finalist_margin_pp, epochs)
     done = {r["number"]: r for r in record["trials"]}
     for t in candidates:
         if t.number not in done:
@@ -79,7 +81,7 @@ def choose_final(study: optuna.Study, cfg: Any, run_dir: Any, measure: Measure,
             record["trials"] = list(done.values())
             write_json(path, record)
         log.info("finalist trial %d: validation %.4f after %g epochs (%.4f after %d steps), %.4g ms",
-                 t.number, done[t.number]["val_metric"], cfg.finalist_epochs, t.values[0], cfg.trial_steps,
+                 t.number, done[t.number]["val_metric"], epochs, t.values[0], cfg.trial_steps,
                  t.values[1])
     number = fastest_acceptable([(t.number, done[t.number]["val_metric"], t.values[1]) for t in candidates],
                                 tolerance_pp=cfg.tolerance_pp, base_metric=base_metric)

@@ -42,8 +42,8 @@ def finish(ctx: Context, study: optuna.Study, *, progress: bool = True) -> dict[
 
 def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, Any]:
     cfg, best_dir = ctx.cfg, ctx.run_dir / BEST
-    trial, status, finalists = choose_final(study, cfg, ctx.run_dir,
-                                            lambda t: _finalist_metric(ctx, t, progress=progress),
+    runs = _Finalists(ctx, progress=progress)
+    trial, status, finalists = choose_final(study, cfg, ctx.run_dir, runs,
                                             base_metric=ctx.base_metrics.get("val_metric"))
     policy = ctx.space.sample(FixedTrial(trial.params))
     cost = ctx.estimate(policy)
@@ -51,10 +51,7 @@ def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, A
         cons = constraints_of(cost, cfg, target_sram(ctx.target))
         log.warning("no trained candidate met every constraint; using trial %d, %.1f%% over its tightest limit",
                     trial.number, 100 * max(cons))
-    log.info("final fine-tune of trial %d (%g epochs, QAT + distillation)", trial.number, cfg.final_epochs)
-    t0 = time.time()
-    model, policy = _fine_tune(ctx, policy, cfg.final_epochs, progress=progress, desc="final fine-tune")
-    ft_seconds = time.time() - t0
+    model, policy, ft_seconds = runs.kept.get(trial.number) or _final_fine_tune(ctx, trial, policy, progress=progress)
     val_acc = ctx.score(model, ctx.data.val)
     test_acc = ctx.score(model, ctx.data.test) if ctx.data.test is not None else None
     metrics = stamped("metrics", {
@@ -88,12 +85,28 @@ def _fine_tune(ctx: Context, policy: Any, epochs: float, *, progress: bool, desc
         desc=desc, loss_fn=ctx.workload.loss)
 
 
-def _finalist_metric(ctx: Context, trial: Any, *, progress: bool) -> float:
-    """A finalist's validation metric after ``finalist_epochs`` of fine-tune."""
-    policy = ctx.space.sample(FixedTrial(trial.params))
-    model, _ = _fine_tune(ctx, policy, ctx.cfg.finalist_epochs, progress=progress,
-                          desc=f"finalist trial {trial.number}")
-    return ctx.score(model, ctx.data.val)
+def _final_fine_tune(ctx: Context, trial: Any, policy: Any, *, progress: bool) -> tuple[Any, Any, float]:
+    log.info("final fine-tune of trial %d (%g epochs, QAT + distillation)", trial.number, ctx.cfg.final_epochs)
+    t0 = time.time()
+    model, policy = _fine_tune(ctx, policy, ctx.cfg.final_epochs, progress=progress, desc="final fine-tune")
+    return model, policy, time.time() - t0
+
+
+class _Finalists:
+    """``measure`` for :func:`search.finalists.choose_final`: a finalist's validation metric after
+    its fine-tune. Models fine-tuned for the final fine-tune's epochs are kept (``kept``: trial
+    number -> model, policy, seconds): the chosen one is the final model, not trained twice."""
+
+    def __init__(self, ctx: Context, *, progress: bool) -> None:
+        self.ctx, self.progress, self.kept = ctx, progress, {}
+
+    def __call__(self, trial: Any) -> float:
+        ctx, epochs, t0 = self.ctx, self.ctx.cfg.finalist_fine_tune_epochs, time.time()
+        model, policy = _fine_tune(ctx, ctx.space.sample(FixedTrial(trial.params)), epochs, progress=self.progress,
+                                   desc=f"finalist trial {trial.number}")
+        if epochs == ctx.cfg.final_epochs:
+            self.kept[trial.number] = (model, policy, time.time() - t0)
+        return ctx.score(model, ctx.data.val)
 
 
 def chosen_notes(m: dict[str, Any], cfg: Any) -> tuple[str, str]:
@@ -106,7 +119,7 @@ def chosen_notes(m: dict[str, Any], cfg: Any) -> tuple[str, str]:
     rule = f"the fastest trial {within}"
     if m.get("finalists"):
         rule = (f"the fastest of the finalists (trials {', '.join(str(f['number']) for f in m['finalists'])}, "
-                f"each fine-tuned for {cfg.finalist_epochs:g} epochs) {within}")
+                f"each fine-tuned for {cfg.finalist_fine_tune_epochs:g} epochs) {within}")
     chosen = (f"**squeezer chose trial {m['trial']}** ({fits}): {rule}.\n\n"
               f"- search-time (its objective values): validation {name} {num(m['trial_val_metric'])} after "
               f"{cfg.trial_steps} fine-tune steps; {m['latency_ms']:.4g} ms on {cfg.target}\n"

@@ -237,7 +237,8 @@ def finalists_text(finalists: list[dict[str, Any]] | None, cfg: dict[str, Any], 
     if not finalists:
         return ""
     scores = ", ".join(f"trial {f['number']} {metric_text(f['val_metric'], metric)}" for f in finalists)
-    return (f"; chosen among finalists fine-tuned for {cfg.get('finalist_epochs')} epochs each "
+    epochs = cfg.get("finalist_epochs") or cfg.get("final_epochs")
+    return (f"; chosen among finalists fine-tuned for {epochs} epochs each "
             f"(val {metric}: {scores})")
 
 

@@ -65,13 +65,20 @@ def test_one_finalist_or_no_faster_trial_leaves_the_rule_alone(tmp_path):
             SearchConfig(finalists=bad)
 
 
-def test_finish_fine_tunes_the_finalists_for_real_and_reports_them(tmp_path):
+def test_finish_fine_tunes_the_finalists_for_real_and_reports_them(tmp_path, monkeypatch):
     """The real final stage on digits: two policies enqueued as trials with short scores that
-    make both finalists; each is fine-tuned, scored on validation, and the choice follows."""
+    make both finalists; each gets the final fine-tune and is scored on validation, the choice
+    follows, and the chosen finalist's model is the final model (two fine-tunes, not three)."""
+    import squeezer.search.finish as finish_module
+
+    fine_tunes = []
+    real = finish_module.compress_and_finetune
+    monkeypatch.setattr(finish_module, "compress_and_finetune",
+                        lambda *a, **k: fine_tunes.append(k["epochs"]) or real(*a, **k))
     run = tmp_path / "r"
     run.mkdir()
-    cfg = SearchConfig(model="resnet20", dataset="digits", budget="300kB", base_epochs=2, final_epochs=0.2,
-                       finalist_epochs=1.0, seed=3, sensitivity=False, run=str(run))
+    cfg = SearchConfig(model="resnet20", dataset="digits", budget="300kB", base_epochs=2, final_epochs=1.0,
+                       seed=3, sensitivity=False, run=str(run))
     cfg.save(run / "config.yaml")
     ctx = prepare(cfg, run, named_workload(cfg), progress=False)
     study = optuna.create_study(directions=["maximize", "minimize"])
@@ -86,7 +93,9 @@ def test_finish_fine_tunes_the_finalists_for_real_and_reports_them(tmp_path):
         t.set_user_attr("constraints", {"size": -0.1})
         study.tell(t, [short, lat[prune]])
     assert lat[0.5] < lat[0.0]
+    fine_tunes.clear()
     best = finish(ctx, study, progress=False)
+    assert fine_tunes == [1.0, 1.0]
     record = json.loads((run / FINALISTS).read_text())
     scores = {r["number"]: r["val_metric"] for r in record["trials"]}
     assert record["candidates"] == [0, 1] and all(0 <= v <= 1 for v in scores.values())

@@ -29,14 +29,11 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial
 
-from .runfolder import write_json
+from .runfolder import FINALISTS, write_json
 from .schema import read_run_json, stamped
 from .selection import choose_best, fastest_acceptable, pareto_front
 
 log = logging.getLogger("squeezer")
-
-#: The run folder's record of the finalists' longer fine-tunes.
-FINALISTS = "finalists.json"
 
 #: ``measure(trial) -> validation metric`` after the finalists' fine-tune.
 Measure = Callable[[FrozenTrial], float]
@@ -47,7 +44,13 @@ def finalist_trials(study: optuna.Study, *, finalists: int, tolerance_pp: float,
     """The trial the rule chooses, then the faster trials of the front within ``margin_pp`` of
     the best short score, fastest first, ``finalists`` in all (just the first when the rule
     has no feasible trial or ``finalists <= 1``)."""
-    chosen, status = choose_best(study, tolerance_pp, base_metric)
+    return _candidates(study, *choose_best(study, tolerance_pp, base_metric), finalists=finalists,
+                       margin_pp=margin_pp)
+
+
+def _candidates(study: optuna.Study, chosen: FrozenTrial, status: str, *, finalists: int,
+                margin_pp: float) -> list[FrozenTrial]:
+    """:func:`finalist_trials` given the rule's choice and its status."""
     if status != "feasible" or finalists <= 1:
         return [chosen]
     front = pareto_front(study.get_trials(deepcopy=False))
@@ -61,10 +64,10 @@ def choose_final(study: optuna.Study, cfg: Any, run_dir: Any, measure: Measure,
     """``(trial, "feasible" | "infeasible", record)``: the trial the final fine-tune trains, and
     the finalists' record (``{}`` when there is only one candidate). ``base_metric``: the base
     model's validation metric (the rule's reference, see :mod:`search.selection`)."""
-    candidates = finalist_trials(study, finalists=cfg.finalists, tolerance_pp=cfg.tolerance_pp,
-                                 margin_pp=cfg.finalist_margin_pp, base_metric=base_metric)
+    chosen, status = choose_best(study, cfg.tolerance_pp, base_metric)
+    candidates = _candidates(study, chosen, status, finalists=cfg.finalists, margin_pp=cfg.finalist_margin_pp)
     if len(candidates) == 1:
-        return (*choose_best(study, cfg.tolerance_pp, base_metric), {})
+        return chosen, status, {}
     path = run_dir / FINALISTS
     record = read_run_json(path, "finalists")
     epochs = cfg.finalist_fine_tune_epochs

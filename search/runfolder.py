@@ -43,6 +43,7 @@ BASE_METRICS = Path("base") / "metrics.json"
 SENSITIVITY = "sensitivity.json"
 NARROWED = "narrowed.json"
 BEST = "best"
+FINALISTS = "finalists.json"   # the finalists' fine-tunes (search/finalists.py)
 SUMMARY = "summary.json"
 #: Settings a resumed or joined run may change (the rest must match ``config.yaml``).
 CHANGEABLE = frozenset({"trials", "timeout", "storage", "threads", "backend", "workers", "address"})

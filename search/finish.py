@@ -51,8 +51,8 @@ def _finish(ctx: Context, study: optuna.Study, *, progress: bool) -> dict[str, A
         cons = constraints_of(cost, cfg, target_sram(ctx.target))
         log.warning("no trained candidate met every constraint; using trial %d, %.1f%% over its tightest limit",
                     trial.number, 100 * max(cons))
-    model, policy, ft_seconds = runs.kept.get(trial.number) or _final_fine_tune(ctx, trial, policy, progress=progress)
-    val_acc = ctx.score(model, ctx.data.val)
+    model, policy, ft_seconds, val_acc = runs.kept.get(trial.number) or _final_fine_tune(ctx, trial, policy,
+                                                                                           progress=progress)
     test_acc = ctx.score(model, ctx.data.test) if ctx.data.test is not None else None
     metrics = stamped("metrics", {
         "metric": ctx.workload.metric_name, "val_metric": val_acc, "test_metric": test_acc,
@@ -85,17 +85,19 @@ def _fine_tune(ctx: Context, policy: Any, epochs: float, *, progress: bool, desc
         desc=desc, loss_fn=ctx.workload.loss)
 
 
-def _final_fine_tune(ctx: Context, trial: Any, policy: Any, *, progress: bool) -> tuple[Any, Any, float]:
+def _final_fine_tune(ctx: Context, trial: Any, policy: Any, *, progress: bool) -> tuple[Any, Any, float, float]:
+    """The final model: ``(model, policy, fine-tune seconds, validation metric)``."""
     log.info("final fine-tune of trial %d (%g epochs, QAT + distillation)", trial.number, ctx.cfg.final_epochs)
     t0 = time.time()
     model, policy = _fine_tune(ctx, policy, ctx.cfg.final_epochs, progress=progress, desc="final fine-tune")
-    return model, policy, time.time() - t0
+    return model, policy, time.time() - t0, ctx.score(model, ctx.data.val)
 
 
 class _Finalists:
     """``measure`` for :func:`search.finalists.choose_final`: a finalist's validation metric after
     its fine-tune. Models fine-tuned for the final fine-tune's epochs are kept (``kept``: trial
-    number -> model, policy, seconds): the chosen one is the final model, not trained twice."""
+    number -> what :func:`_final_fine_tune` returns): the chosen one is the final model, not
+    trained or scored twice."""
 
     def __init__(self, ctx: Context, *, progress: bool) -> None:
         self.ctx, self.progress, self.kept = ctx, progress, {}
@@ -104,9 +106,10 @@ class _Finalists:
         ctx, epochs, t0 = self.ctx, self.ctx.cfg.finalist_fine_tune_epochs, time.time()
         model, policy = _fine_tune(ctx, ctx.space.sample(FixedTrial(trial.params)), epochs, progress=self.progress,
                                    desc=f"finalist trial {trial.number}")
+        seconds, val = time.time() - t0, ctx.score(model, ctx.data.val)
         if epochs == ctx.cfg.final_epochs:
-            self.kept[trial.number] = (model, policy, time.time() - t0)
-        return ctx.score(model, ctx.data.val)
+            self.kept[trial.number] = (model, policy, seconds, val)
+        return val
 
 
 def chosen_notes(m: dict[str, Any], cfg: Any) -> tuple[str, str]:

@@ -168,11 +168,15 @@ def uniform_seeds(ctx: Context) -> list[dict[str, Any]]:
     sp, sram, out = ctx.space, target_sram(ctx.target), []
     for bits in sorted((b for b in sp.weight_bits if b is not None), reverse=True):
         for p in sp.prune_choices:
-            fits = [params for params in (sp.canonical_params(project_params(sp.params_for(
-                sp.uniform_policy(prune_ratio=p, weight_bits=bits, act_bits=a)), ctx.narrowed)) for a in _act_widths(sp))
-                if is_feasible(constraints_of(ctx.estimate(sp.policy_from_params(params)), ctx.cfg, sram))]
+            fits = []   # (latency, params) of the activation widths that meet the limits
+            for a in _act_widths(sp):
+                params = sp.canonical_params(project_params(
+                    sp.params_for(sp.uniform_policy(prune_ratio=p, weight_bits=bits, act_bits=a)), ctx.narrowed))
+                cost = ctx.estimate(sp.policy_from_params(params))
+                if is_feasible(constraints_of(cost, ctx.cfg, sram)):
+                    fits.append((float(cost.latency_ms), params))
             if fits:
-                out.append(_fastest(ctx, fits))
+                out.append(min(fits, key=lambda f: f[0])[1])  # the fastest; the preferred width on a tie
                 break
         if len(out) >= 2:
             break
@@ -183,11 +187,6 @@ def _act_widths(sp) -> list[int | None]:
     """The space's uniform activation widths, the preferred (8-bit, else the narrowest) first."""
     first = 8 if 8 in sp.act_bits else sp.act_bits[-1]
     return [first] + [a for a in sp.act_bits if a != first]
-
-
-def _fastest(ctx: Context, variants: list[dict[str, Any]]) -> dict[str, Any]:
-    """The params the target runs fastest (the first on a tie)."""
-    return min(variants, key=lambda p: float(ctx.estimate(ctx.space.policy_from_params(p)).latency_ms))
 
 
 class _Seeds:

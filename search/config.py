@@ -103,8 +103,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         parse_size(self.budget, "budget")  # raises ValueError with a clear message
-        if not isinstance(self.trials, int) or isinstance(self.trials, bool) or self.trials < 1:
-            raise ValueError(f"`trials >= 1` must hold, but got trials={self.trials!r}")
+        _check_whole(self, "trials", 1)
         for name in ("max_latency_ms", "max_energy_mj", "timeout"):
             v = getattr(self, name)
             if v is not None:
@@ -112,8 +111,7 @@ class SearchConfig:
         for name in ("base_epochs", "final_epochs", "finalist_epochs", "finalist_margin_pp"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}")
-        if not isinstance(self.finalists, int) or isinstance(self.finalists, bool) or self.finalists < 1:
-            raise ValueError(f"`finalists >= 1` must hold, but got finalists={self.finalists!r}")
+        _check_whole(self, "finalists", 1)
         if self.trial_steps < 1:
             raise ValueError(f"`trial_steps >= 1` must hold, but got trial_steps={self.trial_steps}")
         if self.rungs is not None:
@@ -123,10 +121,7 @@ class SearchConfig:
         if self.latency_seeds is not None:
             object.__setattr__(self, "latency_seeds", _parse_fractions(self.latency_seeds))
         object.__setattr__(self, "prune_choices", _parse_prune_choices(self.prune_choices))
-        if not isinstance(self.sensitivity_bn_images, int) or isinstance(self.sensitivity_bn_images, bool) \
-                or self.sensitivity_bn_images < 0:
-            raise ValueError("`sensitivity_bn_images >= 0` must hold, but got "
-                             f"sensitivity_bn_images={self.sensitivity_bn_images!r}")
+        _check_whole(self, "sensitivity_bn_images", 0)
         if self.prune_eta < 2:
             raise ValueError(f"`prune_eta >= 2` must hold, but got prune_eta={self.prune_eta}")
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -162,8 +157,7 @@ class SearchConfig:
 
     @property
     def finalist_fine_tune_epochs(self) -> float:
-        """Epochs of each finalist's fine-tune (the final fine-tune's unless set)."""
-        return self.final_epochs if self.finalist_epochs is None else self.finalist_epochs
+        return finalist_fine_tune_epochs(self.finalist_epochs, self.final_epochs)
 
     @property
     def rung_steps(self) -> tuple[int, ...]:
@@ -214,6 +208,18 @@ class SearchConfig:
 
     def with_(self, **changes: Any) -> "SearchConfig":
         return replace(self, **changes)
+
+
+def finalist_fine_tune_epochs(finalist_epochs: float | None, final_epochs: float) -> float:
+    """Epochs of each finalist's fine-tune (the final fine-tune's unless set); also for a run's
+    ``config.yaml`` read as a mapping (the report)."""
+    return final_epochs if finalist_epochs is None else finalist_epochs
+
+
+def _check_whole(cfg: "SearchConfig", name: str, minimum: int) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ValueError(f"`{name} >= {minimum}` must hold, but got {name}={v!r}")
 
 
 def _numbers(text: Any, kind: type, malformed: str) -> list:

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import optuna
 
 from .budget import format_bytes
-from .config import SearchConfig
+from .config import SearchConfig, finalist_fine_tune_epochs
 from .errors import UserError
 from .limits import constraint_values, is_feasible, limits_of, resolve_target, target_sram
 from .records import corrupt_trial_files
@@ -237,7 +237,7 @@ def finalists_text(finalists: list[dict[str, Any]] | None, cfg: dict[str, Any], 
     if not finalists:
         return ""
     scores = ", ".join(f"trial {f['number']} {metric_text(f['val_metric'], metric)}" for f in finalists)
-    epochs = cfg.get("finalist_epochs") or cfg.get("final_epochs")
+    epochs = finalist_fine_tune_epochs(cfg.get("finalist_epochs"), cfg.get("final_epochs"))
     return (f"; chosen among finalists fine-tuned for {epochs} epochs each "
             f"(val {metric}: {scores})")
 

@@ -227,91 +227,109 @@ def deploy_model(model: nn.Module, *, mean: Sequence[float] = (), std: Sequence[
 
     m = copy.deepcopy(model).eval()
     dep = DeployModel(module=m, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
-    # 1. Weights: store the integers, run their dequantized values.
+    _bake_weights_(m, dep)
+    first_conv = _fold_batchnorms_(m, dep) if fold_bn else None
+    if mean:
+        _absorb_normalisation_(m, dep, mean, std, first_conv)
+    dep.module.eval()
+    return dep
+
+
+def _bake_weights_(m: nn.Module, dep: DeployModel) -> None:
+    """Each parametrized conv/linear of ``m`` becomes a plain layer running its dequantized
+    weights (the integers go to ``dep.quant``); activation quantizers become fixed QDQ."""
     for name, mod in list(m.named_modules()):
         if not isinstance(mod, (nn.Conv2d, nn.Linear)):
             continue
         if parametrize.is_parametrized(mod, "weight"):
-            q = weight_quantizer(mod)
-            plist = mod.parametrizations.weight
-            is_fp16 = any(type(p).__name__ == "_Fp16" for p in plist)
-            if any(type(p).__name__ == "WeightMask" or hasattr(p, "mask") for p in plist):
-                dep.sparse.add(name)
-            if q is not None:
-                qt = q.encode(_effective_input(mod, q))
-                w = qt.dequantize().to(mod.weight.dtype)
-                if not torch.allclose(w, mod.weight, rtol=1e-4, atol=1e-6 * float(qt.scale.max())):
-                    raise ExportError(f"layer {name}: quantizer {type(q).__name__}.encode() disagrees with its "
-                                      f"forward (max diff {float((w - mod.weight).abs().max()):.3g})")
-                dep.quant[name] = qt
-            else:
-                w = mod.weight.detach().clone()
-                if is_fp16:
-                    dep.fp16.add(name)
-            # A fresh plain layer: remove_parametrizations would edit the parametrized class,
-            # which deepcopy shares with the original model.
-            plain = _plain_like(mod, w)
-            plain._forward_pre_hooks.update(mod._forward_pre_hooks)
-            if hasattr(mod, "act_quant"):
-                plain.act_quant = mod.act_quant
-            _set_module(m, name, plain)
-            mod = plain
+            mod = _plain_layer_(m, name, mod, dep)
         aq = getattr(mod, "act_quant", None)
         if aq is not None and hasattr(aq, "qparams"):
             s, zp = aq.qparams()
             rng = _act_code_range(aq, zp)
             dep.act[name] = (s, zp, aq.bits, rng)
             mod.act_quant = ActQDQ(s, zp, aq.bits, rng)
-    # 2. BatchNorm folding.
-    gm = _fx_trace(m) if fold_bn else None
-    if fold_bn and gm is None:
+
+
+def _plain_layer_(m: nn.Module, name: str, mod: nn.Module, dep: DeployModel) -> nn.Module:
+    """Replace the parametrized layer ``name`` of ``m`` by a plain one; returns it."""
+    q = weight_quantizer(mod)
+    plist = mod.parametrizations.weight
+    is_fp16 = any(type(p).__name__ == "_Fp16" for p in plist)
+    if any(type(p).__name__ == "WeightMask" or hasattr(p, "mask") for p in plist):
+        dep.sparse.add(name)
+    if q is not None:
+        qt = q.encode(_effective_input(mod, q))
+        w = qt.dequantize().to(mod.weight.dtype)
+        if not torch.allclose(w, mod.weight, rtol=1e-4, atol=1e-6 * float(qt.scale.max())):
+            raise ExportError(f"layer {name}: quantizer {type(q).__name__}.encode() disagrees with its "
+                              f"forward (max diff {float((w - mod.weight).abs().max()):.3g})")
+        dep.quant[name] = qt
+    else:
+        w = mod.weight.detach().clone()
+        if is_fp16:
+            dep.fp16.add(name)
+    # A fresh plain layer: remove_parametrizations would edit the parametrized class,
+    # which deepcopy shares with the original model.
+    plain = _plain_like(mod, w)
+    plain._forward_pre_hooks.update(mod._forward_pre_hooks)
+    if hasattr(mod, "act_quant"):
+        plain.act_quant = mod.act_quant
+    _set_module(m, name, plain)
+    return plain
+
+
+def _fold_batchnorms_(m: nn.Module, dep: DeployModel) -> str | None:
+    """Fold each BatchNorm2d that is a conv's only consumer into the conv; returns the name of
+    the conv that reads the input, if any (``None`` also when ``m`` is not fx-traceable)."""
+    gm = _fx_trace(m)
+    if gm is None:
         dep.notes.append("model is not fx-traceable: BatchNorm kept as a separate op")
-    first_conv: str | None = None
-    if gm is not None:
-        mods = dict(m.named_modules())
-        for node in gm.graph.nodes:
-            if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
-                continue
-            src = node.args[0]
-            if getattr(src, "op", None) != "call_module" or not isinstance(mods.get(src.target), nn.Conv2d) \
-                    or len(src.users) != 1:
-                continue
-            _fold_bn_(mods[src.target], mods[node.target], dep.quant.get(src.target))
-            _set_module(m, node.target, nn.Identity())
-            dep.folded_bn.append(node.target)
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "placeholder":
-                if isinstance(mods.get(node.target), nn.Conv2d):
-                    first_conv = node.target
-                break
-    # 3. Normalisation: 1/std into the first conv when exact, - mean as one Sub.
-    inv_std: list[float] | None = None
-    if mean:
-        inv_std = [1.0 / float(s) for s in std]
-        same = all(abs(s - std[0]) < 1e-12 for s in std)
-        conv = m.get_submodule(first_conv) if first_conv else None
-        # Codes stay exact only when one scalar multiplies all input channels.
-        per_channel_ok = conv is not None and conv.groups == 1 and first_conv not in dep.quant \
-            and first_conv not in dep.act
-        if conv is not None and (same or per_channel_ok):
-            if same:
-                conv.weight.mul_(inv_std[0])
-            else:
-                conv.weight.mul_(torch.tensor(inv_std, dtype=torch.float32).reshape(1, -1, 1, 1))
-            if first_conv in dep.quant:
-                dep.quant[first_conv].scale.mul_(inv_std[0])
-            if first_conv in dep.act:  # its input is now (x - mean), std times larger
-                s, zp, b, rng = dep.act[first_conv]
-                dep.act[first_conv] = (s * float(std[0]), zp, b, rng)
-                conv.act_quant = ActQDQ(s * float(std[0]), zp, b, rng)
-            inv_std = None
-        dep.module = Normalize(m, mean, inv_std)
-        dep.quant = {f"model.{k}": v for k, v in dep.quant.items()}
-        dep.fp16 = {f"model.{k}" for k in dep.fp16}
-        dep.sparse = {f"model.{k}" for k in dep.sparse}
-        dep.act = {f"model.{k}": v for k, v in dep.act.items()}
-    dep.module.eval()
-    return dep
+        return None
+    mods = dict(m.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if getattr(src, "op", None) != "call_module" or not isinstance(mods.get(src.target), nn.Conv2d) \
+                or len(src.users) != 1:
+            continue
+        _fold_bn_(mods[src.target], mods[node.target], dep.quant.get(src.target))
+        _set_module(m, node.target, nn.Identity())
+        dep.folded_bn.append(node.target)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "placeholder":
+            return node.target if isinstance(mods.get(node.target), nn.Conv2d) else None
+    return None
+
+
+def _absorb_normalisation_(m: nn.Module, dep: DeployModel, mean: Sequence[float], std: Sequence[float],
+                           first_conv: str | None) -> None:
+    """``dep.module`` takes ``[0, 1]`` images: 1/std goes into the first conv where that is
+    exact, - mean (and 1/std otherwise) into one :class:`Normalize` in front."""
+    inv_std: list[float] | None = [1.0 / float(s) for s in std]
+    same = all(abs(s - std[0]) < 1e-12 for s in std)
+    conv = m.get_submodule(first_conv) if first_conv else None
+    # Codes stay exact only when one scalar multiplies all input channels.
+    per_channel_ok = conv is not None and conv.groups == 1 and first_conv not in dep.quant \
+        and first_conv not in dep.act
+    if conv is not None and (same or per_channel_ok):
+        if same:
+            conv.weight.mul_(inv_std[0])
+        else:
+            conv.weight.mul_(torch.tensor(inv_std, dtype=torch.float32).reshape(1, -1, 1, 1))
+        if first_conv in dep.quant:
+            dep.quant[first_conv].scale.mul_(inv_std[0])
+        if first_conv in dep.act:  # its input is now (x - mean), std times larger
+            s, zp, b, rng = dep.act[first_conv]
+            dep.act[first_conv] = (s * float(std[0]), zp, b, rng)
+            conv.act_quant = ActQDQ(s * float(std[0]), zp, b, rng)
+        inv_std = None
+    dep.module = Normalize(m, mean, inv_std)
+    dep.quant = {f"model.{k}": v for k, v in dep.quant.items()}
+    dep.fp16 = {f"model.{k}" for k in dep.fp16}
+    dep.sparse = {f"model.{k}" for k in dep.sparse}
+    dep.act = {f"model.{k}": v for k, v in dep.act.items()}
 
 
 def _plain_like(mod: nn.Module, weight: torch.Tensor) -> nn.Module:

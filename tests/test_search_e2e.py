@@ -79,6 +79,7 @@ def test_report_json_is_a_stable_interface(finished_run):
     assert rep["trials"][0]["origin"] in row0
 
 
+@pytest.mark.slow  # ~90 s; the default suite kills and resumes in test_resume_kill.py, test_faults.py, test_api.py
 def test_resume_after_kill_keeps_finished_trials(tmp_path):
     run = tmp_path / "runs" / "k"
     env = {**os.environ, "SQUEEZER_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"}

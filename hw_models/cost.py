@@ -306,96 +306,120 @@ def _producer(by_name: Mapping[str, Any], name: str, fuse_bn: bool) -> Any:
     return layer
 
 
+@dataclass
+class _Graph:
+    """What pricing one layer needs to know about the rest of the table and the runtime's fusions."""
+
+    by_name: dict[str, Any]
+    consumers: dict[str, int]
+    folded_into: dict[str, str]    # conv -> the BN folded into it
+    fuse_bn: bool
+    fuse_act: bool
+    fuse_add: bool
+
+    @classmethod
+    def of(cls, table: LayerTable, target: Target) -> "_Graph":
+        consumers: dict[str, int] = {}
+        for l in table:
+            for i in l.inputs:
+                consumers[i] = consumers.get(i, 0) + 1
+        return cls({l.name: l for l in table}, consumers,
+                   {l.bn_folded_into: l.name for l in table if l.kind == "bn" and l.bn_folded_into},
+                   target.fusion.get("bn", True), target.fusion.get("activation", True),
+                   target.fusion.get("add", False))
+
+
 def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op], dict[str, str]]:
     """Ops as they run under ``policy`` (decomposition expanded), plus a rename map for inputs."""
     # the pruning rule of compressors.pruning (one definition): the group's ratio, then kept_channels
     kept = ChannelGroups(members=dict(table.group_members), sizes=dict(table.group_sizes)).kept_counter(policy)
+    g = _Graph.of(table, target)
     rename: dict[str, str] = {}
-    consumers: dict[str, int] = {}
-    for l in table:
-        for i in l.inputs:
-            consumers[i] = consumers.get(i, 0) + 1
-    by_name = {l.name: l for l in table}
-    folded_into = {l.bn_folded_into: l.name for l in table if l.kind == "bn" and l.bn_folded_into}
-    fuse_bn = target.fusion.get("bn", True)
-    fuse_act = target.fusion.get("activation", True)
-    fuse_add = target.fusion.get("add", False)
     ops: list[_Op] = []
     for l in table:
         ins = tuple(rename.get(i, i) for i in l.inputs)
         out_c = kept(l.out_segments) if l.out_segments else l.out_channels
-        if l.kind in COMPRESSIBLE:
-            lp = policy.for_layer(l.name)
-            in_c = kept(l.in_segments) if l.in_segments else l.in_channels
-            kh, kw = l.kernel
-            hw = l.out_hw[0] * l.out_hw[1]
-            bias_c = out_c if (l.bias or l.name in folded_into) else 0
-            if l.kind == "dwconv2d":
-                groups = out_c
-                per_out = kh * kw
-            else:
-                groups = l.groups
-                per_out = max(1, in_c // groups) * kh * kw
-            decomposable = l.kind == "linear" or (l.kind == "conv2d" and l.groups == 1)
-            if lp.rank_ratio is not None and lp.rank_ratio < 1.0 and decomposable:
-                if l.kind == "linear":
-                    r = svd_rank(out_c, in_c, rank_ratio=lp.rank_ratio)
-                else:
-                    r = svd_rank(out_c, in_c, kh, kw, 1, lp.rank_ratio)
-                a = _Op(f"{l.name}.0", l.kind, ins, r, l.out_hw, macs=r * hw * in_c * kh * kw,
-                        cls=_compute_class(l.kind, l.kernel, 1), numel=r * in_c * kh * kw, lp=lp, kernel=l.kernel,
-                        in_per_group=in_c)
-                b = _Op(f"{l.name}.1", l.kind, (a.name,), out_c, l.out_hw, macs=out_c * hw * r,
-                        cls=_compute_class(l.kind, (1, 1), 1), numel=out_c * r, lp=lp, bias_out=bias_c,
-                        in_per_group=r, bn_folded=l.name in folded_into)
-                ops += [a, b]
-                rename[l.name] = b.name
-                continue
-            ops.append(_Op(l.name, l.kind, ins, out_c, l.out_hw, macs=out_c * hw * per_out,
-                           cls=_compute_class(l.kind, l.kernel, groups), numel=out_c * per_out, lp=lp,
-                           bias_out=bias_c, kernel=l.kernel, bn_folded=l.name in folded_into,
-                           in_per_group=1 if l.kind == "dwconv2d" else max(1, in_c // max(1, groups))))
-            continue
-        op = _Op(l.name, l.kind, ins, out_c, l.out_hw, kernel=l.kernel, module_type=l.module_type)
         in_c = kept(l.in_segments) if l.in_segments else l.in_channels
-        in_elems = in_c * l.in_hw[0] * l.in_hw[1]
-        if l.kind == "bn":
-            if l.bn_folded_into is not None and fuse_bn:
-                op.zero_cost = op.alias = True
-            else:
-                op.cls, op.elem_ops = "elementwise", 2.0 * op.out_elems
-            if l.bn_folded_into is None:
-                op.stored = 8 * out_c
-        elif l.kind == "act":
-            src = _producer(by_name, l.inputs[0], fuse_bn) if l.inputs else None
-            single = bool(l.inputs) and consumers.get(l.inputs[0], 0) == 1
-            if fuse_act and single and src is not None and src.kind in COMPRESSIBLE + ("add", "bn"):
-                op.zero_cost = op.alias = True
-            else:
-                op.cls, op.elem_ops, op.alias = "elementwise", float(op.out_elems), single
-        elif l.kind == "add" and fuse_add and any(
-                _producer(by_name, i, fuse_bn).kind in COMPRESSIBLE and consumers.get(i, 0) == 1
-                for i in l.inputs if i in by_name):
-            op.zero_cost = op.alias = True  # the conv accumulates into the sum (ONNX Runtime's NCHWc Conv + Add)
-        elif l.kind in ("add", "mul"):
-            op.cls, op.elem_ops = "elementwise", float(op.out_elems * max(1, len(l.inputs) - 1))
-        elif l.kind == "pool":
-            op.cls, op.elem_ops = "pool", float(op.out_elems * l.kernel[0] * l.kernel[1])
-        elif l.kind == "gap":
-            op.cls, op.elem_ops = "pool", float(in_elems)
-        elif l.kind == "concat":
-            op.cls, op.elem_ops = "copy", float(op.out_elems)
-        elif l.kind == "flatten":
-            op.alias = True
-        elif l.macs:  # a functional linear / matmul / attention: multiply-accumulates at full width
-            op.cls, op.macs = "linear", l.macs
+        if l.kind in COMPRESSIBLE:
+            new = _compressible_ops(l, ins, in_c, out_c, policy.for_layer(l.name), l.name in g.folded_into)
+            if len(new) > 1:  # factored: readers of the layer read its second factor
+                rename[l.name] = new[-1].name
+            ops += new
         else:
-            op.cls, op.elem_ops = "elementwise", float(op.out_elems)
-        if l.kind != "bn":  # parameters outside conv/linear/BN (activations, layer scales, embeddings): fp32
-            op.extra_params = l.params
-            op.stored = 4 * op.extra_params
-        ops.append(op)
+            ops.append(_other_op(l, ins, in_c, out_c, g))
     return ops, rename
+
+
+def _compressible_ops(l: Any, ins: tuple[str, ...], in_c: int, out_c: int, lp: LayerPolicy,
+                      bn_folded: bool) -> list[_Op]:
+    """A conv/linear as it runs: one op, or two when a low-rank policy factors it."""
+    kh, kw = l.kernel
+    hw = l.out_hw[0] * l.out_hw[1]
+    bias_c = out_c if (l.bias or bn_folded) else 0
+    if l.kind == "dwconv2d":
+        groups, per_out = out_c, kh * kw
+    else:
+        groups, per_out = l.groups, max(1, in_c // l.groups) * kh * kw
+    decomposable = l.kind == "linear" or (l.kind == "conv2d" and l.groups == 1)
+    if lp.rank_ratio is not None and lp.rank_ratio < 1.0 and decomposable:
+        if l.kind == "linear":
+            r = svd_rank(out_c, in_c, rank_ratio=lp.rank_ratio)
+        else:
+            r = svd_rank(out_c, in_c, kh, kw, 1, lp.rank_ratio)
+        a = _Op(f"{l.name}.0", l.kind, ins, r, l.out_hw, macs=r * hw * in_c * kh * kw,
+                cls=_compute_class(l.kind, l.kernel, 1), numel=r * in_c * kh * kw, lp=lp, kernel=l.kernel,
+                in_per_group=in_c)
+        b = _Op(f"{l.name}.1", l.kind, (a.name,), out_c, l.out_hw, macs=out_c * hw * r,
+                cls=_compute_class(l.kind, (1, 1), 1), numel=out_c * r, lp=lp, bias_out=bias_c,
+                in_per_group=r, bn_folded=bn_folded)
+        return [a, b]
+    return [_Op(l.name, l.kind, ins, out_c, l.out_hw, macs=out_c * hw * per_out,
+                cls=_compute_class(l.kind, l.kernel, groups), numel=out_c * per_out, lp=lp,
+                bias_out=bias_c, kernel=l.kernel, bn_folded=bn_folded,
+                in_per_group=1 if l.kind == "dwconv2d" else max(1, in_c // max(1, groups)))]
+
+
+def _other_op(l: Any, ins: tuple[str, ...], in_c: int, out_c: int, g: _Graph) -> _Op:
+    """Any other layer as it runs: folded or fused into its producer (free), a view, or the
+    elementwise / pooling / copy work it does."""
+    op = _Op(l.name, l.kind, ins, out_c, l.out_hw, kernel=l.kernel, module_type=l.module_type)
+    if l.kind == "bn":
+        if l.bn_folded_into is not None and g.fuse_bn:
+            op.zero_cost = op.alias = True
+        else:
+            op.cls, op.elem_ops = "elementwise", 2.0 * op.out_elems
+        if l.bn_folded_into is None:
+            op.stored = 8 * out_c
+        return op
+    if l.kind == "act":
+        src = _producer(g.by_name, l.inputs[0], g.fuse_bn) if l.inputs else None
+        single = bool(l.inputs) and g.consumers.get(l.inputs[0], 0) == 1
+        if g.fuse_act and single and src is not None and src.kind in COMPRESSIBLE + ("add", "bn"):
+            op.zero_cost = op.alias = True
+        else:
+            op.cls, op.elem_ops, op.alias = "elementwise", float(op.out_elems), single
+    elif l.kind == "add" and g.fuse_add and any(
+            _producer(g.by_name, i, g.fuse_bn).kind in COMPRESSIBLE and g.consumers.get(i, 0) == 1
+            for i in l.inputs if i in g.by_name):
+        op.zero_cost = op.alias = True  # the conv accumulates into the sum (ONNX Runtime's NCHWc Conv + Add)
+    elif l.kind in ("add", "mul"):
+        op.cls, op.elem_ops = "elementwise", float(op.out_elems * max(1, len(l.inputs) - 1))
+    elif l.kind == "pool":
+        op.cls, op.elem_ops = "pool", float(op.out_elems * l.kernel[0] * l.kernel[1])
+    elif l.kind == "gap":
+        op.cls, op.elem_ops = "pool", float(in_c * l.in_hw[0] * l.in_hw[1])
+    elif l.kind == "concat":
+        op.cls, op.elem_ops = "copy", float(op.out_elems)
+    elif l.kind == "flatten":
+        op.alias = True
+    elif l.macs:  # a functional linear / matmul / attention: multiply-accumulates at full width
+        op.cls, op.macs = "linear", l.macs
+    else:
+        op.cls, op.elem_ops = "elementwise", float(op.out_elems)
+    # parameters outside conv/linear/BN (activations, layer scales, embeddings): fp32
+    op.extra_params = l.params
+    op.stored = 4 * op.extra_params
+    return op
 
 
 def _act_bits(op: _Op, target: Target) -> int | None:

@@ -4,7 +4,7 @@ A graph is a small CNN built from the blocks a search produces (conv3x3 / pointw
 inverted residuals with depthwise convs, residual basic blocks, conv + max-pool stages; stem,
 global pooling and a linear head) at a few widths and resolutions, under a policy that puts the
 float <-> integer boundaries in different places: float, all int8, weight-only int8, int4
-weights, alternating int8/float layers, an int8 first half, pruned + int8, low-rank factors
+weights, alternating int8/float layers, an int8 first half, pruned (float, int8 weights, int8), low-rank factors
 (float and int8). Each is exported the way ``squeezer export`` writes it (ONNX QDQ, BN and
 normalisation folded, weights ONNX Runtime does not fuse dequantized at load) and timed in the
 runtime; the rows fit the target (:func:`hw_models.calibrate`). The graphs are named by a spec,
@@ -54,7 +54,10 @@ DEFAULT_SPECS = (("chain3", 16, 28, 3), ("chain3", 48, 14, 3), ("chain3", 96, 7,
                  ("chain1", 64, 14, 10),
                  # wide 1x1 chains on small maps: weights (1.6-12.6 MB fp32) stream from L3/DRAM at every
                  # inference, as in a network's last stages; small graphs keep theirs in L2
-                 ("chain1", 256, 4, 6), ("chain1", 640, 2, 4), ("chain1", 1024, 4, 3))
+                 ("chain1", 256, 4, 6), ("chain1", 640, 2, 4), ("chain1", 1024, 4, 3),
+                 # inverted residuals as wide as a mobile network's last stages at 28-32 px input
+                 # (256-640-channel depthwise convs on 4x4 and 2x2 maps)
+                 ("mbconv", 64, 4, 3), ("mbconv", 96, 2, 3), ("mbconv", 160, 2, 3))
 _SPEC = re.compile(r"^micro:(?P<family>[a-z0-9]+)-c(?P<c>\d+)-r(?P<r>\d+)-n(?P<n>\d+)$")
 
 
@@ -148,6 +151,9 @@ POLICIES: dict[str, Callable[[list[str]], Policy] | None] = {
     "alternating": _alternating,
     "first_half": _first_half,
     "pruned_w8a8": _every(LayerPolicy(prune_ratio=0.5, weight_bits=8, act_bits=8)),
+    # pruned float graphs: odd widths (not multiples of the kernels' 8/16-channel blocks)
+    "pruned_w8": _every(LayerPolicy(prune_ratio=0.5, weight_bits=8)),
+    "pruned75": _every(LayerPolicy(prune_ratio=0.75)),
     "lowrank": _every(LayerPolicy(rank_ratio=0.5)),
     "lowrank_w8a8": _every(LayerPolicy(rank_ratio=0.5, weight_bits=8, act_bits=8)),
 }

@@ -481,64 +481,23 @@ def export_onnx(dep: DeployModel, out_path: str | os.PathLike, input_shape: Sequ
     slower in ONNX Runtime; for comparisons, see :func:`fold_unfused_weight_dq_`).
     """
     import onnx
-    from onnx import TensorProto, helper
 
-    notes: list[str] = []
     out_path = Path(out_path)
-    x = torch.rand(1, *input_shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # The TorchScript-based exporter keeps parameter names as initializer names, which is
-        # what maps a layer to its weight; do_constant_folding=False keeps them untouched.
-        torch.onnx.export(dep.module, (x,), str(out_path), dynamo=False, opset_version=ONNX_OPSET,
-                          do_constant_folding=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    _torch_onnx_export(dep.module, out_path, input_shape)
     model = onnx.load(str(out_path))
     g = model.graph
-    int4 = any(qt.bits <= 4 for qt in dep.quant.values())
-    if int4 and not _int4_supported():
-        notes.append("this ONNX Runtime cannot run INT4 DequantizeLinear: <=4-bit weights stored as int8")
-        int4 = False
-    elif int4:
-        notes.append("<=4-bit weights stored as opset-21 INT4 (two per byte)")
-    if any(qt.bits < 4 or 4 < qt.bits < 8 for qt in dep.quant.values()):
-        notes.append("ONNX has no 1-3 or 5-7 bit types: such weights are stored in the next wider type "
-                     "(int4 or int8) with their exact integer values")
+    int4, notes = _int4_storage(dep)
     consumers: dict[str, list[Any]] = {}
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    new_inits, new_nodes = [], []
-    for fqn, qt in dep.quant.items():
-        wname = f"{fqn}.weight"
-        # Conv, Gemm, MatMul; or Transpose -> MatMul for a bias-free Linear (kept: DQ then Transpose).
-        users = list(consumers.get(wname, []))
-        if not users:
-            raise ExportError(f"internal: no ONNX node reads weight {wname!r}; cannot attach its integers")
-        transpose = any(n.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in n.attribute)
-                        or n.op_type == "MatMul" for n in users)
-        deq = f"{fqn}.w"
-        inits, nodes = _quant_initializers(deq, qt, transpose=transpose, int4=int4)
-        for n in users:
-            n.input[list(n.input).index(wname)] = deq
-        new_inits += inits
-        new_nodes += nodes
-    for fqn in dep.fp16:
-        wname = f"{fqn}.weight"
-        init = next((i for i in g.initializer if i.name == wname), None)
-        if init is None:
-            continue
-        arr = onnx.numpy_helper.to_array(init).astype(np.float16)
-        h = onnx.numpy_helper.from_array(arr, f"{wname}_fp16")
-        for n in consumers.get(wname, []):
-            n.input[list(n.input).index(wname)] = f"{wname}_fp32"
-        new_inits.append(h)
-        new_nodes.append(helper.make_node("Cast", [h.name], [f"{wname}_fp32"], to=TensorProto.FLOAT))
-    g.initializer.extend(new_inits)
+    inits, nodes = _integer_weights(dep, consumers, int4)
+    fp16_inits, fp16_nodes = _fp16_weights(g, dep, consumers)
+    g.initializer.extend(inits + fp16_inits)
     # Dequantize nodes first: a valid topological order without re-sorting the exporter's graph.
     old = list(g.node)
     del g.node[:]
-    g.node.extend(new_nodes + old)
+    g.node.extend(nodes + fp16_nodes + old)
     _prune_dead(g)
     _shorten_names(g)
     fused, folded = fold_unfused_weight_dq_(model) if fold_weights else (0, 0)
@@ -554,6 +513,74 @@ def export_onnx(dep: DeployModel, out_path: str | os.PathLike, input_shape: Sequ
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return notes
+
+
+def _torch_onnx_export(module: nn.Module, out_path: Path, input_shape: Sequence[int]) -> None:
+    x = torch.rand(1, *input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript-based exporter keeps parameter names as initializer names, which is
+        # what maps a layer to its weight; do_constant_folding=False keeps them untouched.
+        torch.onnx.export(module, (x,), str(out_path), dynamo=False, opset_version=ONNX_OPSET,
+                          do_constant_folding=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _int4_storage(dep: DeployModel) -> tuple[bool, list[str]]:
+    """Whether <=4-bit weights are stored as INT4 (where this ONNX Runtime runs it), and the
+    notes that say how weights of widths ONNX has no type for are stored."""
+    notes = []
+    int4 = any(qt.bits <= 4 for qt in dep.quant.values())
+    if int4 and not _int4_supported():
+        notes.append("this ONNX Runtime cannot run INT4 DequantizeLinear: <=4-bit weights stored as int8")
+        int4 = False
+    elif int4:
+        notes.append("<=4-bit weights stored as opset-21 INT4 (two per byte)")
+    if any(qt.bits < 4 or 4 < qt.bits < 8 for qt in dep.quant.values()):
+        notes.append("ONNX has no 1-3 or 5-7 bit types: such weights are stored in the next wider type "
+                     "(int4 or int8) with their exact integer values")
+    return int4, notes
+
+
+def _integer_weights(dep: DeployModel, consumers: Mapping[str, list[Any]], int4: bool) -> tuple[list, list]:
+    """Initializers and DequantizeLinear nodes of every quantized weight; its readers are rewired
+    to the dequantized tensor."""
+    new_inits, new_nodes = [], []
+    for fqn, qt in dep.quant.items():
+        wname = f"{fqn}.weight"
+        # Conv, Gemm, MatMul; or Transpose -> MatMul for a bias-free Linear (kept: DQ then Transpose).
+        users = list(consumers.get(wname, []))
+        if not users:
+            raise ExportError(f"internal: no ONNX node reads weight {wname!r}; cannot attach its integers")
+        transpose = any(n.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in n.attribute)
+                        or n.op_type == "MatMul" for n in users)
+        deq = f"{fqn}.w"
+        inits, nodes = _quant_initializers(deq, qt, transpose=transpose, int4=int4)
+        for n in users:
+            n.input[list(n.input).index(wname)] = deq
+        new_inits += inits
+        new_nodes += nodes
+    return new_inits, new_nodes
+
+
+def _fp16_weights(g: Any, dep: DeployModel, consumers: Mapping[str, list[Any]]) -> tuple[list, list]:
+    """fp16 initializers and their Cast-to-float nodes for the fp16 weights; readers rewired."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    new_inits, new_nodes = [], []
+    for fqn in sorted(dep.fp16):  # a set: sorted, so the file is the same from run to run
+        wname = f"{fqn}.weight"
+        init = next((i for i in g.initializer if i.name == wname), None)
+        if init is None:
+            continue
+        arr = onnx.numpy_helper.to_array(init).astype(np.float16)
+        h = onnx.numpy_helper.from_array(arr, f"{wname}_fp16")
+        for n in consumers.get(wname, []):
+            n.input[list(n.input).index(wname)] = f"{wname}_fp32"
+        new_inits.append(h)
+        new_nodes.append(helper.make_node("Cast", [h.name], [f"{wname}_fp32"], to=TensorProto.FLOAT))
+    return new_inits, new_nodes
 
 
 def runtime_op_types(model_or_path: Any, *, threads: int = 1) -> list[tuple[str, tuple[str, ...]]]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -231,3 +234,25 @@ def test_cli_export_bad_input(run_dir, capsys, argv, msg):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("squeezer: error:") and msg in err and "Traceback" not in err
+
+
+_EXPORT_MICRO = """
+import sys, torch
+from squeezer.compressors.policy import LayerPolicy, Policy
+from squeezer.hw_models.micro import build_micro, export_policy
+torch.manual_seed(0)
+policy = Policy(layers={"_default": LayerPolicy(weight_bits=16), "blocks.0.0": LayerPolicy(weight_bits=8)})
+export_policy(build_micro("micro:chain1-c8-r8-n2"), policy, (1, 8, 8), sys.argv[1])
+"""
+
+
+def test_an_export_is_the_same_file_in_every_process(tmp_path):
+    # fp16 and int8 weights: the exporter's own bookkeeping must not follow string hashing
+    files = []
+    for seed in ("1", "2"):
+        path = tmp_path / f"m{seed}.onnx"
+        r = subprocess.run([sys.executable, "-c", _EXPORT_MICRO, str(path)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        files.append(path.read_bytes())
+    assert files[0] == files[1]

@@ -74,7 +74,7 @@ from ..compressors.pruning import ChannelGroups
 from ..compressors.sparsity import n_zero
 from .graph import runtime_graph
 from .targets import EFFICIENCY_CLASSES, OPTIONAL_CLASSES, Target, get_target
-from .trace import COMPRESSIBLE, LayerTable, trace
+from .trace import COMPRESSIBLE, LayerSpec, LayerTable, trace
 
 #: The schema of :meth:`Cost.to_dict` (``squeezer cost --json``).
 COST_SCHEMA = "squeezer.cost/2"
@@ -350,7 +350,7 @@ def _expand(table: LayerTable, policy: Policy, target: Target) -> tuple[list[_Op
     return ops, rename
 
 
-def _compressible_ops(l: Any, ins: tuple[str, ...], in_c: int, out_c: int, lp: LayerPolicy,
+def _compressible_ops(l: LayerSpec, ins: tuple[str, ...], in_c: int, out_c: int, lp: LayerPolicy,
                       bn_folded: bool) -> list[_Op]:
     """A conv/linear as it runs: one op, or two when a low-rank policy factors it."""
     kh, kw = l.kernel
@@ -379,7 +379,7 @@ def _compressible_ops(l: Any, ins: tuple[str, ...], in_c: int, out_c: int, lp: L
                 in_per_group=1 if l.kind == "dwconv2d" else max(1, in_c // max(1, groups)))]
 
 
-def _other_op(l: Any, ins: tuple[str, ...], in_c: int, out_c: int, g: _Graph) -> _Op:
+def _other_op(l: LayerSpec, ins: tuple[str, ...], in_c: int, out_c: int, g: _Graph) -> _Op:
     """Any other layer as it runs: folded or fused into its producer (free), a view, or the
     elementwise / pooling / copy work it does."""
     op = _Op(l.name, l.kind, ins, out_c, l.out_hw, kernel=l.kernel, module_type=l.module_type)

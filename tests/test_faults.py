@@ -364,6 +364,7 @@ def test_a_fine_tune_that_raises_fails_its_trial_only(tmp_path):
 
 # --- concurrent resumes --------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~65 s; test_concurrency.py runs two processes on one run folder by default
 def test_two_resumes_at_once_and_a_resume_beside_a_running_search(tmp_path):
     run = tmp_path / "runs" / "two"
     cmd = [sys.executable, "-m", "squeezer"]

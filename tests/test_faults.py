@@ -241,6 +241,8 @@ def test_a_signal_stops_the_run_within_seconds_and_resume_finishes_it(tmp_path, 
     args = [*FAST, "--trials", "3", "--run", str(run)] + ([] if stage == "sensitivity" else ["--no-sensitivity"])
     if stage == "base":
         args = [a if a != "4" else "40" for a in args]          # a base long enough to be interrupted
+    if stage == "trial":  # a trial long enough (~4 s, not ~1 s) to be still training when the signal comes
+        args = [a if a != "12" else "60" for a in args]
     p = subprocess.Popen([sys.executable, "-m", "squeezer", "search", *args], cwd=tmp_path, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err: list[str] = []

@@ -1,4 +1,4 @@
-"""Measured speed-up of one ONNX file over another, repeated: how much a single measurement moves.
+"""Measured speed-up of one exported model over another, repeated: how much a single measurement moves.
 
 On a shared machine one interleaved measurement of a base and a compressed model can land in a
 noisy window (another guest filling the L3 the base streams its weights from). This times the
@@ -13,6 +13,7 @@ latencies and ratio, then the median, min and max ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -23,13 +24,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from squeezer.hw_models.kit_runner import onnx_session, time_interleaved  # noqa: E402
+from squeezer.hw_models.bench import BenchError, load_artifact  # noqa: E402
+from squeezer.hw_models.kit_runner import time_interleaved  # noqa: E402
 
 
 def series(base: Path, model: Path, *, runs: int, rounds: int, repeats: int, pause_s: float) -> list[float]:
     """Each run's base / model latency ratio (printed as it is measured)."""
-    sessions = {"base": onnx_session(base), "model": onnx_session(model)}
-    x = np.random.default_rng(0).random(_input_shape(base), dtype=np.float32)
+    (_, run_base, meta), (_, run_model, _) = load_artifact(base), load_artifact(model)
+    if "squeezer.input_shape" not in meta:
+        raise BenchError(f"{base.name} does not record its input shape")
+    x = np.random.default_rng(0).random((1, *json.loads(meta["squeezer.input_shape"])), dtype=np.float32)
+    sessions = {"base": run_base, "model": run_model}
     ratios = []
     for i in range(runs):
         ms = time_interleaved(sessions, {k: x for k in sessions}, rounds=rounds, repeats=repeats)
@@ -38,13 +43,6 @@ def series(base: Path, model: Path, *, runs: int, rounds: int, repeats: int, pau
               flush=True)
         time.sleep(pause_s)
     return ratios
-
-
-def _input_shape(path: Path) -> tuple[int, ...]:
-    import onnxruntime as ort
-
-    dims = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
-    return tuple(d if isinstance(d, int) else 1 for d in dims)
 
 
 def main() -> None:
@@ -56,10 +54,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--pause", type=float, default=3.0, help="seconds between runs")
     a = ap.parse_args()
-    for p in (a.base, a.model):
-        if not p.is_file():
-            sys.exit(f"speedup_series: no such ONNX file: {p}")
-    r = series(a.base, a.model, runs=a.runs, rounds=a.rounds, repeats=a.repeats, pause_s=a.pause)
+    try:
+        r = series(a.base, a.model, runs=a.runs, rounds=a.rounds, repeats=a.repeats, pause_s=a.pause)
+    except BenchError as e:
+        sys.exit(f"speedup_series: {e}")
     print(f"speed-up over {len(r)} runs: median {statistics.median(r):.2f}x, min {min(r):.2f}x, max {max(r):.2f}x")
 
 
